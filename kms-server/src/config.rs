@@ -1,0 +1,309 @@
+//! Configuration: a TOML file plus `KMS_*` environment overrides, parsed once at start-up into
+//! the validated [`ServerParams`] that the rest of the server takes.
+//!
+//! | TOML key                  | environment              | default                              |
+//! |---------------------------|--------------------------|--------------------------------------|
+//! | `listen`                  | `KMS_LISTEN`             | `127.0.0.1:50051`                    |
+//! | `hsm.module`              | `KMS_HSM_MODULE`         | `/usr/lib/softhsm/libsofthsm2.so`    |
+//! | `hsm.token_label`         | `KMS_HSM_TOKEN_LABEL`    | (required)                           |
+//! | `hsm.pin_file`            | `KMS_HSM_PIN_FILE`       | — (or the PIN itself in `KMS_HSM_PIN`) |
+//! | `hsm.session_pool_size`   | `KMS_HSM_SESSION_POOL_SIZE` | `8`                               |
+//! | `store.url`               | `KMS_STORE_URL`          | (required) `sqlite://…` or `postgres://…` |
+//! | `store.max_connections`   | `KMS_STORE_MAX_CONNECTIONS` | `8`                               |
+//! | `log.format`              | `KMS_LOG_FORMAT`         | `text` (or `json`)                   |
+//!
+//! The PIN is never accepted in the TOML file itself, only from a file or the environment, and
+//! is held in a zeroizing secret type from the moment it is read.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use cryptoki::types::AuthPin;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::hsm::HsmParams;
+
+/// Where the PKCS#11 module usually is on Debian and Ubuntu.
+pub const DEFAULT_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// The file as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    listen: Option<String>,
+    #[serde(default)]
+    hsm: RawHsm,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHsm {
+    module: Option<PathBuf>,
+    token_label: Option<String>,
+    pin_file: Option<PathBuf>,
+    session_pool_size: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    url: Option<String>,
+    max_connections: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (production).
+    Json,
+}
+
+/// Validated parameters of one server.
+#[derive(Debug)]
+pub struct ServerParams {
+    /// Address to listen on (loopback only until mutual TLS exists).
+    pub listen: SocketAddr,
+    /// Path of the PKCS#11 module.
+    pub module: PathBuf,
+    /// Token and login.
+    pub hsm: HsmParams,
+    /// Database URL.
+    pub store_url: String,
+    /// Database pool size.
+    pub store_max_connections: u32,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// Configuration errors; each names the setting at fault, never a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown keys.
+    #[error("invalid configuration file: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// A setting is missing or malformed.
+    #[error("{setting}: {reason}")]
+    Invalid {
+        /// Which setting.
+        setting: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        reason: reason.into(),
+    }
+}
+
+impl ServerParams {
+    /// Reads the file (if any), applies environment overrides from `env`, validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let raw: RawConfig = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.into(),
+                    source,
+                })?;
+                toml::from_str(&text)?
+            }
+            None => RawConfig::default(),
+        };
+        Self::from_raw(raw, env)
+    }
+
+    fn from_raw(raw: RawConfig, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let listen_text = env("KMS_LISTEN")
+            .or(raw.listen)
+            .unwrap_or_else(|| "127.0.0.1:50051".into());
+        let listen: SocketAddr = listen_text
+            .parse()
+            .map_err(|_| invalid("listen", "not an IP:port address"))?;
+        ensure_loopback(listen)?;
+
+        let module = env("KMS_HSM_MODULE")
+            .map(PathBuf::from)
+            .or(raw.hsm.module)
+            .unwrap_or_else(|| DEFAULT_MODULE.into());
+        let token_label = env("KMS_HSM_TOKEN_LABEL")
+            .or(raw.hsm.token_label)
+            .ok_or_else(|| invalid("hsm.token_label", "required"))?;
+        if token_label.is_empty() || token_label.len() > 32 {
+            return Err(invalid("hsm.token_label", "1-32 bytes"));
+        }
+        let pin = read_pin(&env, raw.hsm.pin_file)?;
+        let pool_size = match env("KMS_HSM_SESSION_POOL_SIZE") {
+            Some(v) => v
+                .parse()
+                .map_err(|_| invalid("hsm.session_pool_size", "not a number"))?,
+            None => raw.hsm.session_pool_size.unwrap_or(8),
+        };
+        if !(1..=256).contains(&pool_size) {
+            return Err(invalid("hsm.session_pool_size", "1-256"));
+        }
+
+        let store_url = env("KMS_STORE_URL")
+            .or(raw.store.url)
+            .ok_or_else(|| invalid("store.url", "required"))?;
+        if crate::store::Backend::of_url(&store_url).is_none() {
+            return Err(invalid("store.url", "must start with sqlite: or postgres:"));
+        }
+        let store_max_connections = match env("KMS_STORE_MAX_CONNECTIONS") {
+            Some(v) => v
+                .parse()
+                .map_err(|_| invalid("store.max_connections", "not a number"))?,
+            None => raw.store.max_connections.unwrap_or(8),
+        };
+        if !(1..=1000).contains(&store_max_connections) {
+            return Err(invalid("store.max_connections", "1-1000"));
+        }
+        let log_format = match env("KMS_LOG_FORMAT").or(raw.log.format).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(_) => return Err(invalid("log.format", "text or json")),
+        };
+        Ok(ServerParams {
+            listen,
+            module,
+            hsm: HsmParams {
+                token_label,
+                pin,
+                pool_size,
+            },
+            store_url,
+            store_max_connections,
+            log_format,
+        })
+    }
+}
+
+/// Until mutual TLS lands, the server serves loopback clients only.
+pub fn ensure_loopback(addr: SocketAddr) -> Result<(), ConfigError> {
+    if addr.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(invalid(
+            "listen",
+            "only loopback addresses are allowed until mutual TLS is configured",
+        ))
+    }
+}
+
+fn read_pin(
+    env: &impl Fn(&str) -> Option<String>,
+    file_setting: Option<PathBuf>,
+) -> Result<AuthPin, ConfigError> {
+    if let Some(pin) = env("KMS_HSM_PIN") {
+        let pin = Zeroizing::new(pin);
+        return nonempty_pin(pin.trim());
+    }
+    let path = env("KMS_HSM_PIN_FILE")
+        .map(PathBuf::from)
+        .or(file_setting)
+        .ok_or_else(|| invalid("hsm.pin_file", "required (or set KMS_HSM_PIN)"))?;
+    let text = Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
+        invalid(
+            "hsm.pin_file",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?);
+    nonempty_pin(text.trim_end_matches(['\r', '\n']))
+}
+
+fn nonempty_pin(pin: &str) -> Result<AuthPin, ConfigError> {
+    if pin.is_empty() {
+        return Err(invalid("hsm.pin", "empty"));
+    }
+    Ok(AuthPin::from(pin))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn env_overrides_and_defaults() {
+        let p = ServerParams::from_raw(
+            toml::from_str("[hsm]\ntoken_label = \"file\"\n[store]\nurl = \"sqlite://x.db\"")
+                .expect("toml"),
+            env_of(&[("KMS_HSM_TOKEN_LABEL", "env"), ("KMS_HSM_PIN", "1234")]),
+        )
+        .expect("valid");
+        assert_eq!(p.hsm.token_label, "env");
+        assert_eq!(p.listen, "127.0.0.1:50051".parse().expect("addr"));
+        assert_eq!(p.hsm.pool_size, 8);
+        assert!(
+            !format!("{p:?}").contains("1234"),
+            "the PIN must not appear in Debug output"
+        );
+    }
+
+    #[test]
+    fn non_loopback_listen_is_refused() {
+        let err = ServerParams::from_raw(
+            RawConfig::default(),
+            env_of(&[
+                ("KMS_LISTEN", "0.0.0.0:50051"),
+                ("KMS_HSM_TOKEN_LABEL", "t"),
+                ("KMS_HSM_PIN", "1"),
+                ("KMS_STORE_URL", "sqlite://x"),
+            ]),
+        )
+        .expect_err("must refuse");
+        assert!(err.to_string().contains("loopback"), "{err}");
+        assert!(ensure_loopback("[::1]:1".parse().expect("addr")).is_ok());
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_settings_are_errors() {
+        assert!(toml::from_str::<RawConfig>("lisen = \"x\"").is_err());
+        let err = ServerParams::from_raw(RawConfig::default(), env_of(&[("KMS_HSM_PIN", "1")]))
+            .expect_err("no label");
+        assert!(err.to_string().contains("token_label"));
+        let err = ServerParams::from_raw(
+            RawConfig::default(),
+            env_of(&[
+                ("KMS_HSM_TOKEN_LABEL", "t"),
+                ("KMS_HSM_PIN", "1"),
+                ("KMS_STORE_URL", "mysql://x"),
+            ]),
+        )
+        .expect_err("bad url");
+        assert!(err.to_string().contains("store.url"));
+    }
+}

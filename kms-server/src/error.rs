@@ -1,0 +1,54 @@
+//! The one error type of the server's domain, and what each variant means to a caller.
+//!
+//! The mapping to gRPC status codes lives in exactly one place, [`crate::grpc::to_status`].
+//! Variants carry no key bytes, no context values and no driver messages: whatever a variant
+//! holds may reach a log line.
+
+/// Every way a request can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum KmsError {
+    /// No key has this id or alias.
+    #[error("key not found")]
+    KeyNotFound,
+    /// The alias is taken by another key.
+    #[error("alias already exists")]
+    AliasExists,
+    /// A request field is malformed or out of range.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// Which request field.
+        field: &'static str,
+        /// What is wrong with it (never the value itself).
+        reason: &'static str,
+    },
+    /// A payload exceeds its size limit.
+    #[error("{field} exceeds {max} bytes")]
+    TooLarge {
+        /// Which request field.
+        field: &'static str,
+        /// The limit, in bytes.
+        max: usize,
+    },
+    /// The key exists but its state forbids the operation.
+    #[error("key is {state}")]
+    KeyNotUsable {
+        /// The key's state, e.g. `disabled`.
+        state: &'static str,
+    },
+    /// The blob is malformed, truncated, tampered with, bound to another context, or belongs
+    /// to another key. One variant for all of these, so that no caller can tell them apart.
+    #[error("invalid ciphertext")]
+    InvalidCiphertext,
+    /// The HSM cannot be reached or keeps failing after retries.
+    #[error("HSM unavailable")]
+    HsmUnavailable,
+    /// The database cannot be reached.
+    #[error("store unavailable")]
+    StoreUnavailable,
+    /// An invariant broke (for example metadata names an HSM object that is missing).
+    #[error("internal error")]
+    Internal {
+        /// What broke, for the server log only.
+        what: &'static str,
+    },
+}

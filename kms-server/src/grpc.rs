@@ -1,0 +1,229 @@
+//! The transport layer: the tonic service, the only place that touches protobuf types, and
+//! [`to_status`], the only place that turns domain errors into gRPC status codes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use proto::v1::key_management_server::KeyManagement;
+use proto::v1::*;
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use crate::error::KmsError;
+use crate::service::{Context, KeyService, NewKey};
+use crate::store::{KeyRecord, KeyState as StoredState};
+
+/// Maps every domain error to a status. Messages are fixed strings: no internals, no key
+/// bytes, no context values.
+pub fn to_status(e: &KmsError) -> Status {
+    match e {
+        KmsError::KeyNotFound => Status::not_found("key not found"),
+        KmsError::AliasExists => Status::already_exists("alias already exists"),
+        KmsError::InvalidArgument { field, reason } => {
+            Status::invalid_argument(format!("invalid {field}: {reason}"))
+        }
+        KmsError::TooLarge { field, max } => {
+            Status::invalid_argument(format!("{field} exceeds {max} bytes"))
+        }
+        KmsError::KeyNotUsable { state } => Status::failed_precondition(format!("key is {state}")),
+        KmsError::InvalidCiphertext => Status::invalid_argument("invalid ciphertext"),
+        KmsError::HsmUnavailable => Status::unavailable("HSM unavailable"),
+        KmsError::StoreUnavailable => Status::unavailable("store unavailable"),
+        KmsError::Internal { .. } => Status::internal("internal error"),
+    }
+}
+
+/// The `kms.v1.KeyManagement` service over a [`KeyService`].
+pub struct GrpcService {
+    service: Arc<KeyService>,
+}
+
+impl GrpcService {
+    /// Wraps the domain service.
+    pub fn new(service: Arc<KeyService>) -> Self {
+        GrpcService { service }
+    }
+}
+
+fn fail(rpc: &'static str, e: KmsError) -> Status {
+    match &e {
+        KmsError::Internal { what } => tracing::error!(rpc, what, "request failed"),
+        _ => tracing::debug!(rpc, error = %e, "request refused"),
+    }
+    to_status(&e)
+}
+
+fn context(map: HashMap<String, String>) -> Context {
+    map.into_iter().collect::<BTreeMap<_, _>>()
+}
+
+fn metadata(record: KeyRecord) -> KeyMetadata {
+    KeyMetadata {
+        key_id: record.key_id.to_string(),
+        alias: record.alias.unwrap_or_default(),
+        description: record.description,
+        tags: record.tags.into_iter().collect(),
+        state: match record.state {
+            StoredState::Enabled => KeyState::Enabled,
+            StoredState::Disabled => KeyState::Disabled,
+        } as i32,
+        created_at: record.created_at,
+        primary_version: record.primary_version,
+        algorithm: "AES_256_GCM".to_string(),
+    }
+}
+
+#[tonic::async_trait]
+impl KeyManagement for GrpcService {
+    async fn create_key(
+        &self,
+        request: Request<CreateKeyRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let r = request.into_inner();
+        let new = NewKey {
+            alias: Some(r.alias).filter(|a| !a.is_empty()),
+            description: r.description,
+            tags: r.tags.into_iter().collect(),
+        };
+        let record = self
+            .service
+            .create_key(new)
+            .await
+            .map_err(|e| fail("CreateKey", e))?;
+        Ok(Response::new(metadata(record)))
+    }
+
+    async fn describe_key(
+        &self,
+        request: Request<DescribeKeyRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let record = self
+            .service
+            .describe_key(&request.into_inner().key)
+            .await
+            .map_err(|e| fail("DescribeKey", e))?;
+        Ok(Response::new(metadata(record)))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<ListKeysRequest>,
+    ) -> Result<Response<ListKeysResponse>, Status> {
+        let r = request.into_inner();
+        let (keys, next_page_token) = self
+            .service
+            .list_keys(r.page_size, &r.page_token)
+            .await
+            .map_err(|e| fail("ListKeys", e))?;
+        Ok(Response::new(ListKeysResponse {
+            keys: keys.into_iter().map(metadata).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn generate_data_key(
+        &self,
+        request: Request<GenerateDataKeyRequest>,
+    ) -> Result<Response<GenerateDataKeyResponse>, Status> {
+        let r = request.into_inner();
+        let dk = self
+            .service
+            .generate_data_key(&r.key, &context(r.encryption_context))
+            .await
+            .map_err(|e| fail("GenerateDataKey", e))?;
+        Ok(Response::new(GenerateDataKeyResponse {
+            key_id: dk.key_id.to_string(),
+            key_version: dk.key_version,
+            plaintext: dk.plaintext.to_vec(),
+            ciphertext_blob: dk.blob,
+        }))
+    }
+
+    async fn generate_data_key_without_plaintext(
+        &self,
+        request: Request<GenerateDataKeyRequest>,
+    ) -> Result<Response<GenerateDataKeyWithoutPlaintextResponse>, Status> {
+        let r = request.into_inner();
+        let dk = self
+            .service
+            .generate_data_key(&r.key, &context(r.encryption_context))
+            .await
+            .map_err(|e| fail("GenerateDataKeyWithoutPlaintext", e))?;
+        Ok(Response::new(GenerateDataKeyWithoutPlaintextResponse {
+            key_id: dk.key_id.to_string(),
+            key_version: dk.key_version,
+            ciphertext_blob: dk.blob,
+        }))
+    }
+
+    async fn encrypt(
+        &self,
+        request: Request<EncryptRequest>,
+    ) -> Result<Response<EncryptResponse>, Status> {
+        let r = request.into_inner();
+        let sealed = self
+            .service
+            .encrypt(
+                &r.key,
+                Zeroizing::new(r.plaintext),
+                &context(r.encryption_context),
+            )
+            .await
+            .map_err(|e| fail("Encrypt", e))?;
+        Ok(Response::new(EncryptResponse {
+            key_id: sealed.key_id.to_string(),
+            key_version: sealed.key_version,
+            ciphertext_blob: sealed.blob,
+        }))
+    }
+
+    async fn decrypt(
+        &self,
+        request: Request<DecryptRequest>,
+    ) -> Result<Response<DecryptResponse>, Status> {
+        let r = request.into_inner();
+        let opened = self
+            .service
+            .decrypt(
+                &r.ciphertext_blob,
+                &context(r.encryption_context),
+                Some(&r.key),
+            )
+            .await
+            .map_err(|e| fail("Decrypt", e))?;
+        Ok(Response::new(DecryptResponse {
+            key_id: opened.key_id.to_string(),
+            key_version: opened.key_version,
+            plaintext: opened.plaintext.to_vec(),
+        }))
+    }
+
+    async fn re_encrypt(
+        &self,
+        request: Request<ReEncryptRequest>,
+    ) -> Result<Response<ReEncryptResponse>, Status> {
+        let r = request.into_inner();
+        let out = self
+            .service
+            .re_encrypt(
+                &r.ciphertext_blob,
+                &context(r.source_encryption_context),
+                Some(&r.source_key),
+                &r.destination_key,
+                &context(r.destination_encryption_context),
+            )
+            .await
+            .map_err(|e| fail("ReEncrypt", e))?;
+        Ok(Response::new(ReEncryptResponse {
+            source_key_id: out.source.key_id.to_string(),
+            source_key_version: out.source.version,
+            key_id: out.destination.key_id.to_string(),
+            key_version: out.destination.version,
+            ciphertext_blob: out.blob,
+        }))
+    }
+
+    async fn ping(&self, _request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
+        Ok(Response::new(PingResponse {}))
+    }
+}

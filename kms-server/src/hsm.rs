@@ -1,0 +1,637 @@
+//! The HSM port: AES-256 master keys in a PKCS#11 token, reached through `cryptoki`.
+//!
+//! - One [`Pkcs11`] context per process ([`load_module`]), initialized with OS locking.
+//! - A pool of long-lived, logged-in sessions. A session is used by one thread at a time; every
+//!   PKCS#11 call runs on tokio's blocking pool, never on the async runtime.
+//! - Master key handles are cached, so no `C_FindObjects` runs on the hot path.
+//! - A session fault (`CKR_SESSION_HANDLE_INVALID`, `CKR_DEVICE_ERROR`, a lost login, a stale
+//!   handle …) drops the session, opens and logs in a fresh one and retries, at most
+//!   [`MAX_RETRIES`] times.
+//! - Master key versions are generated inside the token: sensitive, never readable, extractable
+//!   only by wrapping under a trusted key (`CKA_WRAP_WITH_TRUSTED`), which only the token's
+//!   security officer can create.
+//! - Every GCM operation runs inside the token; nonces and data keys come from its RNG.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::blob::{NONCE_LEN, TAG_LEN};
+
+/// How many times an operation is retried on a fresh session after a session fault.
+pub const MAX_RETRIES: usize = 2;
+/// Length of a data key, in bytes.
+pub const DATA_KEY_LEN: usize = 32;
+/// GCM tag length in bits, as PKCS#11 wants it.
+const TAG_BITS: u64 = (TAG_LEN * 8) as u64;
+
+/// Failures of the HSM port.
+#[derive(Debug, thiserror::Error)]
+pub enum HsmError {
+    /// The module could not be loaded or initialized.
+    #[error("cannot load PKCS#11 module")]
+    Module,
+    /// No initialized token carries the configured label.
+    #[error("no token labelled {0:?}")]
+    TokenNotFound(String),
+    /// The user PIN was refused.
+    #[error("token login refused")]
+    LoginRefused,
+    /// The token keeps failing (sessions cannot be opened, device errors after retries).
+    #[error("HSM unavailable ({0})")]
+    Unavailable(RvError),
+    /// GCM authentication failed: wrong key, context or tampered data.
+    #[error("authentication failed")]
+    AuthFailed,
+    /// No object for this key version exists in the token.
+    #[error("key object missing")]
+    KeyMissing,
+    /// The start-up known-answer test produced a wrong result.
+    #[error("self-test failed: {0}")]
+    SelfTest(&'static str),
+    /// Any other PKCS#11 error.
+    #[error("PKCS#11 error {0}")]
+    Other(String),
+}
+
+/// Names one version of one master key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyRef {
+    /// The key id.
+    pub key_id: Uuid,
+    /// The version number (from 1).
+    pub version: u32,
+}
+
+impl KeyRef {
+    /// `CKA_ID` of the object: the key id's 16 bytes then the version, big-endian.
+    pub fn object_id(&self) -> Vec<u8> {
+        let mut id = self.key_id.as_bytes().to_vec();
+        id.extend_from_slice(&self.version.to_be_bytes());
+        id
+    }
+
+    /// `CKA_LABEL` of the object, for operators browsing the token.
+    pub fn object_label(&self) -> String {
+        format!("kms:{}:v{}", self.key_id, self.version)
+    }
+}
+
+/// Where the token is and how to log in.
+pub struct HsmParams {
+    /// The token's label (never a slot number: slots move, labels do not).
+    pub token_label: String,
+    /// The user PIN; zeroized on drop, never printed.
+    pub pin: AuthPin,
+    /// How many logged-in sessions to keep.
+    pub pool_size: usize,
+}
+
+impl std::fmt::Debug for HsmParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HsmParams")
+            .field("token_label", &self.token_label)
+            .field("pin", &"<redacted>")
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+/// Loads and initializes a PKCS#11 module. Call once per process and share the result.
+pub fn load_module(path: &Path) -> Result<Pkcs11, HsmError> {
+    let pkcs11 = Pkcs11::new(path).map_err(|_| HsmError::Module)?;
+    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(pkcs11),
+        Err(_) => Err(HsmError::Module),
+    }
+}
+
+/// The session pool and key handle cache over one token.
+#[derive(Clone)]
+pub struct Hsm {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pkcs11: Pkcs11,
+    slot: Slot,
+    pin: AuthPin,
+    idle: Mutex<Vec<Session>>,
+    permits: Semaphore,
+    handles: RwLock<HashMap<KeyRef, ObjectHandle>>,
+}
+
+impl Hsm {
+    /// Finds the token by label and logs in one session, so that a wrong label or PIN fails
+    /// at start-up rather than on the first request.
+    pub fn open(pkcs11: Pkcs11, params: HsmParams) -> Result<Self, HsmError> {
+        let slot = find_token(&pkcs11, &params.token_label)?;
+        let pool_size = params.pool_size.max(1);
+        let inner = Inner {
+            pkcs11,
+            slot,
+            pin: params.pin,
+            idle: Mutex::new(Vec::new()),
+            permits: Semaphore::new(pool_size),
+            handles: RwLock::new(HashMap::new()),
+        };
+        let first = inner.open_session()?;
+        inner.release(first);
+        Ok(Hsm {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Generates a new master key version inside the token.
+    pub async fn generate_master_key(&self, key: KeyRef) -> Result<(), HsmError> {
+        self.run(move |inner, session| {
+            let template = [
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(32.into()),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                // Extractable only through a trusted wrapping key (the recovery key), which
+                // only the token's security officer can mark trusted.
+                Attribute::Extractable(true),
+                Attribute::WrapWithTrusted(true),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+                Attribute::Sign(false),
+                Attribute::Verify(false),
+                Attribute::Derive(false),
+                Attribute::Id(key.object_id()),
+                Attribute::Label(key.object_label().into_bytes()),
+            ];
+            let handle = session.generate_key(&Mechanism::AesKeyGen, &template)?;
+            inner.cache(key, handle);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Destroys a master key version (used to undo a key creation whose metadata could not
+    /// be stored).
+    pub async fn destroy_master_key(&self, key: KeyRef) -> Result<(), HsmError> {
+        self.run(move |inner, session| {
+            let handle = inner.handle(session, key)?;
+            session.destroy_object(handle)?;
+            inner.forget(key);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Draws a fresh data key from the token's RNG and seals it under `key` with `aad`.
+    /// Returns the plaintext data key, the nonce and `ciphertext || tag`.
+    pub async fn generate_data_key(
+        &self,
+        key: KeyRef,
+        aad: Vec<u8>,
+    ) -> Result<(Zeroizing<Vec<u8>>, [u8; NONCE_LEN], Vec<u8>), HsmError> {
+        self.run(move |inner, session| {
+            let mut data_key = Zeroizing::new(vec![0u8; DATA_KEY_LEN]);
+            session.generate_random_slice(&mut data_key)?;
+            let (nonce, sealed) = inner.seal(session, key, &aad, &data_key)?;
+            Ok((data_key.clone(), nonce, sealed))
+        })
+        .await
+    }
+
+    /// Seals `plaintext` under `key` with `aad`, inside the token.
+    pub async fn seal(
+        &self,
+        key: KeyRef,
+        aad: Vec<u8>,
+        plaintext: Zeroizing<Vec<u8>>,
+    ) -> Result<([u8; NONCE_LEN], Vec<u8>), HsmError> {
+        self.run(move |inner, session| inner.seal(session, key, &aad, &plaintext))
+            .await
+    }
+
+    /// Opens `sealed` (`ciphertext || tag`) under `key`, inside the token.
+    pub async fn unseal(
+        &self,
+        key: KeyRef,
+        nonce: [u8; NONCE_LEN],
+        aad: Vec<u8>,
+        sealed: Vec<u8>,
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        self.run(move |inner, session| inner.open(session, key, nonce, &aad, &sealed))
+            .await
+    }
+
+    /// Opens a blob under one key and seals the result under another in one HSM job: the
+    /// plaintext exists only inside this call and is zeroized before it returns.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn reseal(
+        &self,
+        from: KeyRef,
+        nonce: [u8; NONCE_LEN],
+        from_aad: Vec<u8>,
+        sealed: Vec<u8>,
+        to: KeyRef,
+        to_aad: Vec<u8>,
+    ) -> Result<([u8; NONCE_LEN], Vec<u8>), HsmError> {
+        self.run(move |inner, session| {
+            let plaintext = inner.open(session, from, nonce, &from_aad, &sealed)?;
+            inner.seal(session, to, &to_aad, &plaintext)
+        })
+        .await
+    }
+
+    /// Start-up known-answer test of the token's AES-256-GCM (see [`self_test_vector`]):
+    /// encrypt must give the expected bytes, decrypt must invert it, and a flipped tag bit must
+    /// be refused. The server refuses to serve when this fails.
+    pub async fn self_test(&self) -> Result<(), HsmError> {
+        self.run(|inner, session| Ok(inner.known_answer_test(session)))
+            .await?
+    }
+
+    /// Runs `op` on a pooled session off the async runtime, recovering from session faults.
+    async fn run<T, F>(&self, op: F) -> Result<T, HsmError>
+    where
+        T: Send + 'static,
+        F: Fn(&Inner, &Session) -> Result<T, OpError> + Send + 'static,
+    {
+        let _permit = self
+            .inner
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| HsmError::Unavailable(RvError::DeviceRemoved))?;
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || inner.with_session(op))
+            .await
+            .map_err(|_| HsmError::Other("HSM worker panicked".into()))?
+    }
+}
+
+/// An operation's failure: a PKCS#11 error (maybe a session fault), or a domain outcome.
+enum OpError {
+    Ck(CkError),
+    Hsm(HsmError),
+}
+
+impl From<CkError> for OpError {
+    fn from(e: CkError) -> Self {
+        OpError::Ck(e)
+    }
+}
+
+impl From<HsmError> for OpError {
+    fn from(e: HsmError) -> Self {
+        OpError::Hsm(e)
+    }
+}
+
+impl Inner {
+    fn with_session<T>(
+        &self,
+        op: impl Fn(&Inner, &Session) -> Result<T, OpError>,
+    ) -> Result<T, HsmError> {
+        let mut session = match self.take_idle() {
+            Some(s) => s,
+            None => self.open_session()?,
+        };
+        let mut attempt = 0;
+        loop {
+            match op(self, &session) {
+                Ok(value) => {
+                    self.release(session);
+                    return Ok(value);
+                }
+                Err(OpError::Ck(CkError::Pkcs11(rv, function))) if is_session_fault(rv) => {
+                    tracing::warn!(
+                        ?rv,
+                        ?function,
+                        attempt,
+                        "HSM session fault; reopening the session"
+                    );
+                    drop(session);
+                    self.forget_all();
+                    if attempt == MAX_RETRIES {
+                        return Err(HsmError::Unavailable(rv));
+                    }
+                    attempt += 1;
+                    session = self.open_session()?;
+                }
+                Err(OpError::Ck(e)) => {
+                    self.release(session);
+                    return Err(classify(e));
+                }
+                Err(OpError::Hsm(e)) => {
+                    self.release(session);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn open_session(&self) -> Result<Session, HsmError> {
+        let session = self
+            .pkcs11
+            .open_rw_session(self.slot)
+            .map_err(|e| match e {
+                CkError::Pkcs11(rv, _) => HsmError::Unavailable(rv),
+                _ => HsmError::Unavailable(RvError::GeneralError),
+            })?;
+        match session.login(UserType::User, Some(&self.pin)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+            Err(CkError::Pkcs11(
+                RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired,
+                _,
+            )) => Err(HsmError::LoginRefused),
+            Err(CkError::Pkcs11(rv, _)) => Err(HsmError::Unavailable(rv)),
+            Err(_) => Err(HsmError::Unavailable(RvError::GeneralError)),
+        }
+    }
+
+    fn take_idle(&self) -> Option<Session> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn release(&self, session: Session) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(session);
+    }
+
+    fn cache(&self, key: KeyRef, handle: ObjectHandle) {
+        self.handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, handle);
+    }
+
+    fn forget(&self, key: KeyRef) {
+        self.handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+    }
+
+    fn forget_all(&self) {
+        self.handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// The cached handle of a key version, found once in the token on a miss.
+    fn handle(&self, session: &Session, key: KeyRef) -> Result<ObjectHandle, OpError> {
+        if let Some(handle) = self
+            .handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok(*handle);
+        }
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Id(key.object_id()),
+        ];
+        let found = session.find_objects(&template)?;
+        match found.as_slice() {
+            [handle] => {
+                self.cache(key, *handle);
+                Ok(*handle)
+            }
+            [] => Err(HsmError::KeyMissing.into()),
+            _ => Err(HsmError::Other("more than one object for a key version".into()).into()),
+        }
+    }
+
+    fn seal(
+        &self,
+        session: &Session,
+        key: KeyRef,
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<([u8; NONCE_LEN], Vec<u8>), OpError> {
+        let handle = self.handle(session, key)?;
+        let mut nonce = [0u8; NONCE_LEN];
+        session.generate_random_slice(&mut nonce)?;
+        let mut iv = nonce;
+        let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())?;
+        let sealed = session.encrypt(&Mechanism::AesGcm(params), handle, plaintext)?;
+        Ok((nonce, sealed))
+    }
+
+    fn open(
+        &self,
+        session: &Session,
+        key: KeyRef,
+        mut nonce: [u8; NONCE_LEN],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, OpError> {
+        let handle = self.handle(session, key)?;
+        let params = GcmParams::new(&mut nonce, aad, TAG_BITS.into())?;
+        match session.decrypt(&Mechanism::AesGcm(params), handle, sealed) {
+            Ok(plaintext) => Ok(Zeroizing::new(plaintext)),
+            Err(CkError::Pkcs11(rv, _)) if is_auth_failure(rv) => Err(HsmError::AuthFailed.into()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn known_answer_test(&self, session: &Session) -> Result<(), HsmError> {
+        let v = self_test_vector();
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(false),
+            Attribute::Sensitive(true),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Value(v.key.to_vec()),
+        ];
+        let key = session.create_object(&template).map_err(classify)?;
+        let outcome = (|| {
+            let mut iv = v.iv;
+            let params = GcmParams::new(&mut iv, v.aad, 128.into()).map_err(classify)?;
+            let sealed = session
+                .encrypt(&Mechanism::AesGcm(params), key, v.msg)
+                .map_err(classify)?;
+            if sealed.len() != v.ct.len() + v.tag.len()
+                || sealed[..v.ct.len()] != *v.ct
+                || sealed[v.ct.len()..] != *v.tag
+            {
+                return Err(HsmError::SelfTest(
+                    "AES-256-GCM encrypt gave a wrong ciphertext",
+                ));
+            }
+            let mut iv = v.iv;
+            let params = GcmParams::new(&mut iv, v.aad, 128.into()).map_err(classify)?;
+            let opened = Zeroizing::new(
+                session
+                    .decrypt(&Mechanism::AesGcm(params), key, &sealed)
+                    .map_err(classify)?,
+            );
+            if opened.as_slice() != v.msg {
+                return Err(HsmError::SelfTest(
+                    "AES-256-GCM decrypt did not invert encrypt",
+                ));
+            }
+            let mut forged = sealed.clone();
+            if let Some(last) = forged.last_mut() {
+                *last ^= 1;
+            }
+            let mut iv = v.iv;
+            let params = GcmParams::new(&mut iv, v.aad, 128.into()).map_err(classify)?;
+            match session.decrypt(&Mechanism::AesGcm(params), key, &forged) {
+                Err(CkError::Pkcs11(rv, _)) if is_auth_failure(rv) => Ok(()),
+                _ => Err(HsmError::SelfTest("AES-256-GCM accepted a forged tag")),
+            }
+        })();
+        let _ = session.destroy_object(key);
+        outcome
+    }
+}
+
+/// A known-answer vector for AES-256-GCM.
+pub struct GcmVector {
+    /// 32-byte key.
+    pub key: [u8; 32],
+    /// 12-byte IV.
+    pub iv: [u8; 12],
+    /// Additional authenticated data.
+    pub aad: &'static [u8],
+    /// Plaintext.
+    pub msg: &'static [u8],
+    /// Expected ciphertext.
+    pub ct: &'static [u8],
+    /// Expected 16-byte tag.
+    pub tag: &'static [u8],
+}
+
+/// The start-up self-test vector: Wycheproof `aes_gcm_test.json` (C2SP/wycheproof,
+/// Apache-2.0), test case 102 (256-bit key, 96-bit IV, 16-byte AAD, 20-byte message). A test
+/// reads the vector file and checks these bytes against it.
+pub fn self_test_vector() -> GcmVector {
+    GcmVector {
+        key: hex_array("f32364b1d339d82e4f132d8f4a0ec1ff7e746517fa07ef1a7f422f4e25a48194"),
+        iv: hex_array("5a86a50a0e8a179c734b996d"),
+        aad: &[
+            0xab, 0x2a, 0xc7, 0xc4, 0x4c, 0x60, 0xbd, 0xf8, 0x22, 0x8c, 0x78, 0x84, 0xad, 0xb2,
+            0x01, 0x84,
+        ],
+        msg: &[
+            0x43, 0x89, 0x1b, 0xcc, 0xb5, 0x22, 0xb1, 0xe7, 0x2a, 0x6b, 0x53, 0xcf, 0x31, 0xc0,
+            0x74, 0xe9, 0xd6, 0xc2, 0xdf, 0x8e,
+        ],
+        ct: &[
+            0x43, 0xdd, 0xa8, 0x32, 0xe9, 0x42, 0xe2, 0x86, 0xda, 0x31, 0x4d, 0xaa, 0x99, 0xbe,
+            0xf5, 0x07, 0x1d, 0x9d, 0x2c, 0x78,
+        ],
+        tag: &[
+            0xc3, 0x92, 0x25, 0x83, 0x47, 0x6c, 0xed, 0x57, 0x54, 0x04, 0xdd, 0xb8, 0x5d, 0xd8,
+            0xcd, 0x44,
+        ],
+    }
+}
+
+fn find_token(pkcs11: &Pkcs11, label: &str) -> Result<Slot, HsmError> {
+    let slots = pkcs11
+        .get_slots_with_initialized_token()
+        .map_err(classify)?;
+    let mut matching = slots.into_iter().filter(|slot| {
+        pkcs11
+            .get_token_info(*slot)
+            .map(|info| info.label().trim_end() == label)
+            .unwrap_or(false)
+    });
+    match (matching.next(), matching.next()) {
+        (Some(slot), None) => Ok(slot),
+        _ => Err(HsmError::TokenNotFound(label.to_string())),
+    }
+}
+
+fn is_session_fault(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::SessionHandleInvalid
+            | RvError::SessionClosed
+            | RvError::DeviceError
+            | RvError::DeviceRemoved
+            | RvError::TokenNotPresent
+            | RvError::UserNotLoggedIn
+            | RvError::ObjectHandleInvalid
+            | RvError::KeyHandleInvalid
+            | RvError::CryptokiNotInitialized
+    )
+}
+
+fn is_auth_failure(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange
+    )
+}
+
+fn classify(e: CkError) -> HsmError {
+    match e {
+        CkError::Pkcs11(rv, _) if is_session_fault(rv) => HsmError::Unavailable(rv),
+        CkError::Pkcs11(rv, _) if is_auth_failure(rv) => HsmError::AuthFailed,
+        other => HsmError::Other(other.to_string()),
+    }
+}
+
+fn hex_array<const N: usize>(s: &str) -> [u8; N] {
+    let mut out = [0u8; N];
+    // The constants below are fixed, valid hex of the right length (pinned by a unit test).
+    if let Ok(bytes) = hex::decode(s) {
+        if bytes.len() == N {
+            out.copy_from_slice(&bytes);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The self-test vector is exactly Wycheproof's test case 102.
+    #[test]
+    fn self_test_vector_matches_wycheproof_file() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/data/vectors/wycheproof/aes_gcm_test.json"
+        ))
+        .expect("vector file in ../shared");
+        let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+        let case = json["testGroups"]
+            .as_array()
+            .expect("groups")
+            .iter()
+            .flat_map(|g| g["tests"].as_array().expect("tests").iter())
+            .find(|t| t["tcId"] == 102)
+            .expect("tcId 102");
+        let v = self_test_vector();
+        assert_eq!(hex::encode(v.key), case["key"].as_str().expect("key"));
+        assert_eq!(hex::encode(v.iv), case["iv"].as_str().expect("iv"));
+        assert_eq!(hex::encode(v.aad), case["aad"].as_str().expect("aad"));
+        assert_eq!(hex::encode(v.msg), case["msg"].as_str().expect("msg"));
+        assert_eq!(hex::encode(v.ct), case["ct"].as_str().expect("ct"));
+        assert_eq!(hex::encode(v.tag), case["tag"].as_str().expect("tag"));
+        assert_eq!(case["result"], "valid");
+    }
+}

@@ -1,0 +1,19 @@
+//! The key management server: AES-256 master keys held in a PKCS#11 HSM, data keys wrapped
+//! under them, metadata in SQLite or PostgreSQL, served over gRPC.
+//!
+//! Layers, outermost first: [`server`] (listening, health, reflection) → [`grpc`] (the only
+//! module that touches protobuf types; maps errors to status codes) → [`service`] (the domain
+//! logic) → two ports, [`hsm`] and [`store`]. See `ARCHITECTURE.md`.
+
+#![forbid(unsafe_code)]
+
+pub mod blob;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod hsm;
+pub mod server;
+pub mod service;
+pub mod store;
+
+pub use error::KmsError;

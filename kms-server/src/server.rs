@@ -1,0 +1,108 @@
+//! Assembling and running a server: HSM self-test, store, the KMS service, gRPC health and
+//! reflection, request size limits, graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use cryptoki::context::Pkcs11;
+use proto::v1::key_management_server::KeyManagementServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::{ensure_loopback, ConfigError};
+use crate::grpc::GrpcService;
+use crate::hsm::{Hsm, HsmError, HsmParams};
+use crate::service::{Clock, KeyService};
+use crate::store::{Store, StoreError};
+
+/// Largest request message accepted by the transport. `Encrypt` payloads are further limited
+/// to 4 KiB by the service; this bounds everything else (contexts, blobs, metadata).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Configuration refused.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// HSM could not be opened, or its self-test failed.
+    #[error("HSM: {0}")]
+    Hsm(#[from] HsmError),
+    /// Store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// Listener problem.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything a server needs besides its listener.
+pub struct Parts {
+    /// The process-wide PKCS#11 context.
+    pub pkcs11: Pkcs11,
+    /// Token and login.
+    pub hsm: HsmParams,
+    /// Database URL.
+    pub store_url: String,
+    /// Database pool size.
+    pub store_max_connections: u32,
+    /// Source of time.
+    pub clock: Arc<dyn Clock>,
+}
+
+/// A server ready to serve: ports opened, self-test passed.
+pub struct Ready {
+    service: Arc<KeyService>,
+    store: Store,
+}
+
+impl Ready {
+    /// Opens the HSM, runs its known-answer self-test (refusing to go on if it fails), opens
+    /// the store and runs migrations.
+    pub async fn open(parts: Parts) -> Result<Self, StartError> {
+        let pkcs11 = parts.pkcs11;
+        let hsm_params = parts.hsm;
+        let hsm = tokio::task::spawn_blocking(move || Hsm::open(pkcs11, hsm_params))
+            .await
+            .map_err(|_| HsmError::Other("HSM open panicked".into()))??;
+        hsm.self_test().await?;
+        tracing::info!("HSM self-test passed");
+        let store = Store::connect(&parts.store_url, parts.store_max_connections).await?;
+        tracing::info!(backend = ?store.backend(), "store ready");
+        Ok(Ready {
+            service: Arc::new(KeyService::new(hsm, store.clone(), parts.clock)),
+            store,
+        })
+    }
+
+    /// Serves on `listener` (loopback only) until `shutdown` completes, then drains.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), StartError> {
+        let addr: SocketAddr = listener.local_addr()?;
+        ensure_loopback(addr)?;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<KeyManagementServer<GrpcService>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))?;
+        let kms = KeyManagementServer::new(GrpcService::new(self.service))
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        tracing::info!(%addr, "serving");
+        let result = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(kms)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await;
+        self.store.close().await;
+        result.map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))
+    }
+}

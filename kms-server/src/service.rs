@@ -1,0 +1,541 @@
+//! The key service: the domain logic between the gRPC layer and the two ports.
+//!
+//! It validates requests, resolves key ids and aliases (cached: no database round trip on the
+//! hot path), checks that a key is usable, builds the authenticated data of every blob, and
+//! asks the HSM to do the cryptography. It speaks its own types; protobuf stays in `grpc`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::blob::{Blob, NewBlob};
+use crate::error::KmsError;
+use crate::hsm::{Hsm, HsmError, KeyRef};
+use crate::store::{KeyRecord, KeyState, Store};
+
+/// Largest payload `Encrypt` accepts, in bytes.
+pub const MAX_PLAINTEXT: usize = 4096;
+/// Largest `ListKeys` page.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+/// `ListKeys` page size when the caller gives none.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+
+/// An encryption context: a string map bound to a blob as authenticated data.
+pub type Context = BTreeMap<String, String>;
+
+/// The source of "now". Injected so that tests can move time.
+pub trait Clock: Send + Sync {
+    /// Seconds since the Unix epoch.
+    fn now_unix(&self) -> i64;
+}
+
+/// The wall clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_unix(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    }
+}
+
+/// What `CreateKey` asks for.
+#[derive(Debug, Default, Clone)]
+pub struct NewKey {
+    /// Optional unique alias.
+    pub alias: Option<String>,
+    /// Free text.
+    pub description: String,
+    /// Labels.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A data key: plaintext (zeroized on drop) and its blob.
+pub struct DataKey {
+    /// The master key.
+    pub key_id: Uuid,
+    /// Its version.
+    pub key_version: u32,
+    /// The plaintext data key.
+    pub plaintext: Zeroizing<Vec<u8>>,
+    /// The wrapped data key.
+    pub blob: Vec<u8>,
+}
+
+/// A blob and the key version that made it.
+pub struct Sealed {
+    /// The master key.
+    pub key_id: Uuid,
+    /// Its version.
+    pub key_version: u32,
+    /// The blob.
+    pub blob: Vec<u8>,
+}
+
+/// A decrypted blob.
+pub struct Opened {
+    /// The master key.
+    pub key_id: Uuid,
+    /// Its version.
+    pub key_version: u32,
+    /// The plaintext, zeroized on drop.
+    pub plaintext: Zeroizing<Vec<u8>>,
+}
+
+/// The outcome of a re-encryption.
+pub struct Resealed {
+    /// Where the blob came from.
+    pub source: KeyRef,
+    /// The new blob's key version.
+    pub destination: KeyRef,
+    /// The new blob.
+    pub blob: Vec<u8>,
+}
+
+/// The key service. Cheap to share behind an `Arc`.
+pub struct KeyService {
+    hsm: Hsm,
+    store: Store,
+    clock: Arc<dyn Clock>,
+    by_id: RwLock<HashMap<Uuid, Arc<KeyRecord>>>,
+    by_alias: RwLock<HashMap<String, Uuid>>,
+}
+
+impl KeyService {
+    /// Builds the service over its two ports.
+    pub fn new(hsm: Hsm, store: Store, clock: Arc<dyn Clock>) -> Self {
+        KeyService {
+            hsm,
+            store,
+            clock,
+            by_id: RwLock::default(),
+            by_alias: RwLock::default(),
+        }
+    }
+
+    /// Creates a master key: first its version 1 inside the HSM, then its metadata. If the
+    /// metadata cannot be stored (a taken alias, a store failure) the HSM object is destroyed
+    /// again, so no orphan key is left behind.
+    pub async fn create_key(&self, new: NewKey) -> Result<KeyRecord, KmsError> {
+        if let Some(alias) = &new.alias {
+            validate_alias(alias)?;
+        }
+        validate_metadata(&new.description, &new.tags)?;
+        let record = KeyRecord {
+            key_id: Uuid::new_v4(),
+            alias: new.alias,
+            description: new.description,
+            tags: new.tags,
+            state: KeyState::Enabled,
+            created_at: self.clock.now_unix(),
+            primary_version: 1,
+        };
+        let first = KeyRef {
+            key_id: record.key_id,
+            version: 1,
+        };
+        self.hsm
+            .generate_master_key(first)
+            .await
+            .map_err(hsm_error)?;
+        if let Err(e) = self.store.insert_key(&record).await {
+            if let Err(undo) = self.hsm.destroy_master_key(first).await {
+                tracing::error!(key_id = %record.key_id, error = %undo, "could not destroy the HSM object of a key whose metadata was not stored");
+            }
+            return Err(e);
+        }
+        tracing::info!(key_id = %record.key_id, "key created");
+        self.remember(Arc::new(record.clone()));
+        Ok(record)
+    }
+
+    /// The metadata of a key, by id or alias.
+    pub async fn describe_key(&self, key: &str) -> Result<KeyRecord, KmsError> {
+        Ok((*self.resolve(key).await?).clone())
+    }
+
+    /// One page of keys. `page_token` is empty or the token of the previous page.
+    pub async fn list_keys(
+        &self,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<(Vec<KeyRecord>, String), KmsError> {
+        let limit = match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n <= MAX_PAGE_SIZE => n,
+            _ => {
+                return Err(KmsError::InvalidArgument {
+                    field: "page_size",
+                    reason: "at most 1000",
+                })
+            }
+        };
+        let after = parse_page_token(page_token)?;
+        let page = self.store.list_keys(after, limit).await?;
+        Ok((
+            page.keys,
+            page.next.map(format_page_token).unwrap_or_default(),
+        ))
+    }
+
+    /// A fresh data key under the key's primary version.
+    pub async fn generate_data_key(
+        &self,
+        key: &str,
+        context: &Context,
+    ) -> Result<DataKey, KmsError> {
+        let record = self.usable(key).await?;
+        let target = KeyRef {
+            key_id: record.key_id,
+            version: record.primary_version,
+        };
+        let new = NewBlob::new(target.key_id, target.version, &canonical(context)?);
+        let (plaintext, nonce, sealed) = self
+            .hsm
+            .generate_data_key(target, new.aad.clone())
+            .await
+            .map_err(hsm_error)?;
+        Ok(DataKey {
+            key_id: target.key_id,
+            key_version: target.version,
+            plaintext,
+            blob: new.finish(&nonce, &sealed),
+        })
+    }
+
+    /// Encrypts at most [`MAX_PLAINTEXT`] bytes directly under the key's primary version.
+    pub async fn encrypt(
+        &self,
+        key: &str,
+        plaintext: Zeroizing<Vec<u8>>,
+        context: &Context,
+    ) -> Result<Sealed, KmsError> {
+        if plaintext.len() > MAX_PLAINTEXT {
+            return Err(KmsError::TooLarge {
+                field: "plaintext",
+                max: MAX_PLAINTEXT,
+            });
+        }
+        let record = self.usable(key).await?;
+        let target = KeyRef {
+            key_id: record.key_id,
+            version: record.primary_version,
+        };
+        let new = NewBlob::new(target.key_id, target.version, &canonical(context)?);
+        let (nonce, sealed) = self
+            .hsm
+            .seal(target, new.aad.clone(), plaintext)
+            .await
+            .map_err(hsm_error)?;
+        Ok(Sealed {
+            key_id: target.key_id,
+            key_version: target.version,
+            blob: new.finish(&nonce, &sealed),
+        })
+    }
+
+    /// Decrypts a blob. `expected_key`, when given, must name the blob's key.
+    pub async fn decrypt(
+        &self,
+        blob: &[u8],
+        context: &Context,
+        expected_key: Option<&str>,
+    ) -> Result<Opened, KmsError> {
+        let canonical_context = canonical(context)?;
+        let (parsed, source) = self.source_of(blob, expected_key).await?;
+        let plaintext = self
+            .hsm
+            .unseal(
+                source,
+                parsed.nonce,
+                parsed.aad(&canonical_context),
+                parsed.sealed.to_vec(),
+            )
+            .await
+            .map_err(hsm_error)?;
+        Ok(Opened {
+            key_id: source.key_id,
+            key_version: source.version,
+            plaintext,
+        })
+    }
+
+    /// Moves a blob to another key (or the same key's primary version) and context. The
+    /// plaintext is opened and resealed in one HSM job and never leaves it.
+    pub async fn re_encrypt(
+        &self,
+        blob: &[u8],
+        source_context: &Context,
+        source_key: Option<&str>,
+        destination_key: &str,
+        destination_context: &Context,
+    ) -> Result<Resealed, KmsError> {
+        let source_canonical = canonical(source_context)?;
+        let destination_canonical = canonical(destination_context)?;
+        let (parsed, source) = self.source_of(blob, source_key).await?;
+        let record = self.usable(destination_key).await?;
+        let destination = KeyRef {
+            key_id: record.key_id,
+            version: record.primary_version,
+        };
+        let new = NewBlob::new(
+            destination.key_id,
+            destination.version,
+            &destination_canonical,
+        );
+        let (nonce, sealed) = self
+            .hsm
+            .reseal(
+                source,
+                parsed.nonce,
+                parsed.aad(&source_canonical),
+                parsed.sealed.to_vec(),
+                destination,
+                new.aad.clone(),
+            )
+            .await
+            .map_err(hsm_error)?;
+        Ok(Resealed {
+            source,
+            destination,
+            blob: new.finish(&nonce, &sealed),
+        })
+    }
+
+    /// Parses a blob and checks that its key exists, is the expected one, and is usable.
+    /// A blob naming an unknown key or version is an invalid ciphertext, like any other
+    /// damaged blob.
+    async fn source_of<'b>(
+        &self,
+        blob: &'b [u8],
+        expected_key: Option<&str>,
+    ) -> Result<(Blob<'b>, KeyRef), KmsError> {
+        let parsed = Blob::parse(blob)?;
+        if let Some(expected) = expected_key.filter(|k| !k.is_empty()) {
+            if self.resolve(expected).await?.key_id != parsed.key_id {
+                return Err(KmsError::InvalidCiphertext);
+            }
+        }
+        let record = match self.resolve_id(parsed.key_id).await {
+            Ok(record) => record,
+            Err(KmsError::KeyNotFound) => return Err(KmsError::InvalidCiphertext),
+            Err(other) => return Err(other),
+        };
+        ensure_usable(&record)?;
+        if parsed.key_version == 0 || parsed.key_version > record.primary_version {
+            return Err(KmsError::InvalidCiphertext);
+        }
+        let source = KeyRef {
+            key_id: parsed.key_id,
+            version: parsed.key_version,
+        };
+        Ok((parsed, source))
+    }
+
+    async fn usable(&self, key: &str) -> Result<Arc<KeyRecord>, KmsError> {
+        let record = self.resolve(key).await?;
+        ensure_usable(&record)?;
+        Ok(record)
+    }
+
+    /// Resolves an id or alias, from the cache when possible.
+    async fn resolve(&self, key: &str) -> Result<Arc<KeyRecord>, KmsError> {
+        if key.is_empty() {
+            return Err(KmsError::InvalidArgument {
+                field: "key",
+                reason: "a key id or alias is required",
+            });
+        }
+        if let Ok(id) = Uuid::parse_str(key) {
+            return self.resolve_id(id).await;
+        }
+        validate_alias(key)?;
+        let cached = self
+            .by_alias
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .copied();
+        if let Some(id) = cached {
+            return self.resolve_id(id).await;
+        }
+        let record = Arc::new(
+            self.store
+                .key_by_alias(key)
+                .await?
+                .ok_or(KmsError::KeyNotFound)?,
+        );
+        self.remember(Arc::clone(&record));
+        Ok(record)
+    }
+
+    async fn resolve_id(&self, id: Uuid) -> Result<Arc<KeyRecord>, KmsError> {
+        if let Some(record) = self
+            .by_id
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+        {
+            return Ok(Arc::clone(record));
+        }
+        let record = Arc::new(
+            self.store
+                .key_by_id(id)
+                .await?
+                .ok_or(KmsError::KeyNotFound)?,
+        );
+        self.remember(Arc::clone(&record));
+        Ok(record)
+    }
+
+    fn remember(&self, record: Arc<KeyRecord>) {
+        if let Some(alias) = &record.alias {
+            self.by_alias
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(alias.clone(), record.key_id);
+        }
+        self.by_id
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(record.key_id, record);
+    }
+}
+
+fn ensure_usable(record: &KeyRecord) -> Result<(), KmsError> {
+    match record.state {
+        KeyState::Enabled => Ok(()),
+        KeyState::Disabled => Err(KmsError::KeyNotUsable { state: "disabled" }),
+    }
+}
+
+/// Validates and canonically encodes a context.
+fn canonical(context: &Context) -> Result<Vec<u8>, KmsError> {
+    proto::context::validate(context).map_err(|e| {
+        let reason = match e {
+            proto::context::ContextError::TooManyEntries => "at most 64 entries",
+            proto::context::ContextError::BadKey => "keys must be 1-256 bytes",
+            proto::context::ContextError::BadValue => "values must be at most 1024 bytes",
+            proto::context::ContextError::Malformed => "malformed",
+        };
+        KmsError::InvalidArgument {
+            field: "encryption_context",
+            reason,
+        }
+    })?;
+    Ok(proto::context::encode(context))
+}
+
+/// An alias is 1-64 characters of `[A-Za-z0-9_/-]` and does not parse as a UUID.
+fn validate_alias(alias: &str) -> Result<(), KmsError> {
+    let ok_chars = alias
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'/'));
+    if alias.is_empty() || alias.len() > 64 || !ok_chars || Uuid::parse_str(alias).is_ok() {
+        return Err(KmsError::InvalidArgument {
+            field: "alias",
+            reason: "1-64 characters of A-Z a-z 0-9 _ / -, not a UUID",
+        });
+    }
+    Ok(())
+}
+
+fn validate_metadata(description: &str, tags: &BTreeMap<String, String>) -> Result<(), KmsError> {
+    if description.chars().count() > 256 {
+        return Err(KmsError::InvalidArgument {
+            field: "description",
+            reason: "at most 256 characters",
+        });
+    }
+    if tags.len() > 32 {
+        return Err(KmsError::InvalidArgument {
+            field: "tags",
+            reason: "at most 32 tags",
+        });
+    }
+    if tags
+        .iter()
+        .any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 128)
+    {
+        return Err(KmsError::InvalidArgument {
+            field: "tags",
+            reason: "keys 1-128 bytes, values at most 128 bytes",
+        });
+    }
+    Ok(())
+}
+
+fn parse_page_token(token: &str) -> Result<i64, KmsError> {
+    if token.is_empty() {
+        return Ok(0);
+    }
+    token
+        .strip_prefix('p')
+        .and_then(|digits| digits.parse::<i64>().ok())
+        .filter(|n| *n > 0)
+        .ok_or(KmsError::InvalidArgument {
+            field: "page_token",
+            reason: "not a token from a previous page",
+        })
+}
+
+fn format_page_token(position: i64) -> String {
+    format!("p{position}")
+}
+
+/// Maps HSM failures into the domain: a failed tag check is an invalid ciphertext; a token
+/// that keeps failing is unavailable; anything else is internal (details go to the log only).
+fn hsm_error(e: HsmError) -> KmsError {
+    match e {
+        HsmError::AuthFailed => KmsError::InvalidCiphertext,
+        HsmError::Unavailable(_)
+        | HsmError::LoginRefused
+        | HsmError::Module
+        | HsmError::TokenNotFound(_) => {
+            tracing::error!(error = %e, "HSM unavailable");
+            KmsError::HsmUnavailable
+        }
+        HsmError::KeyMissing => {
+            tracing::error!("a key version in the store has no object in the HSM");
+            KmsError::Internal {
+                what: "key object missing from the HSM",
+            }
+        }
+        HsmError::SelfTest(_) | HsmError::Other(_) => {
+            tracing::error!(error = %e, "HSM error");
+            KmsError::Internal { what: "HSM error" }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aliases() {
+        assert!(validate_alias("patients/ehr-prod_1").is_ok());
+        for bad in [
+            "",
+            "has space",
+            "ü",
+            &"a".repeat(65),
+            "123e4567-e89b-12d3-a456-426614174000",
+        ] {
+            assert!(validate_alias(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn page_tokens() {
+        assert_eq!(parse_page_token("").ok(), Some(0));
+        assert_eq!(parse_page_token(&format_page_token(42)).ok(), Some(42));
+        for bad in ["42", "p", "p-1", "p0", "px", "p99999999999999999999"] {
+            assert!(parse_page_token(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! The store port: key metadata in SQLite (embedded default) or PostgreSQL (shared, for high
+//! availability), behind one interface. The database is chosen by the URL's scheme; the domain
+//! never knows which is behind it.
+//!
+//! Both run through `sqlx`'s `Any` driver with the same SQL (`$n` placeholders are understood
+//! by both); only the migrations differ, and they are embedded and run at start-up. SQLite runs
+//! in WAL mode with `synchronous=FULL`, so a commit is durable when it returns.
+//!
+//! Nothing secret is stored: key material stays in the HSM; rows hold ids, names and states.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Executor, Row};
+use uuid::Uuid;
+
+use crate::error::KmsError;
+
+/// Which database a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `sqlite:` URLs.
+    Sqlite,
+    /// `postgres:` / `postgresql:` URLs.
+    Postgres,
+}
+
+impl Backend {
+    /// The backend named by a database URL, if any.
+    pub fn of_url(url: &str) -> Option<Self> {
+        if url.starts_with("sqlite:") {
+            Some(Backend::Sqlite)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Some(Backend::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
+/// Whether a key may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    /// Usable for every operation.
+    Enabled,
+    /// Usable for nothing but description.
+    Disabled,
+}
+
+impl KeyState {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Enabled => "enabled",
+            KeyState::Disabled => "disabled",
+        }
+    }
+}
+
+impl FromStr for KeyState {
+    type Err = KmsError;
+    fn from_str(s: &str) -> Result<Self, KmsError> {
+        match s {
+            "enabled" => Ok(KeyState::Enabled),
+            "disabled" => Ok(KeyState::Disabled),
+            _ => Err(KmsError::Internal {
+                what: "unknown key state in store",
+            }),
+        }
+    }
+}
+
+/// Metadata of one master key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// The key id.
+    pub key_id: Uuid,
+    /// Optional unique alias.
+    pub alias: Option<String>,
+    /// Free text.
+    pub description: String,
+    /// Labels.
+    pub tags: BTreeMap<String, String>,
+    /// Current state.
+    pub state: KeyState,
+    /// Seconds since the Unix epoch.
+    pub created_at: i64,
+    /// Version used for new encryption.
+    pub primary_version: u32,
+}
+
+/// One page of keys.
+#[derive(Debug)]
+pub struct KeyPage {
+    /// Keys in creation order.
+    pub keys: Vec<KeyRecord>,
+    /// Position after the last key, when more may follow.
+    pub next: Option<i64>,
+}
+
+/// The store: a connection pool and the queries the domain needs.
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Store {
+    /// Connects, applies pending migrations, and (for SQLite) creates the file if absent.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::of_url(url).ok_or(StoreError::UnsupportedUrl)?;
+        let url = match backend {
+            Backend::Sqlite if !url.contains("mode=") => {
+                format!("{url}{}mode=rwc", if url.contains('?') { '&' } else { '?' })
+            }
+            _ => url.to_string(),
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA synchronous = FULL").await?;
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                        conn.execute("PRAGMA busy_timeout = 5000").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .map_err(StoreError::Connect)?;
+        let migrator = match backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
+        };
+        migrator.run(&pool).await.map_err(StoreError::Migrate)?;
+        Ok(Store { pool, backend })
+    }
+
+    /// Which database is behind this store.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Inserts a key and its first version in one transaction. A taken alias is
+    /// [`KmsError::AliasExists`], decided by the unique constraint (so two concurrent creations
+    /// of one alias give exactly one key).
+    pub async fn insert_key(&self, key: &KeyRecord) -> Result<(), KmsError> {
+        let tags = serde_json::to_string(&key.tags).map_err(|_| KmsError::Internal {
+            what: "tags encoding",
+        })?;
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        sqlx::query(
+            "INSERT INTO kms_keys (key_id, alias, description, tags, state, created_at, primary_version)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(key.key_id.to_string())
+        .bind(key.alias.clone())
+        .bind(key.description.clone())
+        .bind(tags)
+        .bind(key.state.as_str())
+        .bind(key.created_at)
+        .bind(i64::from(key.primary_version))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        sqlx::query("INSERT INTO kms_key_versions (key_id, version, state, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(key.key_id.to_string())
+            .bind(i64::from(key.primary_version))
+            .bind(KeyState::Enabled.as_str())
+            .bind(key.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)
+    }
+
+    /// The key with this id.
+    pub async fn key_by_id(&self, key_id: Uuid) -> Result<Option<KeyRecord>, KmsError> {
+        let row = sqlx::query(&format!("{SELECT_KEY} WHERE key_id = $1"))
+            .bind(key_id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?;
+        row.map(|r| key_from_row(&r)).transpose()
+    }
+
+    /// The key with this alias.
+    pub async fn key_by_alias(&self, alias: &str) -> Result<Option<KeyRecord>, KmsError> {
+        let row = sqlx::query(&format!("{SELECT_KEY} WHERE alias = $1"))
+            .bind(alias.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?;
+        row.map(|r| key_from_row(&r)).transpose()
+    }
+
+    /// Up to `limit` keys created after position `after`, in creation order.
+    pub async fn list_keys(&self, after: i64, limit: u32) -> Result<KeyPage, KmsError> {
+        let rows = sqlx::query(&format!(
+            "{SELECT_KEY} WHERE seq > $1 ORDER BY seq LIMIT $2"
+        ))
+        .bind(after)
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let more = rows.len() > limit as usize;
+        let mut keys = Vec::with_capacity(rows.len());
+        let mut last = after;
+        for row in rows.iter().take(limit as usize) {
+            last = row.try_get::<i64, _>("seq").map_err(db_error)?;
+            keys.push(key_from_row(row)?);
+        }
+        Ok(KeyPage {
+            keys,
+            next: more.then_some(last),
+        })
+    }
+
+    /// Closes the pool (waits for connections to be returned).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+const SELECT_KEY: &str =
+    "SELECT seq, key_id, alias, description, tags, state, created_at, primary_version FROM kms_keys";
+
+fn key_from_row(row: &AnyRow) -> Result<KeyRecord, KmsError> {
+    let corrupt = |_| KmsError::Internal {
+        what: "malformed key row",
+    };
+    let key_id: String = row.try_get("key_id").map_err(db_error)?;
+    let tags: String = row.try_get("tags").map_err(db_error)?;
+    let state: String = row.try_get("state").map_err(db_error)?;
+    let primary: i64 = row.try_get("primary_version").map_err(db_error)?;
+    Ok(KeyRecord {
+        key_id: Uuid::parse_str(&key_id).map_err(|_| KmsError::Internal {
+            what: "malformed key id in store",
+        })?,
+        alias: row.try_get("alias").map_err(db_error)?,
+        description: row.try_get("description").map_err(db_error)?,
+        tags: serde_json::from_str(&tags).map_err(|_| KmsError::Internal {
+            what: "malformed tags in store",
+        })?,
+        state: state.parse()?,
+        created_at: row.try_get("created_at").map_err(db_error)?,
+        primary_version: u32::try_from(primary).map_err(corrupt)?,
+    })
+}
+
+/// Maps a database error to the domain: unique violations on the alias are a conflict;
+/// everything about reaching the database is "unavailable"; the driver's message is logged
+/// (it carries no secrets: none are stored) but never returned to a caller.
+fn db_error(e: sqlx::Error) -> KmsError {
+    if let sqlx::Error::Database(db) = &e {
+        if db.is_unique_violation() {
+            return KmsError::AliasExists;
+        }
+    }
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_) => {
+            tracing::error!(error = %e, "store unreachable");
+            KmsError::StoreUnavailable
+        }
+        other => {
+            tracing::error!(error = %other, "store error");
+            KmsError::StoreUnavailable
+        }
+    }
+}
+
+/// Failures while opening the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL names neither SQLite nor PostgreSQL.
+    #[error("database URL must start with sqlite: or postgres:")]
+    UnsupportedUrl,
+    /// The database could not be reached.
+    #[error("cannot connect to the database: {0}")]
+    Connect(#[source] sqlx::Error),
+    /// A migration failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+}

@@ -1,0 +1,317 @@
+//! A typed async client of `kms.v1.KeyManagement`. It counts the calls it makes, so that
+//! callers (and the demo) can show how many KMS round trips a job cost.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use proto::v1 as pb;
+use proto::v1::key_management_client::KeyManagementClient;
+use tonic::transport::{Channel, Endpoint};
+use zeroize::Zeroizing;
+
+use crate::error::Error;
+
+/// An encryption context. Stored and logged in clear: never PHI.
+pub type Context = BTreeMap<String, String>;
+
+/// Options of a new key.
+#[derive(Debug, Default, Clone)]
+pub struct NewKey {
+    /// Optional unique alias.
+    pub alias: Option<String>,
+    /// Optional description.
+    pub description: String,
+    /// Optional tags.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A key's metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// The key id.
+    pub key_id: String,
+    /// The alias, if any.
+    pub alias: Option<String>,
+    /// The description.
+    pub description: String,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+    /// `enabled` or `disabled`.
+    pub state: String,
+    /// Seconds since the Unix epoch.
+    pub created_at: i64,
+    /// The version used for new encryption.
+    pub primary_version: u32,
+    /// The algorithm.
+    pub algorithm: String,
+}
+
+/// A page of keys.
+#[derive(Debug, Clone)]
+pub struct KeyPage {
+    /// The keys.
+    pub keys: Vec<KeyInfo>,
+    /// Pass to the next call; `None` on the last page.
+    pub next_page_token: Option<String>,
+}
+
+/// A data key. The plaintext is zeroized on drop; the type is neither `Clone` nor printable.
+pub struct DataKey {
+    /// The master key.
+    pub key_id: String,
+    /// Its version.
+    pub key_version: u32,
+    /// The 32-byte plaintext data key.
+    pub plaintext: Zeroizing<[u8; 32]>,
+    /// The wrapped data key blob.
+    pub blob: Vec<u8>,
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataKey")
+            .field("key_id", &self.key_id)
+            .field("key_version", &self.key_version)
+            .field("plaintext", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A blob made by the server.
+#[derive(Debug, Clone)]
+pub struct Sealed {
+    /// The master key.
+    pub key_id: String,
+    /// Its version.
+    pub key_version: u32,
+    /// The blob.
+    pub blob: Vec<u8>,
+}
+
+/// A decrypted blob; the plaintext is zeroized on drop.
+pub struct Opened {
+    /// The master key.
+    pub key_id: String,
+    /// Its version.
+    pub key_version: u32,
+    /// The plaintext.
+    pub plaintext: Zeroizing<Vec<u8>>,
+}
+
+/// The client. Cloning is cheap and shares the connection and the call counter.
+#[derive(Clone)]
+pub struct KmsClient {
+    inner: KeyManagementClient<Channel>,
+    calls: Arc<AtomicU64>,
+}
+
+impl KmsClient {
+    /// Connects to `endpoint`, e.g. `http://127.0.0.1:50051`.
+    pub async fn connect(endpoint: &str) -> Result<Self, Error> {
+        let connect_error = |reason: String| Error::Connect {
+            endpoint: endpoint.to_string(),
+            reason,
+        };
+        let channel = Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| connect_error(e.to_string()))?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| connect_error(e.to_string()))?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Wraps an existing channel.
+    pub fn from_channel(channel: Channel) -> Self {
+        KmsClient {
+            inner: KeyManagementClient::new(channel),
+            calls: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// How many RPCs this client (and its clones) made.
+    pub fn calls_made(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    fn rpc(&self) -> KeyManagementClient<Channel> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.clone()
+    }
+
+    /// Creates an AES-256 master key.
+    pub async fn create_key(&self, new: NewKey) -> Result<KeyInfo, Error> {
+        let request = pb::CreateKeyRequest {
+            alias: new.alias.unwrap_or_default(),
+            description: new.description,
+            tags: new.tags.into_iter().collect(),
+        };
+        Ok(key_info(self.rpc().create_key(request).await?.into_inner()))
+    }
+
+    /// Describes a key by id or alias.
+    pub async fn describe_key(&self, key: &str) -> Result<KeyInfo, Error> {
+        let request = pb::DescribeKeyRequest {
+            key: key.to_string(),
+        };
+        Ok(key_info(
+            self.rpc().describe_key(request).await?.into_inner(),
+        ))
+    }
+
+    /// One page of keys; `page_size` 0 means the server's default.
+    pub async fn list_keys(
+        &self,
+        page_size: u32,
+        page_token: Option<&str>,
+    ) -> Result<KeyPage, Error> {
+        let request = pb::ListKeysRequest {
+            page_size,
+            page_token: page_token.unwrap_or_default().to_string(),
+        };
+        let r = self.rpc().list_keys(request).await?.into_inner();
+        Ok(KeyPage {
+            keys: r.keys.into_iter().map(key_info).collect(),
+            next_page_token: Some(r.next_page_token).filter(|t| !t.is_empty()),
+        })
+    }
+
+    /// A fresh data key, plaintext and wrapped.
+    pub async fn generate_data_key(&self, key: &str, context: &Context) -> Result<DataKey, Error> {
+        let request = pb::GenerateDataKeyRequest {
+            key: key.to_string(),
+            encryption_context: to_map(context),
+        };
+        let r = self.rpc().generate_data_key(request).await?.into_inner();
+        let plaintext = Zeroizing::new(r.plaintext);
+        let mut key_bytes = Zeroizing::new([0u8; 32]);
+        if plaintext.len() != 32 {
+            return Err(Error::Protocol("data key is not 32 bytes"));
+        }
+        key_bytes.copy_from_slice(&plaintext);
+        Ok(DataKey {
+            key_id: r.key_id,
+            key_version: r.key_version,
+            plaintext: key_bytes,
+            blob: r.ciphertext_blob,
+        })
+    }
+
+    /// A fresh data key, wrapped only.
+    pub async fn generate_data_key_without_plaintext(
+        &self,
+        key: &str,
+        context: &Context,
+    ) -> Result<Sealed, Error> {
+        let request = pb::GenerateDataKeyRequest {
+            key: key.to_string(),
+            encryption_context: to_map(context),
+        };
+        let r = self
+            .rpc()
+            .generate_data_key_without_plaintext(request)
+            .await?
+            .into_inner();
+        Ok(Sealed {
+            key_id: r.key_id,
+            key_version: r.key_version,
+            blob: r.ciphertext_blob,
+        })
+    }
+
+    /// Encrypts at most 4 KiB directly under the master key.
+    pub async fn encrypt(
+        &self,
+        key: &str,
+        plaintext: &[u8],
+        context: &Context,
+    ) -> Result<Sealed, Error> {
+        let request = pb::EncryptRequest {
+            key: key.to_string(),
+            plaintext: plaintext.to_vec(),
+            encryption_context: to_map(context),
+        };
+        let r = self.rpc().encrypt(request).await?.into_inner();
+        Ok(Sealed {
+            key_id: r.key_id,
+            key_version: r.key_version,
+            blob: r.ciphertext_blob,
+        })
+    }
+
+    /// Decrypts a blob; `key`, when given, must be the blob's key.
+    pub async fn decrypt(
+        &self,
+        blob: &[u8],
+        context: &Context,
+        key: Option<&str>,
+    ) -> Result<Opened, Error> {
+        let request = pb::DecryptRequest {
+            ciphertext_blob: blob.to_vec(),
+            encryption_context: to_map(context),
+            key: key.unwrap_or_default().to_string(),
+        };
+        let r = self.rpc().decrypt(request).await?.into_inner();
+        Ok(Opened {
+            key_id: r.key_id,
+            key_version: r.key_version,
+            plaintext: Zeroizing::new(r.plaintext),
+        })
+    }
+
+    /// Moves a blob to another key and context without the plaintext leaving the server.
+    pub async fn re_encrypt(
+        &self,
+        blob: &[u8],
+        source_context: &Context,
+        destination_key: &str,
+        destination_context: &Context,
+    ) -> Result<Sealed, Error> {
+        let request = pb::ReEncryptRequest {
+            ciphertext_blob: blob.to_vec(),
+            source_encryption_context: to_map(source_context),
+            source_key: String::new(),
+            destination_key: destination_key.to_string(),
+            destination_encryption_context: to_map(destination_context),
+        };
+        let r = self.rpc().re_encrypt(request).await?.into_inner();
+        Ok(Sealed {
+            key_id: r.key_id,
+            key_version: r.key_version,
+            blob: r.ciphertext_blob,
+        })
+    }
+
+    /// A no-op round trip.
+    pub async fn ping(&self) -> Result<(), Error> {
+        self.rpc().ping(pb::PingRequest {}).await?;
+        Ok(())
+    }
+}
+
+fn to_map(context: &Context) -> std::collections::HashMap<String, String> {
+    context
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+fn key_info(m: pb::KeyMetadata) -> KeyInfo {
+    let state = match pb::KeyState::try_from(m.state) {
+        Ok(pb::KeyState::Enabled) => "enabled",
+        Ok(pb::KeyState::Disabled) => "disabled",
+        _ => "unknown",
+    };
+    KeyInfo {
+        key_id: m.key_id,
+        alias: Some(m.alias).filter(|a| !a.is_empty()),
+        description: m.description,
+        tags: m.tags.into_iter().collect(),
+        state: state.to_string(),
+        created_at: m.created_at,
+        primary_version: m.primary_version,
+        algorithm: m.algorithm,
+    }
+}

@@ -1,0 +1,271 @@
+//! [`Envelope`]: envelope encryption of byte slices, streams and files over a [`KmsClient`],
+//! with data-key caching.
+//!
+//! Files are written atomically: to a temporary file in the destination's folder, flushed and
+//! fsynced, then renamed over the destination. A failure (a tampered ciphertext, a full disk)
+//! leaves no half-written or unauthenticated output behind.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+use crate::cache::{CachePolicy, DataKeyCache, PlainKey};
+use crate::client::{Context, DataKey, KmsClient};
+use crate::envelope::{self, Header, DEFAULT_FRAME_SIZE};
+use crate::error::Error;
+
+/// What a file operation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSummary {
+    /// Plaintext bytes processed.
+    pub plaintext_bytes: u64,
+    /// The master key named in the header.
+    pub key_id: String,
+}
+
+/// Envelope encryption with a KMS client and a data-key cache.
+#[derive(Clone)]
+pub struct Envelope {
+    client: KmsClient,
+    cache: Arc<DataKeyCache>,
+    frame_size: u32,
+}
+
+impl Envelope {
+    /// Envelope encryption over `client`, caching data keys under `policy`.
+    pub fn new(client: KmsClient, policy: CachePolicy) -> Self {
+        Envelope {
+            client,
+            cache: Arc::new(DataKeyCache::new(policy)),
+            frame_size: DEFAULT_FRAME_SIZE,
+        }
+    }
+
+    /// Uses another frame size for new messages (1 byte to 16 MiB).
+    pub fn with_frame_size(mut self, frame_size: u32) -> Result<Self, Error> {
+        if frame_size == 0 || frame_size > envelope::MAX_FRAME_SIZE {
+            return Err(Error::InvalidArgument(
+                "frame size must be 1 byte to 16 MiB",
+            ));
+        }
+        self.frame_size = frame_size;
+        Ok(self)
+    }
+
+    /// The underlying client.
+    pub fn client(&self) -> &KmsClient {
+        &self.client
+    }
+
+    /// A data key (cached or fresh) and a new header for a message of `bytes` plaintext bytes.
+    /// Pass both to [`envelope::seal_stream`] to encrypt a stream.
+    pub async fn begin_encrypt(
+        &self,
+        key: &str,
+        context: &Context,
+        bytes: u64,
+    ) -> Result<(Arc<DataKey>, Header), Error> {
+        proto::context::validate(context)
+            .map_err(|_| Error::InvalidArgument("encryption context out of limits"))?;
+        let canonical = proto::context::encode(context);
+        let data_key = match self.cache.take_encrypt(key, &canonical, bytes) {
+            Some(dk) => dk,
+            None => {
+                let dk = Arc::new(self.client.generate_data_key(key, context).await?);
+                self.cache
+                    .put_encrypt(key, &canonical, Arc::clone(&dk), bytes);
+                dk
+            }
+        };
+        let header = Header::new(
+            &data_key.key_id,
+            &data_key.blob,
+            context,
+            self.frame_size,
+            &data_key.plaintext,
+        )?;
+        Ok((data_key, header))
+    }
+
+    /// The data key of a message whose header was read, after checking that the header's
+    /// context is exactly `context`. Pass it to [`envelope::open_stream`].
+    pub async fn begin_decrypt(
+        &self,
+        header: &Header,
+        context: &Context,
+        bytes: u64,
+    ) -> Result<Arc<PlainKey>, Error> {
+        if &header.context != context {
+            return Err(Error::InvalidCiphertext);
+        }
+        let canonical = proto::context::encode(context);
+        if let Some(key) = self
+            .cache
+            .take_decrypt(&header.wrapped_dek, &canonical, bytes)
+        {
+            return Ok(key);
+        }
+        let opened = match self
+            .client
+            .decrypt(&header.wrapped_dek, context, Some(&header.key_id))
+            .await
+        {
+            Ok(opened) => opened,
+            // The blob and key id come from the message: a refusal means the message is bad.
+            Err(Error::Rpc {
+                code: tonic::Code::InvalidArgument | tonic::Code::NotFound,
+                ..
+            }) => return Err(Error::InvalidCiphertext),
+            Err(e) => return Err(e),
+        };
+        let mut key = Zeroizing::new([0u8; 32]);
+        if opened.plaintext.len() != key.len() {
+            return Err(Error::InvalidCiphertext);
+        }
+        key.copy_from_slice(&opened.plaintext);
+        let key = Arc::new(key);
+        self.cache
+            .put_decrypt(&header.wrapped_dek, &canonical, Arc::clone(&key), bytes);
+        Ok(key)
+    }
+
+    /// Encrypts a byte slice into one message.
+    pub async fn encrypt(
+        &self,
+        key: &str,
+        context: &Context,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let (data_key, header) = self
+            .begin_encrypt(key, context, plaintext.len() as u64)
+            .await?;
+        envelope::seal(&data_key.plaintext, &header, plaintext)
+    }
+
+    /// Decrypts one message made by [`Envelope::encrypt`] under exactly `context`.
+    pub async fn decrypt(
+        &self,
+        context: &Context,
+        message: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, Error> {
+        let mut body = message;
+        let header = Header::read_from(&mut body)?;
+        let key = self
+            .begin_decrypt(&header, context, body.len() as u64)
+            .await?;
+        envelope::open(&key, &header, body)
+    }
+
+    /// Encrypts the file `src` into `dst` (atomically). `progress` gets the plaintext bytes
+    /// read so far.
+    pub async fn encrypt_file(
+        &self,
+        key: &str,
+        context: &Context,
+        src: &Path,
+        dst: &Path,
+        progress: impl Fn(u64) + Send + 'static,
+    ) -> Result<FileSummary, Error> {
+        let len = std::fs::metadata(src)?.len();
+        let (data_key, header) = self.begin_encrypt(key, context, len).await?;
+        let (src, dst) = (src.to_path_buf(), dst.to_path_buf());
+        let key_id = data_key.key_id.clone();
+        let plaintext_bytes = blocking(move || {
+            let reader = Progress {
+                inner: BufReader::new(File::open(&src)?),
+                done: 0,
+                report: progress,
+            };
+            write_atomically(&dst, |out| {
+                envelope::seal_stream(&data_key.plaintext, &header, reader, out)
+            })
+        })
+        .await?;
+        Ok(FileSummary {
+            plaintext_bytes,
+            key_id,
+        })
+    }
+
+    /// Decrypts the file `src` into `dst` (atomically), requiring exactly `context`.
+    pub async fn decrypt_file(
+        &self,
+        context: &Context,
+        src: &Path,
+        dst: &Path,
+        progress: impl Fn(u64) + Send + 'static,
+    ) -> Result<FileSummary, Error> {
+        let len = std::fs::metadata(src)?.len();
+        let mut reader = BufReader::new(File::open(src)?);
+        let header = Header::read_from(&mut reader)?;
+        let key = self.begin_decrypt(&header, context, len).await?;
+        let dst = dst.to_path_buf();
+        let key_id = header.key_id.clone();
+        let plaintext_bytes = blocking(move || {
+            let reader = Progress {
+                inner: reader,
+                done: 0,
+                report: progress,
+            };
+            write_atomically(&dst, |out| {
+                envelope::open_stream(&key, &header, reader, out)
+            })
+        })
+        .await?;
+        Ok(FileSummary {
+            plaintext_bytes,
+            key_id,
+        })
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    job: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(job)
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?
+}
+
+/// Writes through `fill` into a temporary file next to `dst`, fsyncs it, renames it over
+/// `dst`, and fsyncs the folder. On any error the temporary file is removed.
+fn write_atomically<T>(
+    dst: &Path,
+    fill: impl FnOnce(&mut BufWriter<&File>) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let folder: PathBuf = match dst.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let temp = tempfile::Builder::new()
+        .prefix(".kms-partial-")
+        .tempfile_in(&folder)?;
+    let value = {
+        let mut out = BufWriter::new(temp.as_file());
+        let value = fill(&mut out)?;
+        out.flush()?;
+        value
+    };
+    temp.as_file().sync_all()?;
+    temp.persist(dst).map_err(|e| Error::Io(e.error))?;
+    File::open(&folder)?.sync_all()?;
+    Ok(value)
+}
+
+struct Progress<R, F> {
+    inner: R,
+    done: u64,
+    report: F,
+}
+
+impl<R: Read, F: Fn(u64)> Read for Progress<R, F> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.done += n as u64;
+        (self.report)(self.done);
+        Ok(n)
+    }
+}

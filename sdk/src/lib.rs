@@ -1,0 +1,23 @@
+//! Client SDK of the key management service.
+//!
+//! - [`KmsClient`]: a typed async client of the gRPC API.
+//! - [`envelope`]: the message format: framed AES-256-GCM under a data key, with a header that
+//!   carries the wrapped data key, the encryption context and a key commitment.
+//! - [`Envelope`]: envelope encryption of byte slices, streams and files, with a
+//!   [`DataKeyCache`] so that many small records do not cost one KMS call each.
+//!
+//! The encryption context is stored and logged in clear: never put PHI in it.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod cache;
+mod client;
+pub mod envelope;
+mod error;
+mod files;
+
+pub use cache::{CachePolicy, DataKeyCache};
+pub use client::{Context, DataKey, KeyInfo, KeyPage, KmsClient, NewKey, Opened, Sealed};
+pub use error::Error;
+pub use files::{Envelope, FileSummary};
