@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::Mechanism;
@@ -447,7 +447,9 @@ impl Inner {
         let params = GcmParams::new(&mut nonce, aad, TAG_BITS.into())?;
         match session.decrypt(&Mechanism::AesGcm(params), handle, sealed) {
             Ok(plaintext) => Ok(Zeroizing::new(plaintext)),
-            Err(CkError::Pkcs11(rv, _)) if is_auth_failure(rv) => Err(HsmError::AuthFailed.into()),
+            Err(CkError::Pkcs11(rv, function)) if is_auth_failure(rv, function) => {
+                Err(HsmError::AuthFailed.into())
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -497,7 +499,7 @@ impl Inner {
             let mut iv = v.iv;
             let params = GcmParams::new(&mut iv, v.aad, 128.into()).map_err(classify)?;
             match session.decrypt(&Mechanism::AesGcm(params), key, &forged) {
-                Err(CkError::Pkcs11(rv, _)) if is_auth_failure(rv) => Ok(()),
+                Err(CkError::Pkcs11(rv, function)) if is_auth_failure(rv, function) => Ok(()),
                 _ => Err(HsmError::SelfTest("AES-256-GCM accepted a forged tag")),
             }
         })();
@@ -579,17 +581,20 @@ fn is_session_fault(rv: RvError) -> bool {
     )
 }
 
-fn is_auth_failure(rv: RvError) -> bool {
+/// Whether a PKCS#11 error means "the tag did not verify". The standard codes are
+/// `CKR_ENCRYPTED_DATA_INVALID` / `_LEN_RANGE`; SoftHSM2 reports a failed GCM tag check from
+/// `C_Decrypt` as `CKR_GENERAL_ERROR`, so that code counts too, but only from `C_Decrypt`.
+fn is_auth_failure(rv: RvError, function: Function) -> bool {
     matches!(
         rv,
         RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange
-    )
+    ) || (rv == RvError::GeneralError && matches!(function, Function::Decrypt))
 }
 
 fn classify(e: CkError) -> HsmError {
     match e {
         CkError::Pkcs11(rv, _) if is_session_fault(rv) => HsmError::Unavailable(rv),
-        CkError::Pkcs11(rv, _) if is_auth_failure(rv) => HsmError::AuthFailed,
+        CkError::Pkcs11(rv, function) if is_auth_failure(rv, function) => HsmError::AuthFailed,
         other => HsmError::Other(other.to_string()),
     }
 }

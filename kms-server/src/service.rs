@@ -188,12 +188,13 @@ impl KeyService {
         key: &str,
         context: &Context,
     ) -> Result<DataKey, KmsError> {
+        let canonical_context = canonical(context)?;
         let record = self.usable(key).await?;
         let target = KeyRef {
             key_id: record.key_id,
             version: record.primary_version,
         };
-        let new = NewBlob::new(target.key_id, target.version, &canonical(context)?);
+        let new = NewBlob::new(target.key_id, target.version, &canonical_context);
         let (plaintext, nonce, sealed) = self
             .hsm
             .generate_data_key(target, new.aad.clone())
@@ -220,12 +221,13 @@ impl KeyService {
                 max: MAX_PLAINTEXT,
             });
         }
+        let canonical_context = canonical(context)?;
         let record = self.usable(key).await?;
         let target = KeyRef {
             key_id: record.key_id,
             version: record.primary_version,
         };
-        let new = NewBlob::new(target.key_id, target.version, &canonical(context)?);
+        let new = NewBlob::new(target.key_id, target.version, &canonical_context);
         let (nonce, sealed) = self
             .hsm
             .seal(target, new.aad.clone(), plaintext)

@@ -99,6 +99,16 @@ pub struct Opened {
     pub plaintext: Zeroizing<Vec<u8>>,
 }
 
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("key_id", &self.key_id)
+            .field("key_version", &self.key_version)
+            .field("plaintext", &"<redacted>")
+            .finish()
+    }
+}
+
 /// The client. Cloning is cheap and shares the connection and the call counter.
 #[derive(Clone)]
 pub struct KmsClient {

@@ -1,1 +1,358 @@
-//! x
+//! Test harness: a throw-away SoftHSM2 token, a fresh SQLite file or PostgreSQL database, and
+//! a real server started in process on `127.0.0.1:0`, with connected SDK clients.
+//!
+//! SoftHSM2 keeps one state per process, so this crate initializes one PKCS#11 context per
+//! process ([`pkcs11`]), pointed at a private token directory, and creates one fresh token per
+//! test run ([`token`]) that servers find by its label, exactly as production does.
+//!
+//! PostgreSQL: set `KMS_TEST_POSTGRES_URL` (e.g. `postgres://postgres@127.0.0.1:5432/test`).
+//! Each test then gets its own database, dropped afterwards. Without the variable the
+//! PostgreSQL half of each test prints that it was skipped, unless
+//! `KMS_TEST_REQUIRE_POSTGRES=1`, which turns the skip into a failure (CI sets it).
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{bail, Context as _};
+use cryptoki::context::Pkcs11;
+use cryptoki::session::UserType;
+use cryptoki::types::AuthPin;
+use kms_server::hsm::HsmParams;
+use kms_server::server::{Parts, Ready};
+use kms_server::service::SystemClock;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The user PIN of test tokens.
+pub const USER_PIN: &str = "test-user-pin-1234";
+/// The security officer PIN of test tokens.
+pub const SO_PIN: &str = "test-so-pin-5678";
+
+/// Where the SoftHSM2 module is: `KMS_HSM_MODULE`, else the usual Debian paths.
+pub fn module_path() -> PathBuf {
+    if let Ok(path) = std::env::var("KMS_HSM_MODULE") {
+        return PathBuf::from(path);
+    }
+    for candidate in [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/local/lib/softhsm/libsofthsm2.so",
+    ] {
+        if Path::new(candidate).exists() {
+            return PathBuf::from(candidate);
+        }
+    }
+    PathBuf::from(kms_server::config::DEFAULT_MODULE)
+}
+
+struct Process {
+    pkcs11: Pkcs11,
+    token_dir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn process() -> &'static Process {
+    static PROCESS: OnceLock<Process> = OnceLock::new();
+    PROCESS.get_or_init(|| match init_process() {
+        Ok(p) => p,
+        Err(e) => panic!(
+            "cannot set up SoftHSM2 (is softhsm2 installed? `apt-get install softhsm2`): {e:#}"
+        ),
+    })
+}
+
+fn init_process() -> anyhow::Result<Process> {
+    let dir = tempfile::Builder::new().prefix("kms-softhsm-").tempdir()?;
+    let token_dir = dir.path().join("tokens");
+    std::fs::create_dir_all(&token_dir)?;
+    let conf = dir.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n", token_dir.display()),
+    )?;
+    // SoftHSM2 reads its configuration file once, at C_Initialize, from this variable.
+    std::env::set_var("SOFTHSM2_CONF", &conf);
+    let pkcs11 = kms_server::hsm::load_module(&module_path()).context("load SoftHSM2")?;
+    Ok(Process {
+        pkcs11,
+        token_dir,
+        _dir: dir,
+    })
+}
+
+/// The process-wide PKCS#11 context (SoftHSM2 on a private token directory).
+pub fn pkcs11() -> Pkcs11 {
+    process().pkcs11.clone()
+}
+
+/// The SoftHSM2 configuration file of this process (for child processes such as `kms-server`).
+pub fn softhsm_conf() -> PathBuf {
+    process()
+        .token_dir
+        .parent()
+        .map(|p| p.join("softhsm2.conf"))
+        .unwrap_or_default()
+}
+
+/// The token of this test run.
+pub struct TestToken {
+    /// Its label, unique per run.
+    pub label: String,
+}
+
+/// The fresh token of this test run, created on first use.
+pub fn token() -> &'static TestToken {
+    static TOKEN: OnceLock<TestToken> = OnceLock::new();
+    TOKEN.get_or_init(|| {
+        let label = format!(
+            "kms-test-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        if let Err(e) = init_token(&pkcs11(), &label) {
+            panic!("cannot initialize a SoftHSM2 token: {e:#}");
+        }
+        TestToken { label }
+    })
+}
+
+/// Initializes a new token labelled `label` in the first free slot, with the test PINs.
+pub fn init_token(pkcs11: &Pkcs11, label: &str) -> anyhow::Result<()> {
+    // Two tests must not pick the same free slot at once.
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = INIT.lock().unwrap_or_else(|p| p.into_inner());
+    let slots = pkcs11.get_all_slots()?;
+    let free = slots
+        .into_iter()
+        .find(|slot| {
+            pkcs11
+                .get_token_info(*slot)
+                .map(|t| !t.token_initialized())
+                .unwrap_or(false)
+        })
+        .context("no free SoftHSM2 slot")?;
+    pkcs11.init_token(free, &AuthPin::from(SO_PIN), label)?;
+    // After C_InitToken SoftHSM2 may renumber slots: find the token again by label.
+    let slot = pkcs11
+        .get_slots_with_initialized_token()?
+        .into_iter()
+        .find(|s| {
+            pkcs11
+                .get_token_info(*s)
+                .map(|t| t.label().trim_end() == label)
+                .unwrap_or(false)
+        })
+        .context("new token not found by label")?;
+    let session = pkcs11.open_rw_session(slot)?;
+    session.login(UserType::So, Some(&AuthPin::from(SO_PIN)))?;
+    session.init_pin(&AuthPin::from(USER_PIN))?;
+    session.logout()?;
+    Ok(())
+}
+
+/// HSM parameters for the test token.
+pub fn hsm_params(pool_size: usize) -> HsmParams {
+    HsmParams {
+        token_label: token().label.clone(),
+        pin: AuthPin::from(USER_PIN),
+        pool_size,
+    }
+}
+
+/// Which database a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// A SQLite file in a temporary folder.
+    Sqlite,
+    /// A fresh database on the PostgreSQL server of `KMS_TEST_POSTGRES_URL`.
+    Postgres,
+}
+
+/// A test database, removed when dropped.
+pub struct TestDb {
+    /// The URL a server should use.
+    pub url: String,
+    /// Which kind.
+    pub kind: StoreKind,
+    _dir: Option<tempfile::TempDir>,
+    pg: Option<(String, String)>,
+}
+
+impl TestDb {
+    /// A fresh database of `kind`; `None` when PostgreSQL is not configured (and not required).
+    pub async fn new(kind: StoreKind) -> anyhow::Result<Option<Self>> {
+        match kind {
+            StoreKind::Sqlite => {
+                let dir = tempfile::Builder::new().prefix("kms-db-").tempdir()?;
+                let url = format!("sqlite://{}", dir.path().join("kms.db").display());
+                Ok(Some(TestDb {
+                    url,
+                    kind,
+                    _dir: Some(dir),
+                    pg: None,
+                }))
+            }
+            StoreKind::Postgres => {
+                let Some(admin) = postgres_url()? else {
+                    return Ok(None);
+                };
+                let name = format!("kms_test_{}", uuid::Uuid::new_v4().simple());
+                let mut conn = connect_pg(&admin).await?;
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut conn)
+                    .await?;
+                let url = replace_database(&admin, &name)?;
+                Ok(Some(TestDb {
+                    url,
+                    kind,
+                    _dir: None,
+                    pg: Some((admin, name)),
+                }))
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((admin, name)) = self.pg.take() {
+            // Drop runs outside any async context guarantee: use a private runtime on a thread.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                if let Ok(rt) = rt {
+                    rt.block_on(async {
+                        if let Ok(mut conn) = connect_pg(&admin).await {
+                            let _ = sqlx::query(&format!(
+                                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                            ))
+                            .execute(&mut conn)
+                            .await;
+                        }
+                    });
+                }
+            })
+            .join();
+        }
+    }
+}
+
+async fn connect_pg(url: &str) -> anyhow::Result<sqlx::AnyConnection> {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    Ok(sqlx::AnyConnection::connect(url)
+        .await
+        .with_context(|| "connect to PostgreSQL (KMS_TEST_POSTGRES_URL)")?)
+}
+
+fn replace_database(url: &str, name: &str) -> anyhow::Result<String> {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").context("URL without scheme")? + 3;
+    let path_start = base[scheme_end..]
+        .find('/')
+        .map(|i| scheme_end + i)
+        .unwrap_or(base.len());
+    let mut out = format!("{}/{}", &base[..path_start], name);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    Ok(out)
+}
+
+/// `KMS_TEST_POSTGRES_URL`, or `None` (with a notice) when unset and not required.
+pub fn postgres_url() -> anyhow::Result<Option<String>> {
+    match std::env::var("KMS_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Ok(Some(url)),
+        _ if std::env::var("KMS_TEST_REQUIRE_POSTGRES").as_deref() == Ok("1") => {
+            bail!("KMS_TEST_REQUIRE_POSTGRES=1 but KMS_TEST_POSTGRES_URL is not set")
+        }
+        _ => {
+            eprintln!("SKIPPED: PostgreSQL half of this test (KMS_TEST_POSTGRES_URL is not set)");
+            Ok(None)
+        }
+    }
+}
+
+/// A running in-process server.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// Starts a server on the run's token and `db`, on `127.0.0.1:0`.
+    pub async fn start(db: &TestDb) -> anyhow::Result<Self> {
+        Self::start_with(db, 4).await
+    }
+
+    /// Starts a server with a session pool of `pool_size`.
+    pub async fn start_with(db: &TestDb, pool_size: usize) -> anyhow::Result<Self> {
+        let ready = Ready::open(Parts {
+            pkcs11: pkcs11(),
+            hsm: hsm_params(pool_size),
+            store_url: db.url.clone(),
+            store_max_connections: 4,
+            clock: Arc::new(SystemClock),
+        })
+        .await?;
+        Self::serve(ready).await
+    }
+
+    /// Serves an already opened server on `127.0.0.1:0`.
+    pub async fn serve(ready: Ready) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            ready
+                .serve(listener, async {
+                    let _ = rx.await;
+                })
+                .await?;
+            Ok(())
+        });
+        Ok(TestServer {
+            addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    /// The `http://` endpoint of the server.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A connected SDK client.
+    pub async fn client(&self) -> anyhow::Result<sdk::KmsClient> {
+        Ok(sdk::KmsClient::connect(&self.endpoint()).await?)
+    }
+
+    /// Stops the server and waits until it has released its store and sessions.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}

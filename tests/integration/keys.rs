@@ -1,0 +1,159 @@
+//! Creating, describing and listing keys; aliases; errors for unknown keys and bad input.
+
+use crate::support::*;
+
+async fn create_describe_list(db: TestDb) {
+    let server = TestServer::start(&db).await.expect("server");
+    let client = server.client().await.expect("client");
+    let tags = [("owner".to_string(), "radiology".to_string())].into();
+    let created = client
+        .create_key(sdk::NewKey {
+            alias: Some("pacs/images".into()),
+            description: "PACS gateway".into(),
+            tags,
+        })
+        .await
+        .expect("create");
+    assert_eq!(created.state, "enabled");
+    assert_eq!(created.algorithm, "AES_256_GCM");
+    assert_eq!(created.primary_version, 1);
+    let by_alias = client.describe_key("pacs/images").await.expect("by alias");
+    let by_id = client.describe_key(&created.key_id).await.expect("by id");
+    assert_eq!(by_alias, created);
+    assert_eq!(by_id, created);
+    assert_eq!(
+        by_id.tags.get("owner").map(String::as_str),
+        Some("radiology")
+    );
+
+    for _ in 0..6 {
+        client
+            .create_key(sdk::NewKey::default())
+            .await
+            .expect("more keys");
+    }
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = client.list_keys(3, token.as_deref()).await.expect("page");
+        assert!(page.keys.len() <= 3);
+        seen.extend(page.keys.into_iter().map(|k| k.key_id));
+        match page.next_page_token {
+            Some(t) => token = Some(t),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 7, "every key listed exactly once");
+    assert_eq!(seen[0], created.key_id, "creation order");
+    let mut dedup = seen.clone();
+    dedup.sort();
+    dedup.dedup();
+    assert_eq!(dedup.len(), 7);
+
+    let bad = client
+        .list_keys(3, Some("not-a-token"))
+        .await
+        .expect_err("bad token");
+    assert_eq!(bad.code(), Some(tonic::Code::InvalidArgument));
+    let big = client
+        .list_keys(5000, None)
+        .await
+        .expect_err("page too big");
+    assert_eq!(big.code(), Some(tonic::Code::InvalidArgument));
+    server.stop().await.expect("stop");
+}
+on_both_stores!(create_describe_list_on, create_describe_list);
+
+/// Two concurrent creations of one alias give exactly one key (a unique constraint decides,
+/// not a check-then-insert); the loser's HSM object is destroyed again.
+async fn concurrent_alias_yields_one_key(db: TestDb) {
+    let server = TestServer::start(&db).await.expect("server");
+    let client = server.client().await.expect("client");
+    let attempts = (0..8).map(|_| {
+        let c = client.clone();
+        tokio::spawn(async move {
+            c.create_key(sdk::NewKey {
+                alias: Some("contended".into()),
+                ..Default::default()
+            })
+            .await
+        })
+    });
+    let mut ok = 0;
+    let mut conflicts = 0;
+    for attempt in attempts {
+        match attempt.await.expect("join") {
+            Ok(_) => ok += 1,
+            Err(e) if e.code() == Some(tonic::Code::AlreadyExists) => conflicts += 1,
+            Err(e) => panic!("unexpected error {e:?}"),
+        }
+    }
+    assert_eq!((ok, conflicts), (1, 7));
+    let all = client.list_keys(100, None).await.expect("list");
+    assert_eq!(
+        all.keys
+            .iter()
+            .filter(|k| k.alias.as_deref() == Some("contended"))
+            .count(),
+        1
+    );
+    server.stop().await.expect("stop");
+}
+on_both_stores!(concurrent_alias_on, concurrent_alias_yields_one_key);
+
+#[tokio::test]
+async fn unknown_keys_and_bad_arguments_have_their_codes() {
+    let (_db, server) = sqlite_server().await;
+    let client = server.client().await.expect("client");
+    let unknown = uuid::Uuid::new_v4().to_string();
+    for result in [
+        client.describe_key(&unknown).await.map(|_| ()),
+        client.describe_key("no-such-alias").await.map(|_| ()),
+        client
+            .generate_data_key(&unknown, &ctx(&[]))
+            .await
+            .map(|_| ()),
+        client
+            .encrypt("no-such-alias", b"x", &ctx(&[]))
+            .await
+            .map(|_| ()),
+    ] {
+        assert_eq!(
+            result.expect_err("unknown key").code(),
+            Some(tonic::Code::NotFound)
+        );
+    }
+    for bad_alias in ["has space", "ü", &"a".repeat(65)] {
+        let err = client
+            .create_key(sdk::NewKey {
+                alias: Some(bad_alias.to_string()),
+                ..Default::default()
+            })
+            .await
+            .expect_err("bad alias");
+        assert_eq!(
+            err.code(),
+            Some(tonic::Code::InvalidArgument),
+            "{bad_alias:?}"
+        );
+    }
+    let err = client
+        .generate_data_key("", &ctx(&[]))
+        .await
+        .expect_err("empty key");
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument));
+    let err = client
+        .generate_data_key("x", &ctx(&[("", "v")]))
+        .await
+        .expect_err("empty context key");
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument));
+    // Messages never echo what the caller sent.
+    let err = client
+        .encrypt("no-such-alias", b"x", &ctx(&[("patient", "Jane Doe")]))
+        .await
+        .expect_err("unknown");
+    assert!(
+        !err.to_string().contains("no-such-alias") && !err.to_string().contains("Jane"),
+        "{err}"
+    );
+}

@@ -1,0 +1,107 @@
+//! Oversize requests are refused and the server keeps serving; only loopback until mTLS.
+
+use crate::support::*;
+
+#[tokio::test]
+async fn oversize_requests_are_rejected_and_the_server_keeps_serving() {
+    let (_db, server) = sqlite_server().await;
+    let client = server.client().await.expect("client");
+    let key = client
+        .create_key(sdk::NewKey::default())
+        .await
+        .expect("key");
+
+    let ok = client.encrypt(&key.key_id, &[1u8; 4096], &ctx(&[])).await;
+    assert!(ok.is_ok(), "4 KiB is allowed");
+    let err = client
+        .encrypt(&key.key_id, &[1u8; 4097], &ctx(&[]))
+        .await
+        .expect_err("4 KiB + 1");
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument));
+
+    // Past the transport limit (64 KiB) the request is refused before it is decoded.
+    let err = client
+        .decrypt(&vec![0u8; 1 << 20], &ctx(&[]), None)
+        .await
+        .expect_err("1 MiB blob");
+    assert!(
+        matches!(
+            err.code(),
+            Some(
+                tonic::Code::OutOfRange
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::InvalidArgument
+            )
+        ),
+        "{err:?}"
+    );
+    let huge_context = ctx(&[("k", &"v".repeat(2000))]);
+    let err = client
+        .generate_data_key(&key.key_id, &huge_context)
+        .await
+        .expect_err("value over 1 KiB");
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument));
+
+    client.ping().await.expect("still serving");
+    let sealed = client
+        .encrypt(&key.key_id, b"after", &ctx(&[]))
+        .await
+        .expect("still encrypting");
+    assert_eq!(
+        client
+            .decrypt(&sealed.blob, &ctx(&[]), None)
+            .await
+            .expect("decrypt")
+            .plaintext
+            .as_slice(),
+        b"after"
+    );
+}
+
+#[tokio::test]
+async fn refuses_to_serve_on_a_non_loopback_address() {
+    let db = TestDb::new(StoreKind::Sqlite)
+        .await
+        .expect("db")
+        .expect("sqlite");
+    let ready = kms_server::server::Ready::open(kms_server::server::Parts {
+        pkcs11: softhsm_test::pkcs11(),
+        hsm: softhsm_test::hsm_params(1),
+        store_url: db.url.clone(),
+        store_max_connections: 1,
+        clock: std::sync::Arc::new(kms_server::service::SystemClock),
+    })
+    .await
+    .expect("ready");
+    // Binding the wildcard address sends no traffic; the server must refuse to use it.
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
+        .await
+        .expect("bind");
+    let err = ready
+        .serve(listener, std::future::pending())
+        .await
+        .expect_err("must refuse");
+    assert!(err.to_string().contains("loopback"), "{err}");
+}
+
+#[tokio::test]
+async fn health_and_reflection_are_served() {
+    let (_db, server) = sqlite_server().await;
+    let channel = tonic::transport::Endpoint::from_shared(server.endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "kms.v1.KeyManagement".into(),
+        })
+        .await
+        .expect("health check")
+        .into_inner();
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
