@@ -5,6 +5,7 @@
 
 mod support;
 
+mod cli;
 mod crypto;
 mod hsm;
 mod keys;

@@ -1,1 +1,1158 @@
-fn main() {}
+//! `kms-bench`: a load generator that measures the KMS against limits taken in the same run.
+//!
+//! What it does, end to end, with nothing to set up by hand:
+//!
+//! 1. creates a fresh SoftHSM2 token in a private temporary token directory
+//!    ([`softhsm_test::token`]) and starts the release `kms-server` binary as a child process on
+//!    `127.0.0.1:<free port>`, configured only through `KMS_*` variables, with a SQLite store in
+//!    a temporary directory; it waits (at most 30 s) until `Ping` answers;
+//! 2. creates one key through the SDK and one data-key blob under it;
+//! 3. for every concurrency level (`--concurrency`, default `1,8,64`) and every client set-up
+//!    (`--connections`, default `1,4` HTTP/2 connections shared round-robin by the tasks),
+//!    runs for `--seconds` (after `--warmup`), recording every call's latency:
+//!    - `Ping` through the SDK: the floor of the RPC stack (same server, same connections);
+//!    - `GenerateDataKey` and `Decrypt` through the SDK;
+//!    - the direct PKCS#11 limit on the same token, in this process, with as many OS threads as
+//!      the concurrency level, each with its own logged-in session: the exact HSM work of
+//!      `GenerateDataKey` (`C_GenerateRandom` 32 + 12 bytes, `C_Encrypt` AES-256-GCM with the
+//!      same 42-byte AAD the server builds) and of `Decrypt` (`C_Decrypt` AES-256-GCM);
+//! 4. reports throughput, p50 and p99, and the ratios KMS throughput / min(HSM loop, Ping)
+//!    (target ≥ 0.75 at concurrency 64) and KMS p99 / Ping p99 (target ≤ 1.3);
+//! 5. samples the server's `VmRSS` during the load and reads its `VmHWM` at the end
+//!    (target ≤ 200 MiB);
+//! 6. creates keys until there are `--keys` (default 1,000) and compares `GenerateDataKey` at
+//!    concurrency 8 spread round-robin over 10 keys and over all keys (target: ≤ 1.2×).
+//!
+//! Run it from the workspace root:
+//!
+//! ```text
+//! cargo build --release -p kms-server -p softhsm-test && ./target/release/kms-bench
+//! ```
+//!
+//! `--json FILE` also writes the figures as JSON. The whole run is bounded: every RPC has a
+//! timeout, every phase a fixed duration, and a watchdog (`--max-total-seconds`) kills the
+//! server and exits if anything hangs. The server child is killed on every exit path.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+use cryptoki::context::Pkcs11;
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use hdrhistogram::Histogram;
+use sdk::KmsClient;
+
+/// How long one RPC may take before the run is declared broken.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the server may take to answer its first `Ping`.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest latency the histograms hold (µs); larger values saturate.
+const HIST_MAX_US: u64 = 60_000_000;
+/// Throughput ratio target at [`TARGET_CONCURRENCY`].
+const TARGET_THROUGHPUT_RATIO: f64 = 0.75;
+/// p99 ratio target (KMS p99 / Ping p99).
+const TARGET_P99_RATIO: f64 = 1.3;
+/// The concurrency at which the targets apply.
+const TARGET_CONCURRENCY: usize = 64;
+/// Server memory target.
+const TARGET_RSS_MIB: f64 = 200.0;
+/// Key-count scaling target (many-key p50/p99 over few-key p50/p99).
+const TARGET_SCALING_RATIO: f64 = 1.2;
+/// Concurrency of key creation and of the key-count comparison.
+const SCALING_CONCURRENCY: usize = 8;
+
+/// Load generator for kms-server: throughput and latency against limits measured in the same run.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// The kms-server binary (default: `kms-server` beside this executable).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Server HSM session pool size (`KMS_HSM_SESSION_POOL_SIZE`).
+    #[arg(long, default_value_t = 8)]
+    pool: usize,
+    /// Concurrency levels: tokio tasks for RPCs, OS threads for the direct PKCS#11 loops.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    concurrency: Vec<usize>,
+    /// Client set-ups to compare: number of HTTP/2 connections the tasks share round-robin.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    connections: Vec<usize>,
+    /// Measured seconds per phase.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Warm-up seconds before each phase (not recorded).
+    #[arg(long, default_value_t = 0.5)]
+    warmup: f64,
+    /// Total number of keys for the key-count scaling phase (0 skips it).
+    #[arg(long, default_value_t = 1000)]
+    keys: usize,
+    /// Number of keys of the small side of the key-count comparison.
+    #[arg(long, default_value_t = 10)]
+    few_keys: usize,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Hard limit on the whole run: the server is killed and the bench exits after it.
+    #[arg(long, default_value_t = 900)]
+    max_total_seconds: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.concurrency.is_empty() || args.concurrency.contains(&0) {
+        bail!("--concurrency needs positive numbers");
+    }
+    if args.connections.is_empty() || args.connections.contains(&0) {
+        bail!("--connections needs positive numbers");
+    }
+    if !(args.seconds > 0.0 && args.seconds <= 600.0) || !(0.0..=60.0).contains(&args.warmup) {
+        bail!("--seconds must be in (0, 600] and --warmup in [0, 60]");
+    }
+    if args.keys != 0 && (args.few_keys == 0 || args.few_keys > args.keys) {
+        bail!("--few-keys must be between 1 and --keys");
+    }
+    let server_bin = match &args.server_bin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .context("current executable")?
+            .parent()
+            .context("executable without a directory")?
+            .join("kms-server"),
+    };
+    if !server_bin.is_file() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p kms-server` or pass --server-bin",
+            server_bin.display()
+        );
+    }
+
+    // The token (and SOFTHSM2_CONF for this process) first: the child inherits the same conf.
+    let token_label = softhsm_test::token().label.clone();
+    let conf = softhsm_test::softhsm_conf();
+    let pkcs11 = softhsm_test::pkcs11();
+
+    let db_dir = tempfile::Builder::new().prefix("kms-bench-db-").tempdir()?;
+    let port = free_port()?;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let log_path = db_dir.path().join("server.log");
+    let log = std::fs::File::create(&log_path).context("server log file")?;
+    let child = Command::new(&server_bin)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("SOFTHSM2_CONF", &conf)
+        .env("KMS_LISTEN", addr.to_string())
+        .env("KMS_HSM_MODULE", softhsm_test::module_path())
+        .env("KMS_HSM_TOKEN_LABEL", &token_label)
+        .env("KMS_HSM_PIN", softhsm_test::USER_PIN)
+        .env(
+            "KMS_STORE_URL",
+            format!("sqlite://{}", db_dir.path().join("kms.db").display()),
+        )
+        .env("KMS_HSM_SESSION_POOL_SIZE", args.pool.to_string())
+        .env("KMS_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("start {}", server_bin.display()))?;
+    let server = ServerGuard::new(child);
+    let pid = server.pid();
+    server.watchdog(Duration::from_secs(args.max_total_seconds));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let outcome = run(&args, &rt, &pkcs11, &token_label, addr, pid, &server);
+    if outcome.is_err() {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if !text.trim().is_empty() {
+            eprintln!("--- kms-server log ---\n{}", tail(&text, 40));
+        }
+    }
+    drop(server);
+    drop(rt);
+    // softhsm-test keeps its token directory for the life of the process; this run is over.
+    if let Some(dir) = conf.parent() {
+        let is_ours = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("kms-softhsm-"));
+        if is_ours {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    outcome
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    args: &Args,
+    rt: &tokio::runtime::Runtime,
+    pkcs11: &Pkcs11,
+    token_label: &str,
+    addr: SocketAddr,
+    pid: u32,
+    server: &ServerGuard,
+) -> anyhow::Result<()> {
+    let endpoint = format!("http://{addr}");
+    let started = Instant::now();
+    let probe = rt.block_on(wait_ready(&endpoint, server))?;
+    let startup_ms = started.elapsed().as_secs_f64() * 1000.0;
+    eprintln!("kms-server ready on {addr} after {startup_ms:.0} ms (pid {pid})");
+
+    let ctx: sdk::Context = BTreeMap::from([("bench".to_string(), "1".to_string())]);
+    let key = rt
+        .block_on(probe.create_key(sdk::NewKey {
+            description: "kms-bench".into(),
+            ..Default::default()
+        }))
+        .context("CreateKey")?;
+    let key_id = key.key_id.clone();
+    let blob = rt
+        .block_on(probe.generate_data_key(&key_id, &ctx))
+        .context("GenerateDataKey (set-up)")?
+        .blob;
+    let key_uuid = uuid::Uuid::parse_str(&key_id).context("key id is not a UUID")?;
+    let aad = kms_server::blob::NewBlob::new(key_uuid, 1, &canonical_context(&ctx)).aad;
+
+    let hsm = HsmTarget::open(pkcs11, token_label, &format!("kms:{key_id}:v1"))?;
+
+    let rss = RssSampler::start(pid);
+    let warmup = Duration::from_secs_f64(args.warmup);
+    let measure = Duration::from_secs_f64(args.seconds);
+
+    let mut levels = Vec::new();
+    for &c in &args.concurrency {
+        let mut by_conns = Vec::new();
+        for &n in &args.connections {
+            eprintln!("concurrency {c}, {n} connection(s): Ping, GenerateDataKey, Decrypt");
+            let clients = rt.block_on(connect_many(&endpoint, n))?;
+            let ping = rt.block_on(run_rpc(
+                &clients,
+                c,
+                warmup,
+                measure,
+                |client, _| async move { client.ping().await },
+            ))?;
+            let gdk = {
+                let key_id = key_id.clone();
+                let ctx = ctx.clone();
+                rt.block_on(run_rpc(&clients, c, warmup, measure, move |client, _| {
+                    let key_id = key_id.clone();
+                    let ctx = ctx.clone();
+                    async move { client.generate_data_key(&key_id, &ctx).await.map(drop) }
+                }))?
+            };
+            let dec = {
+                let blob = Arc::new(blob.clone());
+                let ctx = ctx.clone();
+                rt.block_on(run_rpc(&clients, c, warmup, measure, move |client, _| {
+                    let blob = Arc::clone(&blob);
+                    let ctx = ctx.clone();
+                    async move { client.decrypt(&blob, &ctx, None).await.map(drop) }
+                }))?
+            };
+            by_conns.push(RpcSet {
+                connections: n,
+                ping,
+                gdk,
+                dec,
+            });
+        }
+        eprintln!("concurrency {c}: direct PKCS#11 loops ({c} threads)");
+        let hsm_gdk = hsm.run(c, warmup, measure, HsmWork::GenerateDataKey, &aad)?;
+        let hsm_dec = hsm.run(c, warmup, measure, HsmWork::Decrypt, &aad)?;
+        levels.push(Level {
+            concurrency: c,
+            hsm_gdk,
+            hsm_dec,
+            rpc: by_conns,
+        });
+    }
+
+    let scaling = if args.keys > 0 {
+        let connections = args.connections[0];
+        eprintln!("creating keys up to {} in total", args.keys);
+        let clients = rt.block_on(connect_many(&endpoint, connections))?;
+        let t = Instant::now();
+        let mut keys = vec![key_id.clone()];
+        let created = rt.block_on(create_keys(&clients, args.keys.saturating_sub(1)))?;
+        keys.extend(created);
+        let create_secs = t.elapsed().as_secs_f64();
+        eprintln!(
+            "{} keys in {create_secs:.1} s; GenerateDataKey over {} vs {} keys",
+            keys.len(),
+            args.few_keys,
+            keys.len()
+        );
+        let few = rt.block_on(gdk_round_robin(
+            &clients,
+            &keys[..args.few_keys],
+            &ctx,
+            warmup,
+            measure,
+        ))?;
+        let many = rt.block_on(gdk_round_robin(&clients, &keys, &ctx, warmup, measure))?;
+        Some(Scaling {
+            connections,
+            create_secs,
+            few_count: args.few_keys,
+            many_count: keys.len(),
+            few,
+            many,
+        })
+    } else {
+        None
+    };
+
+    let rss_max_kib = rss.stop();
+    let hwm_kib = proc_status_kib(pid, "VmHWM:").context("read VmHWM of the server")?;
+    let rss_end_kib = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
+    let memory = Memory {
+        rss_max_kib,
+        rss_end_kib,
+        hwm_kib,
+    };
+
+    let report = Report {
+        args,
+        startup_ms,
+        levels,
+        scaling,
+        memory,
+    };
+    print!("{}", report.markdown());
+    if let Some(path) = &args.json {
+        std::fs::write(path, report.json()).with_context(|| format!("write {}", path.display()))?;
+        eprintln!("JSON written to {}", path.display());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server child.
+
+/// Owns the `kms-server` child: kills and reaps it when dropped (every exit path), or when the
+/// watchdog fires.
+struct ServerGuard {
+    child: Arc<Mutex<Option<Child>>>,
+    pid: u32,
+}
+
+impl ServerGuard {
+    fn new(child: Child) -> Self {
+        let pid = child.id();
+        ServerGuard {
+            child: Arc::new(Mutex::new(Some(child))),
+            pid,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// `Some(status)` once the child has exited.
+    fn exited(&self) -> Option<std::process::ExitStatus> {
+        let mut guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// After `limit`, kills the server and ends the process: nothing may run forever.
+    fn watchdog(&self, limit: Duration) {
+        let child = Arc::clone(&self.child);
+        std::thread::spawn(move || {
+            std::thread::sleep(limit);
+            eprintln!(
+                "kms-bench: watchdog: run exceeded {} s; killing the server",
+                limit.as_secs()
+            );
+            kill(&child);
+            std::process::exit(3);
+        });
+    }
+}
+
+fn kill(child: &Mutex<Option<Child>>) {
+    let mut guard = child.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(mut c) = guard.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+impl Drop for ServerGuard {
+    fn drop(&mut self) {
+        kill(&self.child);
+    }
+}
+
+/// A free loopback port (the tiny race until the server binds it is acceptable for a tool).
+fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("find a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+async fn wait_ready(endpoint: &str, server: &ServerGuard) -> anyhow::Result<KmsClient> {
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Some(status) = server.exited() {
+            bail!("kms-server exited during start-up ({status})");
+        }
+        match tokio::time::timeout(Duration::from_secs(2), KmsClient::connect(endpoint)).await {
+            Ok(Ok(client)) => {
+                match tokio::time::timeout(Duration::from_secs(2), client.ping()).await {
+                    Ok(Ok(())) => return Ok(client),
+                    Ok(Err(e)) => last = e.to_string(),
+                    Err(_) => last = "ping timed out".into(),
+                }
+            }
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = "connect timed out".into(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!(
+        "kms-server did not answer Ping within {} s: {last}",
+        STARTUP_TIMEOUT.as_secs()
+    )
+}
+
+async fn connect_many(endpoint: &str, n: usize) -> anyhow::Result<Vec<KmsClient>> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        let client = tokio::time::timeout(CALL_TIMEOUT, KmsClient::connect(endpoint))
+            .await
+            .context("connect timed out")?
+            .context("connect")?;
+        clients.push(client);
+    }
+    Ok(clients)
+}
+
+/// The canonical encoding of a context (as `proto::context::encode`): count, then each
+/// length-prefixed key and value in key order, all lengths u32 big-endian.
+fn canonical_context(ctx: &sdk::Context) -> Vec<u8> {
+    let mut out = Vec::new();
+    let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes();
+    out.extend_from_slice(&len(ctx.len()));
+    for (k, v) in ctx {
+        out.extend_from_slice(&len(k.len()));
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(&len(v.len()));
+        out.extend_from_slice(v.as_bytes());
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements.
+
+/// Calls, the measured window, and every call's latency in µs.
+struct Stats {
+    calls: u64,
+    secs: f64,
+    hist: Histogram<u64>,
+}
+
+impl Stats {
+    fn per_sec(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.calls as f64 / self.secs
+        } else {
+            0.0
+        }
+    }
+    fn p50(&self) -> u64 {
+        self.hist.value_at_quantile(0.50)
+    }
+    fn p99(&self) -> u64 {
+        self.hist.value_at_quantile(0.99)
+    }
+}
+
+fn new_hist() -> anyhow::Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, HIST_MAX_US, 3).context("histogram")
+}
+
+/// What one worker (task or thread) measured.
+struct Part {
+    hist: Histogram<u64>,
+    calls: u64,
+    measure_start: Instant,
+    finish: Instant,
+}
+
+/// Merges the workers' parts: throughput over the window from the earliest measured start to
+/// the last finish (so a call that overran the deadline is counted with its full time).
+fn merge(parts: Vec<Part>) -> anyhow::Result<Stats> {
+    let mut hist = new_hist()?;
+    let mut calls = 0;
+    let mut start: Option<Instant> = None;
+    let mut end: Option<Instant> = None;
+    for p in parts {
+        hist.add(&p.hist).context("merge histograms")?;
+        calls += p.calls;
+        start = Some(start.map_or(p.measure_start, |s| s.min(p.measure_start)));
+        end = Some(end.map_or(p.finish, |e| e.max(p.finish)));
+    }
+    let secs = match (start, end) {
+        (Some(s), Some(e)) => e.saturating_duration_since(s).as_secs_f64(),
+        _ => 0.0,
+    };
+    Ok(Stats { calls, secs, hist })
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Runs `op` from `concurrency` tasks (task `i` uses client `i % clients.len()`), first for
+/// `warmup` unrecorded, then for `measure` recorded. Any failed call fails the run.
+async fn run_rpc<F, Fut>(
+    clients: &[KmsClient],
+    concurrency: usize,
+    warmup: Duration,
+    measure: Duration,
+    op: F,
+) -> anyhow::Result<Stats>
+where
+    F: Fn(KmsClient, u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<(), sdk::Error>> + Send,
+{
+    let barrier = Arc::new(tokio::sync::Barrier::new(concurrency));
+    let seq = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(concurrency);
+    for i in 0..concurrency {
+        let client = clients[i % clients.len()].clone();
+        let op = op.clone();
+        let barrier = Arc::clone(&barrier);
+        let seq = Arc::clone(&seq);
+        tasks.push(tokio::spawn(async move {
+            let mut hist = new_hist()?;
+            let mut calls = 0u64;
+            barrier.wait().await;
+            let measure_start = Instant::now() + warmup;
+            let end = measure_start + measure;
+            loop {
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                let n = seq.fetch_add(1, Ordering::Relaxed);
+                tokio::time::timeout(CALL_TIMEOUT, op(client.clone(), n))
+                    .await
+                    .context("call timed out")?
+                    .context("call failed")?;
+                if t >= measure_start {
+                    hist.saturating_record(micros(t.elapsed()));
+                    calls += 1;
+                }
+            }
+            anyhow::Ok(Part {
+                hist,
+                calls,
+                measure_start,
+                finish: Instant::now(),
+            })
+        }));
+    }
+    let mut parts = Vec::with_capacity(concurrency);
+    for task in tasks {
+        parts.push(task.await.context("bench task panicked")??);
+    }
+    merge(parts)
+}
+
+/// Creates `count` keys from [`SCALING_CONCURRENCY`] tasks; returns their ids.
+async fn create_keys(clients: &[KmsClient], count: usize) -> anyhow::Result<Vec<String>> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..SCALING_CONCURRENCY {
+        let client = clients[i % clients.len()].clone();
+        let next = Arc::clone(&next);
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < count {
+                let key = tokio::time::timeout(
+                    CALL_TIMEOUT,
+                    client.create_key(sdk::NewKey {
+                        description: "kms-bench scaling".into(),
+                        ..Default::default()
+                    }),
+                )
+                .await
+                .context("CreateKey timed out")?
+                .context("CreateKey")?;
+                ids.push(key.key_id);
+            }
+            anyhow::Ok(ids)
+        }));
+    }
+    let mut ids = Vec::with_capacity(count);
+    for task in tasks {
+        ids.extend(task.await.context("key creation task panicked")??);
+    }
+    Ok(ids)
+}
+
+/// `GenerateDataKey` at [`SCALING_CONCURRENCY`], call `n` on key `n % keys.len()`.
+async fn gdk_round_robin(
+    clients: &[KmsClient],
+    keys: &[String],
+    ctx: &sdk::Context,
+    warmup: Duration,
+    measure: Duration,
+) -> anyhow::Result<Stats> {
+    let keys: Arc<Vec<String>> = Arc::new(keys.to_vec());
+    let ctx = ctx.clone();
+    run_rpc(
+        clients,
+        SCALING_CONCURRENCY,
+        warmup,
+        measure,
+        move |client, n| {
+            let keys = Arc::clone(&keys);
+            let ctx = ctx.clone();
+            async move {
+                let key = &keys[usize::try_from(n).unwrap_or(0) % keys.len()];
+                client.generate_data_key(key, &ctx).await.map(drop)
+            }
+        },
+    )
+    .await
+}
+
+/// The HSM work of one KMS call, done directly.
+#[derive(Clone, Copy)]
+enum HsmWork {
+    /// `C_GenerateRandom` 32 + 12 bytes, `C_Encrypt` (AES-GCM) of the 32 bytes.
+    GenerateDataKey,
+    /// `C_Decrypt` (AES-GCM) of a 32-byte data key sealed in the set-up.
+    Decrypt,
+}
+
+/// The server's master key object on the run's token, reached from this process.
+struct HsmTarget {
+    pkcs11: Pkcs11,
+    slot: Slot,
+    handle: ObjectHandle,
+    /// Kept open (and logged in) for the life of the target: SoftHSM2 invalidates the
+    /// process's object handles and its login when the last session of a token closes.
+    _anchor: Mutex<Session>,
+}
+
+impl HsmTarget {
+    fn open(pkcs11: &Pkcs11, token_label: &str, object_label: &str) -> anyhow::Result<Self> {
+        let slot = pkcs11
+            .get_slots_with_initialized_token()?
+            .into_iter()
+            .find(|s| {
+                pkcs11
+                    .get_token_info(*s)
+                    .map(|t| t.label().trim_end() == token_label)
+                    .unwrap_or(false)
+            })
+            .context("the run's token is not visible in this process")?;
+        let session = user_session(pkcs11, slot)?;
+        let found = session.find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(object_label.as_bytes().to_vec()),
+        ])?;
+        let handle = match found.as_slice() {
+            [h] => *h,
+            [] => bail!("no object labelled {object_label} in the token"),
+            _ => bail!("several objects labelled {object_label}"),
+        };
+        Ok(HsmTarget {
+            pkcs11: pkcs11.clone(),
+            slot,
+            handle,
+            _anchor: Mutex::new(session),
+        })
+    }
+
+    /// `threads` OS threads, each with its own logged-in session, loop `work`.
+    fn run(
+        &self,
+        threads: usize,
+        warmup: Duration,
+        measure: Duration,
+        work: HsmWork,
+        aad: &[u8],
+    ) -> anyhow::Result<Stats> {
+        let barrier = Barrier::new(threads);
+        let results: Vec<anyhow::Result<Part>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| scope.spawn(|| self.worker(&barrier, warmup, measure, work, aad)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("HSM thread panicked")))
+                })
+                .collect()
+        });
+        let parts = results.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+        merge(parts)
+    }
+
+    fn worker(
+        &self,
+        barrier: &Barrier,
+        warmup: Duration,
+        measure: Duration,
+        work: HsmWork,
+        aad: &[u8],
+    ) -> anyhow::Result<Part> {
+        // Every thread reaches the barrier, even after a failed set-up, so none waits forever.
+        let setup = self.setup(work, aad);
+        barrier.wait();
+        let (session, sealed) = setup?;
+        let mut hist = new_hist()?;
+        let mut calls = 0u64;
+        let measure_start = Instant::now() + warmup;
+        let end = measure_start + measure;
+        loop {
+            let t = Instant::now();
+            if t >= end {
+                break;
+            }
+            match work {
+                HsmWork::GenerateDataKey => {
+                    let mut data_key = zeroize::Zeroizing::new([0u8; 32]);
+                    session.generate_random_slice(data_key.as_mut())?;
+                    let mut nonce = [0u8; 12];
+                    session.generate_random_slice(&mut nonce)?;
+                    let params = GcmParams::new(&mut nonce, aad, 128.into())?;
+                    let out = session.encrypt(
+                        &Mechanism::AesGcm(params),
+                        self.handle,
+                        data_key.as_ref(),
+                    )?;
+                    if out.len() != 48 {
+                        bail!("C_Encrypt returned {} bytes", out.len());
+                    }
+                }
+                HsmWork::Decrypt => {
+                    let (nonce, ciphertext) = &sealed;
+                    let mut iv = *nonce;
+                    let params = GcmParams::new(&mut iv, aad, 128.into())?;
+                    let plain = zeroize::Zeroizing::new(session.decrypt(
+                        &Mechanism::AesGcm(params),
+                        self.handle,
+                        ciphertext,
+                    )?);
+                    if plain.len() != 32 {
+                        bail!("C_Decrypt returned {} bytes", plain.len());
+                    }
+                }
+            }
+            if t >= measure_start {
+                hist.saturating_record(micros(t.elapsed()));
+                calls += 1;
+            }
+        }
+        Ok(Part {
+            hist,
+            calls,
+            measure_start,
+            finish: Instant::now(),
+        })
+    }
+
+    /// A logged-in session and, for `Decrypt`, a nonce and ciphertext made with the key.
+    fn setup(&self, work: HsmWork, aad: &[u8]) -> anyhow::Result<(Session, ([u8; 12], Vec<u8>))> {
+        let session = user_session(&self.pkcs11, self.slot)?;
+        let mut nonce = [0u8; 12];
+        let mut ciphertext = Vec::new();
+        if let HsmWork::Decrypt = work {
+            let mut data_key = zeroize::Zeroizing::new([0u8; 32]);
+            session.generate_random_slice(data_key.as_mut())?;
+            session.generate_random_slice(&mut nonce)?;
+            let mut iv = nonce;
+            let params = GcmParams::new(&mut iv, aad, 128.into())?;
+            ciphertext =
+                session.encrypt(&Mechanism::AesGcm(params), self.handle, data_key.as_ref())?;
+        }
+        Ok((session, (nonce, ciphertext)))
+    }
+}
+
+fn user_session(pkcs11: &Pkcs11, slot: Slot) -> anyhow::Result<Session> {
+    let session = pkcs11.open_rw_session(slot).context("C_OpenSession")?;
+    match session.login(UserType::User, Some(&AuthPin::from(softhsm_test::USER_PIN))) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+        Err(e) => Err(e).context("C_Login"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server memory.
+
+/// A `/proc/<pid>/status` field in KiB.
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// Samples the server's `VmRSS` every 20 ms on a thread and keeps the maximum.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    max: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let max = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            let max = Arc::clone(&max);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(kib) = proc_status_kib(pid, "VmRSS:") {
+                        max.fetch_max(kib, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        RssSampler {
+            stop,
+            max,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling; the largest `VmRSS` seen, in KiB.
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.max.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report.
+
+struct RpcSet {
+    connections: usize,
+    ping: Stats,
+    gdk: Stats,
+    dec: Stats,
+}
+
+struct Level {
+    concurrency: usize,
+    hsm_gdk: Stats,
+    hsm_dec: Stats,
+    rpc: Vec<RpcSet>,
+}
+
+struct Scaling {
+    connections: usize,
+    create_secs: f64,
+    few_count: usize,
+    many_count: usize,
+    few: Stats,
+    many: Stats,
+}
+
+struct Memory {
+    rss_max_kib: u64,
+    rss_end_kib: u64,
+    hwm_kib: u64,
+}
+
+struct Report<'a> {
+    args: &'a Args,
+    startup_ms: f64,
+    levels: Vec<Level>,
+    scaling: Option<Scaling>,
+    memory: Memory,
+}
+
+/// One KMS call against its limits.
+struct Ratio {
+    throughput: f64,
+    limit: f64,
+    limit_name: &'static str,
+    p99: f64,
+}
+
+fn ratio(kms: &Stats, hsm: &Stats, ping: &Stats) -> Ratio {
+    let (limit, limit_name) = if hsm.per_sec() <= ping.per_sec() {
+        (hsm.per_sec(), "HSM loop")
+    } else {
+        (ping.per_sec(), "Ping")
+    };
+    Ratio {
+        throughput: if limit > 0.0 {
+            kms.per_sec() / limit
+        } else {
+            0.0
+        },
+        limit,
+        limit_name,
+        p99: kms.p99() as f64 / ping.p99().max(1) as f64,
+    }
+}
+
+fn mark(ok: bool) -> &'static str {
+    if ok {
+        "PASS"
+    } else {
+        "FAIL"
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Report<'_> {
+    fn markdown(&self) -> String {
+        let a = self.args;
+        let mut s = String::new();
+        let _ = writeln!(s, "# kms-bench results\n");
+        let _ = writeln!(
+            s,
+            "{} measured s per phase after {} s warm-up; server session pool {}; server ready after {:.0} ms. \
+             RPC concurrency = tokio tasks sharing `conns` HTTP/2 connections round-robin; \
+             HSM loop concurrency = OS threads, one PKCS#11 session each, same token, in the bench process.\n",
+            a.seconds, a.warmup, a.pool, self.startup_ms
+        );
+        let _ = writeln!(s, "## Throughput and latency\n");
+        let _ = writeln!(
+            s,
+            "| conc | conns | call | calls/s | p50 µs | p99 µs |\n|---:|---:|---|---:|---:|---:|"
+        );
+        for l in &self.levels {
+            let mut row = |conns: &str, name: &str, st: &Stats| {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {:.0} | {} | {} |",
+                    l.concurrency,
+                    conns,
+                    name,
+                    st.per_sec(),
+                    st.p50(),
+                    st.p99()
+                );
+            };
+            row("–", "HSM loop: GenerateDataKey work", &l.hsm_gdk);
+            row("–", "HSM loop: Decrypt work", &l.hsm_dec);
+            for r in &l.rpc {
+                let n = r.connections.to_string();
+                row(&n, "Ping", &r.ping);
+                row(&n, "GenerateDataKey", &r.gdk);
+                row(&n, "Decrypt", &r.dec);
+            }
+        }
+        let _ = writeln!(s, "\n## Ratios against the limits of the same run\n");
+        let _ = writeln!(
+            s,
+            "Throughput ratio = KMS calls/s ÷ min(HSM-loop calls/s, Ping calls/s), target ≥ {TARGET_THROUGHPUT_RATIO} at concurrency {TARGET_CONCURRENCY}. \
+             p99 ratio = KMS p99 ÷ Ping p99 (same concurrency, same connections), target ≤ {TARGET_P99_RATIO}. \
+             Marks in brackets are informative (the targets are set at concurrency {TARGET_CONCURRENCY}).\n"
+        );
+        let _ = writeln!(
+            s,
+            "| conc | conns | call | KMS calls/s | limit calls/s (which) | throughput ratio | p99 ratio |\n|---:|---:|---|---:|---:|---:|---:|"
+        );
+        for l in &self.levels {
+            let at_target = l.concurrency == TARGET_CONCURRENCY;
+            for r in &l.rpc {
+                for (name, kms, hsm) in [
+                    ("GenerateDataKey", &r.gdk, &l.hsm_gdk),
+                    ("Decrypt", &r.dec, &l.hsm_dec),
+                ] {
+                    let q = ratio(kms, hsm, &r.ping);
+                    let m = |ok: bool| {
+                        if at_target {
+                            mark(ok).to_string()
+                        } else {
+                            format!("({})", mark(ok).to_lowercase())
+                        }
+                    };
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | {} | {:.0} | {:.0} ({}) | {:.2} {} | {:.2} {} |",
+                        l.concurrency,
+                        r.connections,
+                        name,
+                        kms.per_sec(),
+                        q.limit,
+                        q.limit_name,
+                        q.throughput,
+                        m(q.throughput >= TARGET_THROUGHPUT_RATIO),
+                        q.p99,
+                        m(q.p99 <= TARGET_P99_RATIO),
+                    );
+                }
+            }
+        }
+        let m = &self.memory;
+        let _ = writeln!(s, "\n## Server memory\n");
+        let _ = writeln!(
+            s,
+            "| measure | MiB | target ≤ {TARGET_RSS_MIB} MiB |\n|---|---:|---|\n\
+             | VmRSS, max sampled every 20 ms during the load | {:.1} | {} |\n\
+             | VmHWM (peak RSS) at the end | {:.1} | {} |\n\
+             | VmRSS at the end | {:.1} | |",
+            mib(m.rss_max_kib),
+            mark(mib(m.rss_max_kib) <= TARGET_RSS_MIB),
+            mib(m.hwm_kib),
+            mark(mib(m.hwm_kib) <= TARGET_RSS_MIB),
+            mib(m.rss_end_kib),
+        );
+        if let Some(sc) = &self.scaling {
+            let _ = writeln!(s, "\n## Key-count scaling\n");
+            let _ = writeln!(
+                s,
+                "{} keys in the store and the token ({} created in {:.1} s at concurrency {SCALING_CONCURRENCY}); \
+                 GenerateDataKey at concurrency {SCALING_CONCURRENCY}, {} connection(s), calls spread round-robin over the keys. \
+                 Target: {}-key latency within {TARGET_SCALING_RATIO}× of {}-key latency.\n",
+                sc.many_count,
+                sc.many_count.saturating_sub(1),
+                sc.create_secs,
+                sc.connections,
+                sc.many_count,
+                sc.few_count
+            );
+            let _ = writeln!(
+                s,
+                "| keys used | calls/s | p50 µs | p99 µs |\n|---:|---:|---:|---:|\n\
+                 | {} | {:.0} | {} | {} |\n| {} | {:.0} | {} | {} |",
+                sc.few_count,
+                sc.few.per_sec(),
+                sc.few.p50(),
+                sc.few.p99(),
+                sc.many_count,
+                sc.many.per_sec(),
+                sc.many.p50(),
+                sc.many.p99()
+            );
+            let r50 = sc.many.p50() as f64 / sc.few.p50().max(1) as f64;
+            let r99 = sc.many.p99() as f64 / sc.few.p99().max(1) as f64;
+            let _ = writeln!(
+                s,
+                "\n| ratio {} keys ÷ {} keys | value | target ≤ {TARGET_SCALING_RATIO} |\n|---|---:|---|\n\
+                 | p50 | {r50:.2} | {} |\n| p99 | {r99:.2} | {} |",
+                sc.many_count,
+                sc.few_count,
+                mark(r50 <= TARGET_SCALING_RATIO),
+                mark(r99 <= TARGET_SCALING_RATIO)
+            );
+        }
+        s
+    }
+
+    fn json(&self) -> String {
+        fn stats(st: &Stats) -> String {
+            format!(
+                "{{\"calls\":{},\"seconds\":{:.4},\"calls_per_sec\":{:.1},\"p50_us\":{},\"p99_us\":{},\"max_us\":{}}}",
+                st.calls,
+                st.secs,
+                st.per_sec(),
+                st.p50(),
+                st.p99(),
+                st.hist.max()
+            )
+        }
+        let a = self.args;
+        let mut levels = Vec::new();
+        for l in &self.levels {
+            let rpc: Vec<String> = l
+                .rpc
+                .iter()
+                .map(|r| {
+                    let g = ratio(&r.gdk, &l.hsm_gdk, &r.ping);
+                    let d = ratio(&r.dec, &l.hsm_dec, &r.ping);
+                    format!(
+                        "{{\"connections\":{},\"ping\":{},\"generate_data_key\":{},\"decrypt\":{},\
+                         \"generate_data_key_throughput_ratio\":{:.4},\"generate_data_key_p99_ratio\":{:.4},\
+                         \"decrypt_throughput_ratio\":{:.4},\"decrypt_p99_ratio\":{:.4}}}",
+                        r.connections,
+                        stats(&r.ping),
+                        stats(&r.gdk),
+                        stats(&r.dec),
+                        g.throughput,
+                        g.p99,
+                        d.throughput,
+                        d.p99
+                    )
+                })
+                .collect();
+            levels.push(format!(
+                "{{\"concurrency\":{},\"hsm_generate_data_key\":{},\"hsm_decrypt\":{},\"rpc\":[{}]}}",
+                l.concurrency,
+                stats(&l.hsm_gdk),
+                stats(&l.hsm_dec),
+                rpc.join(",")
+            ));
+        }
+        let scaling = match &self.scaling {
+            Some(sc) => format!(
+                "{{\"connections\":{},\"create_seconds\":{:.2},\"few_keys\":{},\"many_keys\":{},\"few\":{},\"many\":{}}}",
+                sc.connections,
+                sc.create_secs,
+                sc.few_count,
+                sc.many_count,
+                stats(&sc.few),
+                stats(&sc.many)
+            ),
+            None => "null".into(),
+        };
+        format!(
+            "{{\"seconds\":{},\"warmup\":{},\"pool\":{},\"startup_ms\":{:.0},\"levels\":[{}],\
+             \"memory\":{{\"rss_max_kib\":{},\"hwm_kib\":{},\"rss_end_kib\":{}}},\"scaling\":{}}}\n",
+            a.seconds,
+            a.warmup,
+            a.pool,
+            self.startup_ms,
+            levels.join(","),
+            self.memory.rss_max_kib,
+            self.memory.hwm_kib,
+            self.memory.rss_end_kib,
+            scaling
+        )
+    }
+}

@@ -1,0 +1,470 @@
+//! The command line of the key management service. It reaches the server only through the
+//! SDK. Output is human-readable by default and JSON with `--output json` (one JSON document
+//! per command, for scripts).
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use sdk::{CachePolicy, Envelope, KeyInfo, KmsClient, NewKey};
+use serde_json::json;
+
+/// File name suffix of encrypted files when a whole folder is encrypted.
+pub const ENCRYPTED_SUFFIX: &str = ".kms";
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "kms-cli",
+    version,
+    about = "Key management service command line"
+)]
+pub struct Cli {
+    /// Server endpoint.
+    #[arg(
+        long,
+        global = true,
+        env = "KMS_ENDPOINT",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub endpoint: String,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Readable text.
+    Human,
+    /// One JSON document.
+    Json,
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage master keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Envelope-encrypt a file, or every file of a folder (recursively).
+    Encrypt(EncryptArgs),
+    /// Decrypt a file, or every `.kms` file of a folder (recursively).
+    Decrypt(DecryptArgs),
+    /// Generate a data key (prints the plaintext key unless --no-plaintext).
+    Datakey(DatakeyArgs),
+    /// Check that the server answers.
+    Ping,
+}
+
+/// Key management commands.
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create an AES-256 master key in the HSM.
+    Create {
+        /// Unique alias (A-Z a-z 0-9 _ / -, at most 64).
+        #[arg(long)]
+        alias: Option<String>,
+        /// Description (never PHI).
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Tag as key=value; repeatable.
+        #[arg(long = "tag", value_parser = parse_pair)]
+        tags: Vec<(String, String)>,
+    },
+    /// List keys (all pages).
+    List {
+        /// Keys per request.
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+    },
+    /// Describe a key by id or alias.
+    Describe {
+        /// Key id or alias.
+        key: String,
+    },
+}
+
+/// `encrypt` arguments.
+#[derive(Debug, Args)]
+pub struct EncryptArgs {
+    /// Key id or alias.
+    #[arg(long)]
+    pub key: String,
+    /// Encryption context entry as key=value; repeatable. Stored in clear: never PHI.
+    #[arg(long = "context", value_parser = parse_pair)]
+    pub context: Vec<(String, String)>,
+    /// Input file or folder.
+    #[arg(long = "in")]
+    pub in_path: PathBuf,
+    /// Output file, or folder (created) when the input is a folder.
+    #[arg(long = "out")]
+    pub out_path: PathBuf,
+    /// Plaintext bytes per frame.
+    #[arg(long, default_value_t = sdk::envelope::DEFAULT_FRAME_SIZE)]
+    pub frame_size: u32,
+}
+
+/// `decrypt` arguments.
+#[derive(Debug, Args)]
+pub struct DecryptArgs {
+    /// Expected encryption context entry as key=value; repeatable. Must match exactly.
+    #[arg(long = "context", value_parser = parse_pair)]
+    pub context: Vec<(String, String)>,
+    /// Input file or folder.
+    #[arg(long = "in")]
+    pub in_path: PathBuf,
+    /// Output file, or folder (created) when the input is a folder.
+    #[arg(long = "out")]
+    pub out_path: PathBuf,
+}
+
+/// `datakey` arguments.
+#[derive(Debug, Args)]
+pub struct DatakeyArgs {
+    /// Key id or alias.
+    #[arg(long)]
+    pub key: String,
+    /// Encryption context entry as key=value; repeatable.
+    #[arg(long = "context", value_parser = parse_pair)]
+    pub context: Vec<(String, String)>,
+    /// Return only the wrapped data key.
+    #[arg(long)]
+    pub no_plaintext: bool,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
+}
+
+fn context_of(pairs: Vec<(String, String)>) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut map = BTreeMap::new();
+    for (k, v) in pairs {
+        if map.insert(k.clone(), v).is_some() {
+            bail!("context key {k:?} given twice");
+        }
+    }
+    Ok(map)
+}
+
+/// Runs one command, writing its result to `out`.
+pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
+    let client = KmsClient::connect(&cli.endpoint).await?;
+    let json = cli.output == Output::Json;
+    match cli.command {
+        Command::Ping => {
+            client.ping().await?;
+            emit(out, json, json!({"ok": true}), || "ok".to_string())
+        }
+        Command::Key(KeyCommand::Create {
+            alias,
+            description,
+            tags,
+        }) => {
+            let key = client
+                .create_key(NewKey {
+                    alias,
+                    description,
+                    tags: tags.into_iter().collect(),
+                })
+                .await?;
+            emit(out, json, key_json(&key), || key_text(&key))
+        }
+        Command::Key(KeyCommand::Describe { key }) => {
+            let key = client.describe_key(&key).await?;
+            emit(out, json, key_json(&key), || key_text(&key))
+        }
+        Command::Key(KeyCommand::List { page_size }) => {
+            let mut keys = Vec::new();
+            let mut token: Option<String> = None;
+            loop {
+                let page = client.list_keys(page_size, token.as_deref()).await?;
+                keys.extend(page.keys);
+                match page.next_page_token {
+                    Some(t) => token = Some(t),
+                    None => break,
+                }
+            }
+            emit(
+                out,
+                json,
+                json!({"keys": keys.iter().map(key_json).collect::<Vec<_>>()}),
+                || {
+                    let mut text = format!(
+                        "{:<36}  {:<8}  {:<24}  {}\n",
+                        "KEY ID", "STATE", "ALIAS", "CREATED"
+                    );
+                    for k in &keys {
+                        text.push_str(&format!(
+                            "{:<36}  {:<8}  {:<24}  {}\n",
+                            k.key_id,
+                            k.state,
+                            k.alias.as_deref().unwrap_or("-"),
+                            k.created_at
+                        ));
+                    }
+                    text.push_str(&format!("{} key(s)", keys.len()));
+                    text
+                },
+            )
+        }
+        Command::Datakey(args) => {
+            let context = context_of(args.context)?;
+            if args.no_plaintext {
+                let dk = client
+                    .generate_data_key_without_plaintext(&args.key, &context)
+                    .await?;
+                let doc = json!({"key_id": dk.key_id, "key_version": dk.key_version, "ciphertext_blob_hex": hex::encode(&dk.blob)});
+                emit(out, json, doc, || {
+                    format!(
+                        "key {} v{}\nwrapped   {}",
+                        dk.key_id,
+                        dk.key_version,
+                        hex::encode(&dk.blob)
+                    )
+                })
+            } else {
+                let dk = client.generate_data_key(&args.key, &context).await?;
+                let plaintext = hex::encode(dk.plaintext.as_slice());
+                let doc = json!({"key_id": dk.key_id, "key_version": dk.key_version, "plaintext_hex": plaintext, "ciphertext_blob_hex": hex::encode(&dk.blob)});
+                emit(out, json, doc, || {
+                    format!(
+                        "key {} v{}\nplaintext {}\nwrapped   {}",
+                        dk.key_id,
+                        dk.key_version,
+                        plaintext,
+                        hex::encode(&dk.blob)
+                    )
+                })
+            }
+        }
+        Command::Encrypt(args) => {
+            let context = context_of(args.context)?;
+            let envelope = Envelope::new(client.clone(), CachePolicy::default())
+                .with_frame_size(args.frame_size)?;
+            let jobs = plan(&args.in_path, &args.out_path, Direction::Encrypt)?;
+            let summary = process(&jobs, json, |src, dst, bar| {
+                let (envelope, key, context) =
+                    (envelope.clone(), args.key.clone(), context.clone());
+                async move { envelope.encrypt_file(&key, &context, &src, &dst, bar).await }
+            })
+            .await?;
+            report(out, json, "encrypted", &summary, client.calls_made())
+        }
+        Command::Decrypt(args) => {
+            let context = context_of(args.context)?;
+            let envelope = Envelope::new(client.clone(), CachePolicy::default());
+            let jobs = plan(&args.in_path, &args.out_path, Direction::Decrypt)?;
+            let summary = process(&jobs, json, |src, dst, bar| {
+                let (envelope, context) = (envelope.clone(), context.clone());
+                async move { envelope.decrypt_file(&context, &src, &dst, bar).await }
+            })
+            .await?;
+            report(out, json, "decrypted", &summary, client.calls_made())
+        }
+    }
+}
+
+fn emit(
+    out: &mut dyn Write,
+    json: bool,
+    doc: serde_json::Value,
+    text: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+    } else {
+        writeln!(out, "{}", text())?;
+    }
+    Ok(())
+}
+
+fn key_json(k: &KeyInfo) -> serde_json::Value {
+    json!({
+        "key_id": k.key_id,
+        "alias": k.alias,
+        "description": k.description,
+        "tags": k.tags,
+        "state": k.state,
+        "created_at": k.created_at,
+        "primary_version": k.primary_version,
+        "algorithm": k.algorithm,
+    })
+}
+
+fn key_text(k: &KeyInfo) -> String {
+    let mut text = format!(
+        "key id          {}\nalias           {}\nstate           {}\nalgorithm       {}\nprimary version {}\ncreated at      {}",
+        k.key_id,
+        k.alias.as_deref().unwrap_or("-"),
+        k.state,
+        k.algorithm,
+        k.primary_version,
+        k.created_at
+    );
+    if !k.description.is_empty() {
+        text.push_str(&format!("\ndescription     {}", k.description));
+    }
+    for (tk, tv) in &k.tags {
+        text.push_str(&format!("\ntag             {tk}={tv}"));
+    }
+    text
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Encrypt,
+    Decrypt,
+}
+
+/// One file to process: source, destination, size.
+struct Job {
+    src: PathBuf,
+    dst: PathBuf,
+    len: u64,
+}
+
+/// Lists the files to process. A file maps to the given output; a folder maps, recursively,
+/// to the same tree under the output folder (`.kms` added on encryption, removed on
+/// decryption, where only `.kms` files are taken).
+fn plan(input: &Path, output: &Path, direction: Direction) -> anyhow::Result<Vec<Job>> {
+    let meta =
+        std::fs::metadata(input).with_context(|| format!("cannot read {}", input.display()))?;
+    if meta.is_file() {
+        if output.is_dir() {
+            bail!("--out {} is a folder; give a file name", output.display());
+        }
+        return Ok(vec![Job {
+            src: input.to_path_buf(),
+            dst: output.to_path_buf(),
+            len: meta.len(),
+        }]);
+    }
+    let mut files = Vec::new();
+    collect(input, &mut files)?;
+    files.sort();
+    let mut jobs = Vec::new();
+    for src in files {
+        let relative = src.strip_prefix(input).context("walk")?;
+        let name = relative.to_string_lossy().to_string();
+        let dst_name = match direction {
+            Direction::Encrypt => format!("{name}{ENCRYPTED_SUFFIX}"),
+            Direction::Decrypt => match name.strip_suffix(ENCRYPTED_SUFFIX) {
+                Some(stem) => stem.to_string(),
+                None => continue,
+            },
+        };
+        let dst = output.join(dst_name);
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        let len = std::fs::metadata(&src)?.len();
+        jobs.push(Job { src, dst, len });
+    }
+    if jobs.is_empty() {
+        bail!("no files to process in {}", input.display());
+    }
+    Ok(jobs)
+}
+
+fn collect(dir: &Path, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            collect(&entry.path(), files)?;
+        } else if kind.is_file() {
+            files.push(entry.path());
+        }
+    }
+    Ok(())
+}
+
+struct Summary {
+    files: usize,
+    bytes: u64,
+    seconds: f64,
+}
+
+/// Runs `work` on every job in order, with one progress bar over all bytes (on a terminal).
+async fn process<F, Fut>(jobs: &[Job], quiet: bool, work: F) -> anyhow::Result<Summary>
+where
+    F: Fn(PathBuf, PathBuf, Box<dyn Fn(u64) + Send + Sync>) -> Fut,
+    Fut: std::future::Future<Output = Result<sdk::FileSummary, sdk::Error>>,
+{
+    let total: u64 = jobs.iter().map(|j| j.len).sum();
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {msg}")
+    {
+        bar.set_style(style);
+    }
+    let started = Instant::now();
+    let mut done_before = 0u64;
+    let mut bytes = 0u64;
+    for job in jobs {
+        bar.set_message(
+            job.src
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default(),
+        );
+        let progress_bar = bar.clone();
+        let base = done_before;
+        let result = work(
+            job.src.clone(),
+            job.dst.clone(),
+            Box::new(move |n| progress_bar.set_position(base + n)),
+        )
+        .await;
+        let summary = result.with_context(|| format!("{}", job.src.display()))?;
+        bytes += summary.plaintext_bytes;
+        done_before += job.len;
+        bar.set_position(done_before);
+    }
+    bar.finish_and_clear();
+    Ok(Summary {
+        files: jobs.len(),
+        bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn report(
+    out: &mut dyn Write,
+    json: bool,
+    verb: &str,
+    s: &Summary,
+    calls: u64,
+) -> anyhow::Result<()> {
+    let rate = if s.seconds > 0.0 {
+        s.bytes as f64 / s.seconds / 1e6
+    } else {
+        0.0
+    };
+    let doc = json!({"files": s.files, "bytes": s.bytes, "seconds": s.seconds, "megabytes_per_second": rate, "kms_calls": calls});
+    emit(out, json, doc, || {
+        format!(
+            "{verb} {} file(s), {} bytes in {:.3} s ({:.1} MB/s), {} KMS call(s)",
+            s.files, s.bytes, s.seconds, rate, calls
+        )
+    })
+}

@@ -1,0 +1,181 @@
+//! `kms-cli` end to end against a real server: every command, human and JSON output, folder
+//! encryption of the Synthea sample, and failures that must exit non-zero.
+
+use clap::{CommandFactory, Parser};
+use kms_cli::Cli;
+
+use crate::support::*;
+
+async fn cli(server: &TestServer, args: &[&str]) -> anyhow::Result<String> {
+    let endpoint = server.endpoint();
+    let mut argv = vec!["kms-cli", "--endpoint", endpoint.as_str()];
+    argv.extend_from_slice(args);
+    let parsed = Cli::try_parse_from(argv)?;
+    let mut out = Vec::new();
+    kms_cli::run(parsed, &mut out).await?;
+    Ok(String::from_utf8(out)?)
+}
+
+async fn cli_json(server: &TestServer, args: &[&str]) -> serde_json::Value {
+    let mut argv = vec!["--output", "json"];
+    argv.extend_from_slice(args);
+    let text = cli(server, &argv)
+        .await
+        .unwrap_or_else(|e| panic!("{args:?}: {e:#}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {text}"))
+}
+
+#[test]
+fn command_line_definition_is_consistent() {
+    Cli::command().debug_assert();
+}
+
+#[tokio::test]
+async fn key_commands_in_both_output_formats() {
+    let (_db, server) = sqlite_server().await;
+    let created = cli_json(
+        &server,
+        &[
+            "key",
+            "create",
+            "--alias",
+            "cli-key",
+            "--tag",
+            "team=ehr",
+            "--description",
+            "EHR back end",
+        ],
+    )
+    .await;
+    let key_id = created["key_id"].as_str().expect("key id").to_string();
+    assert_eq!(created["alias"], "cli-key");
+    assert_eq!(created["tags"]["team"], "ehr");
+    let described = cli_json(&server, &["key", "describe", "cli-key"]).await;
+    assert_eq!(described, created);
+    let human = cli(&server, &["key", "describe", &key_id])
+        .await
+        .expect("describe");
+    assert!(
+        human.contains("alias           cli-key") && human.contains("AES_256_GCM"),
+        "{human}"
+    );
+    let listed = cli_json(&server, &["key", "list", "--page-size", "1"]).await;
+    assert!(listed["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .any(|k| k["key_id"] == key_id.as_str()));
+    assert!(cli(&server, &["key", "list"])
+        .await
+        .expect("list")
+        .contains("key(s)"));
+    assert_eq!(cli(&server, &["ping"]).await.expect("ping").trim(), "ok");
+
+    let dk = cli_json(
+        &server,
+        &["datakey", "--key", "cli-key", "--context", "a=b"],
+    )
+    .await;
+    assert_eq!(dk["plaintext_hex"].as_str().expect("plaintext").len(), 64);
+    let wrapped_only = cli_json(&server, &["datakey", "--key", "cli-key", "--no-plaintext"]).await;
+    assert!(wrapped_only.get("plaintext_hex").is_none());
+
+    let err = cli(&server, &["key", "describe", "missing-key"])
+        .await
+        .expect_err("unknown key");
+    assert!(format!("{err:#}").contains("key not found"), "{err:#}");
+    assert!(Cli::try_parse_from([
+        "kms-cli",
+        "encrypt",
+        "--key",
+        "k",
+        "--context",
+        "novalue",
+        "--in",
+        "a",
+        "--out",
+        "b"
+    ])
+    .is_err());
+}
+
+#[tokio::test]
+async fn folder_encryption_of_the_synthea_sample_round_trips() {
+    let (_db, server) = sqlite_server().await;
+    cli(&server, &["key", "create", "--alias", "synthea"])
+        .await
+        .expect("key");
+    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/synthea");
+    let work = tempfile::tempdir().expect("dir");
+    let enc = work.path().join("enc");
+    let dec = work.path().join("dec");
+    let s = |p: &std::path::Path| p.to_string_lossy().to_string();
+    let summary = cli_json(
+        &server,
+        &[
+            "encrypt",
+            "--key",
+            "synthea",
+            "--context",
+            "dataset=sample",
+            "--in",
+            &s(&sample),
+            "--out",
+            &s(&enc),
+            "--frame-size",
+            "4096",
+        ],
+    )
+    .await;
+    assert!(summary["files"].as_u64().expect("files") >= 17);
+    assert_eq!(summary["kms_calls"], 1, "one data key for the whole folder");
+    let back = cli_json(
+        &server,
+        &[
+            "decrypt",
+            "--context",
+            "dataset=sample",
+            "--in",
+            &s(&enc),
+            "--out",
+            &s(&dec),
+        ],
+    )
+    .await;
+    assert_eq!(back["files"], summary["files"]);
+    assert_eq!(back["bytes"], summary["bytes"]);
+    for entry in std::fs::read_dir(sample.join("fhir")).expect("fhir") {
+        let path = entry.expect("entry").path();
+        let restored = dec.join("fhir").join(path.file_name().expect("name"));
+        assert_eq!(
+            std::fs::read(&path).expect("orig"),
+            std::fs::read(&restored).expect("restored"),
+            "{}",
+            path.display()
+        );
+    }
+    let patients = std::fs::read(enc.join("csv/patients.csv.kms")).expect("encrypted patients");
+    assert!(
+        !patients.windows(9).any(|w| w == b"BIRTHDATE"),
+        "plaintext leaked into the ciphertext"
+    );
+
+    // Wrong context: the command fails and writes nothing.
+    let single = work.path().join("patients.csv");
+    let err = cli(
+        &server,
+        &[
+            "decrypt",
+            "--context",
+            "dataset=other",
+            "--in",
+            &s(&enc.join("csv/patients.csv.kms")),
+            "--out",
+            &s(&single),
+        ],
+    )
+    .await
+    .expect_err("wrong context");
+    assert!(format!("{err:#}").contains("invalid ciphertext"), "{err:#}");
+    assert!(!single.exists());
+}
