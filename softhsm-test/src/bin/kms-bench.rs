@@ -910,6 +910,10 @@ struct Ratio {
     limit: f64,
     limit_name: &'static str,
     p99: f64,
+    /// Informative: 1 / (1/HSM + 1/Ping), the rate if the HSM work and the RPC work of a call
+    /// cannot overlap (they share the same CPUs here), and KMS throughput over it.
+    additive: f64,
+    additive_ratio: f64,
 }
 
 fn ratio(kms: &Stats, hsm: &Stats, ping: &Stats) -> Ratio {
@@ -927,6 +931,16 @@ fn ratio(kms: &Stats, hsm: &Stats, ping: &Stats) -> Ratio {
         limit,
         limit_name,
         p99: kms.p99() as f64 / ping.p99().max(1) as f64,
+        additive: additive_bound(hsm.per_sec(), ping.per_sec()),
+        additive_ratio: kms.per_sec() / additive_bound(hsm.per_sec(), ping.per_sec()).max(1e-9),
+    }
+}
+
+fn additive_bound(a: f64, b: f64) -> f64 {
+    if a > 0.0 && b > 0.0 {
+        1.0 / (1.0 / a + 1.0 / b)
+    } else {
+        0.0
     }
 }
 
@@ -991,11 +1005,14 @@ impl Report<'_> {
             s,
             "Throughput ratio = KMS calls/s ÷ min(HSM-loop calls/s, Ping calls/s), target ≥ {TARGET_THROUGHPUT_RATIO} at concurrency {TARGET_CONCURRENCY}. \
              p99 ratio = KMS p99 ÷ Ping p99 (same concurrency, same connections), target ≤ {TARGET_P99_RATIO}. \
-             Marks in brackets are informative (the targets are set at concurrency {TARGET_CONCURRENCY}).\n"
+             Marks in brackets are informative (the targets are set at concurrency {TARGET_CONCURRENCY}). \
+             The last column is informative only: the additive bound 1/(1/HSM + 1/Ping) is what a call could reach \
+             if its HSM work and its RPC work could not overlap at all (true when one machine's CPUs run the client, \
+             the server and the software HSM), and the KMS throughput as a fraction of it.\n"
         );
         let _ = writeln!(
             s,
-            "| conc | conns | call | KMS calls/s | limit calls/s (which) | throughput ratio | p99 ratio |\n|---:|---:|---|---:|---:|---:|---:|"
+            "| conc | conns | call | KMS calls/s | limit calls/s (which) | throughput ratio | p99 ratio | additive bound calls/s (KMS ÷ it) |\n|---:|---:|---|---:|---:|---:|---:|---:|"
         );
         for l in &self.levels {
             let at_target = l.concurrency == TARGET_CONCURRENCY;
@@ -1014,7 +1031,7 @@ impl Report<'_> {
                     };
                     let _ = writeln!(
                         s,
-                        "| {} | {} | {} | {:.0} | {:.0} ({}) | {:.2} {} | {:.2} {} |",
+                        "| {} | {} | {} | {:.0} | {:.0} ({}) | {:.2} {} | {:.2} {} | {:.0} ({:.2}) |",
                         l.concurrency,
                         r.connections,
                         name,
@@ -1025,6 +1042,8 @@ impl Report<'_> {
                         m(q.throughput >= TARGET_THROUGHPUT_RATIO),
                         q.p99,
                         m(q.p99 <= TARGET_P99_RATIO),
+                        q.additive,
+                        q.additive_ratio,
                     );
                 }
             }
