@@ -187,4 +187,20 @@ mod tests {
             .collect();
         assert_eq!(validate(&many), Err(ContextError::TooManyEntries));
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn encode_then_decode_is_identity(map in proptest::collection::btree_map(".{1,8}", ".{0,8}", 0..6)) {
+            prop_assert_eq!(decode(&encode(&map)), Ok(map));
+        }
+
+        #[test]
+        fn arbitrary_bytes_decode_or_fail_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if let Ok(map) = decode(&bytes) {
+                prop_assert_eq!(encode(&map), bytes, "only canonical encodings are accepted");
+            }
+        }
+    }
 }

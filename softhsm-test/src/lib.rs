@@ -215,6 +215,20 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// Drops a PostgreSQL test database now, terminating its connections (a store outage).
+    pub async fn drop_now(&self) -> anyhow::Result<()> {
+        let Some((admin, name)) = &self.pg else {
+            bail!("only PostgreSQL databases can be dropped")
+        };
+        let mut conn = connect_pg(admin).await?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut conn)
+            .await?;
+        Ok(())
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some((admin, name)) = self.pg.take() {

@@ -157,3 +157,45 @@ async fn unknown_keys_and_bad_arguments_have_their_codes() {
         "{err}"
     );
 }
+
+/// The database disappears under a running server (PostgreSQL: the test database is dropped
+/// with its connections): calls that need it fail with UNAVAILABLE, calls that do not (cached
+/// keys, crypto) keep working, and the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_database_is_unavailable_and_the_server_keeps_serving() {
+    let Some(db) = TestDb::new(StoreKind::Postgres).await.expect("db") else {
+        return;
+    };
+    let server = TestServer::start(&db).await.expect("server");
+    let client = server.client().await.expect("client");
+    let key = client
+        .create_key(sdk::NewKey::default())
+        .await
+        .expect("key");
+    db.drop_now().await.expect("drop database");
+    let err = client
+        .create_key(sdk::NewKey::default())
+        .await
+        .expect_err("store gone");
+    assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err:?}");
+    assert!(
+        !err.to_string().contains("kms_test_"),
+        "driver details leaked: {err}"
+    );
+    let err = client.list_keys(10, None).await.expect_err("store gone");
+    assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err:?}");
+    client.ping().await.expect("still serving");
+    let dk = client
+        .generate_data_key(&key.key_id, &ctx(&[]))
+        .await
+        .expect("cached key still usable");
+    assert_eq!(
+        client
+            .decrypt(&dk.blob, &ctx(&[]), None)
+            .await
+            .expect("decrypt")
+            .plaintext
+            .as_slice(),
+        dk.plaintext.as_slice()
+    );
+}
