@@ -70,12 +70,17 @@ struct Entry<K> {
 /// A plaintext data key recovered for decryption.
 pub(crate) type PlainKey = Zeroizing<[u8; 32]>;
 
+/// (master key as given by the caller, canonical context).
+type EncryptId = (String, Vec<u8>);
+/// (wrapped data key, canonical context).
+type DecryptId = (Vec<u8>, Vec<u8>);
+
 /// Two caches: data keys for encryption, keyed by (master key, canonical context); and
 /// unwrapped data keys for decryption, keyed by (wrapped blob, canonical context).
 pub struct DataKeyCache {
     policy: CachePolicy,
-    encrypt: Mutex<HashMap<(String, Vec<u8>), Entry<DataKey>>>,
-    decrypt: Mutex<HashMap<(Vec<u8>, Vec<u8>), Entry<PlainKey>>>,
+    encrypt: Mutex<HashMap<EncryptId, Entry<DataKey>>>,
+    decrypt: Mutex<HashMap<DecryptId, Entry<PlainKey>>>,
 }
 
 impl DataKeyCache {

@@ -2,6 +2,7 @@
 //! real gRPC over loopback. One module per area.
 
 #![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests state their expectations with expect()
 
 mod support;
 
