@@ -552,6 +552,45 @@ mod tests {
         );
     }
 
+    /// HKDF-SHA256 known answer: RFC 5869, Appendix A.1 (test case 1).
+    #[test]
+    fn hkdf_sha256_rfc5869_test_case_1() {
+        let ikm = [0x0bu8; 22];
+        let salt: Vec<u8> = (0x00..=0x0c).collect();
+        let info: Vec<u8> = (0xf0..=0xf9).collect();
+        let (prk, hk) = Hkdf::<Sha256>::extract(Some(&salt), &ikm);
+        assert_eq!(hex::encode(prk), "077709362c2e32df0ddc3f0dc47bba6390b6c73bb50f9c3122ec844ad7c2b3e5");
+        let mut okm = [0u8; 42];
+        hk.expand(&info, &mut okm).expect("42 bytes");
+        assert_eq!(
+            hex::encode(okm),
+            "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
+        );
+    }
+
+    /// SHA-256 known answer: FIPS 180-2, Appendix B.1 ("abc").
+    #[test]
+    fn sha256_fips180_abc() {
+        assert_eq!(
+            hex::encode(Sha256::digest(b"abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    /// The suite-1 derivation is pinned, so a change to it cannot slip through unnoticed
+    /// (messages already written would no longer open).
+    #[test]
+    fn suite_one_derivation_is_stable() {
+        let (frame_key, commitment) = derive(&[0x42; 32], &[0x01; 32]);
+        let (again, _) = derive(&[0x42; 32], &[0x01; 32]);
+        assert_eq!(*frame_key, *again);
+        assert_ne!(*frame_key, commitment, "frame key and commitment must differ");
+        assert_eq!(hex::encode(commitment), PINNED_COMMITMENT);
+    }
+
+    /// Computed independently with Python's `hmac` module (HKDF by hand, RFC 5869).
+    const PINNED_COMMITMENT: &str = "1433991451c3b26ea741c83fbe803b28b85454a91d2cebf9faa8df5bf1245061";
+
     proptest! {
         #[test]
         fn random_bytes_are_one_error_kind(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
