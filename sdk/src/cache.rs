@@ -25,6 +25,15 @@ use zeroize::Zeroizing;
 use crate::client::DataKey;
 
 /// Limits on the reuse of one data key.
+///
+/// | limit          | default   |
+/// |----------------|-----------|
+/// | `max_age`      | 5 minutes |
+/// | `max_messages` | 10,000    |
+/// | `max_bytes`    | 1 GiB     |
+/// | `capacity`     | 128 entries per direction |
+///
+/// A cached key is used only while every limit still holds after counting the new message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CachePolicy {
     /// Longest time a data key is reused.
