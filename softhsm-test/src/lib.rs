@@ -257,7 +257,9 @@ impl Drop for TestDb {
 async fn connect_pg(url: &str) -> anyhow::Result<sqlx::AnyConnection> {
     use sqlx::Connection;
     sqlx::any::install_default_drivers();
-    sqlx::AnyConnection::connect(url).await.context("connect to PostgreSQL (KMS_TEST_POSTGRES_URL)")
+    sqlx::AnyConnection::connect(url)
+        .await
+        .context("connect to PostgreSQL (KMS_TEST_POSTGRES_URL)")
 }
 
 fn replace_database(url: &str, name: &str) -> anyhow::Result<String> {

@@ -121,8 +121,8 @@ fn main() -> anyhow::Result<()> {
     if args.connections.is_empty() || args.connections.contains(&0) {
         bail!("--connections needs positive numbers");
     }
-    if !(args.seconds > 0.0 && args.seconds <= 600.0) || !(0.0..=60.0).contains(&args.warmup) {
-        bail!("--seconds must be in (0, 600] and --warmup in [0, 60]");
+    if !(0.001..=600.0).contains(&args.seconds) || !(0.0..=60.0).contains(&args.warmup) {
+        bail!("--seconds must be in [0.001, 600] and --warmup in [0, 60]");
     }
     if args.keys != 0 && (args.few_keys == 0 || args.few_keys > args.keys) {
         bail!("--few-keys must be between 1 and --keys");
@@ -212,6 +212,7 @@ fn run(
     server: &ServerGuard,
 ) -> anyhow::Result<()> {
     let endpoint = format!("http://{addr}");
+    let load_before = loadavg();
     let started = Instant::now();
     let probe = rt.block_on(wait_ready(&endpoint, server))?;
     let startup_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -230,7 +231,7 @@ fn run(
         .context("GenerateDataKey (set-up)")?
         .blob;
     let key_uuid = uuid::Uuid::parse_str(&key_id).context("key id is not a UUID")?;
-    let aad = kms_server::blob::NewBlob::new(key_uuid, 1, &canonical_context(&ctx)).aad;
+    let aad = kms_server::blob::NewBlob::new(key_uuid, 1, &proto::context::encode(&ctx)).aad;
 
     let hsm = HsmTarget::open(pkcs11, token_label, &format!("kms:{key_id}:v1"))?;
 
@@ -333,6 +334,9 @@ fn run(
 
     let report = Report {
         args,
+        load_before,
+        load_after: loadavg(),
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         startup_ms,
         levels,
         scaling,
@@ -446,21 +450,6 @@ async fn connect_many(endpoint: &str, n: usize) -> anyhow::Result<Vec<KmsClient>
         clients.push(client);
     }
     Ok(clients)
-}
-
-/// The canonical encoding of a context (as `proto::context::encode`): count, then each
-/// length-prefixed key and value in key order, all lengths u32 big-endian.
-fn canonical_context(ctx: &sdk::Context) -> Vec<u8> {
-    let mut out = Vec::new();
-    let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes();
-    out.extend_from_slice(&len(ctx.len()));
-    for (k, v) in ctx {
-        out.extend_from_slice(&len(k.len()));
-        out.extend_from_slice(k.as_bytes());
-        out.extend_from_slice(&len(v.len()));
-        out.extend_from_slice(v.as_bytes());
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -650,6 +639,9 @@ enum HsmWork {
     Decrypt,
 }
 
+/// A GCM nonce and `ciphertext || tag` of a data key, for the direct `C_Decrypt` loop.
+type SealedDataKey = ([u8; 12], Vec<u8>);
+
 /// The server's master key object on the run's token, reached from this process.
 struct HsmTarget {
     pkcs11: Pkcs11,
@@ -781,7 +773,7 @@ impl HsmTarget {
     }
 
     /// A logged-in session and, for `Decrypt`, a nonce and ciphertext made with the key.
-    fn setup(&self, work: HsmWork, aad: &[u8]) -> anyhow::Result<(Session, ([u8; 12], Vec<u8>))> {
+    fn setup(&self, work: HsmWork, aad: &[u8]) -> anyhow::Result<(Session, SealedDataKey)> {
         let session = user_session(&self.pkcs11, self.slot)?;
         let mut nonce = [0u8; 12];
         let mut ciphertext = Vec::new();
@@ -898,6 +890,9 @@ struct Memory {
 
 struct Report<'a> {
     args: &'a Args,
+    load_before: String,
+    load_after: String,
+    cpus: usize,
     startup_ms: f64,
     levels: Vec<Level>,
     scaling: Option<Scaling>,
@@ -956,6 +951,13 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+/// The 1, 5 and 15 minute load averages, to show whether something else ran on the machine.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -972,6 +974,12 @@ impl Report<'_> {
              RPC concurrency = tokio tasks sharing `conns` HTTP/2 connections round-robin; \
              HSM loop concurrency = OS threads, one PKCS#11 session each, same token, in the bench process.\n",
             a.seconds, a.warmup, a.pool, self.startup_ms
+        );
+        let _ = writeln!(
+            s,
+            "Machine: {} CPUs shared by this load generator, the server and SoftHSM2. Load average (1/5/15 min) \
+             before the run: {}; after: {} (anything well above the load this run adds means other work competed).\n",
+            self.cpus, self.load_before, self.load_after
         );
         let _ = writeln!(s, "## Throughput and latency\n");
         let _ = writeln!(
@@ -1161,11 +1169,14 @@ impl Report<'_> {
             None => "null".into(),
         };
         format!(
-            "{{\"seconds\":{},\"warmup\":{},\"pool\":{},\"startup_ms\":{:.0},\"levels\":[{}],\
+            "{{\"seconds\":{},\"warmup\":{},\"pool\":{},\"cpus\":{},\"load_before\":\"{}\",\"load_after\":\"{}\",\"startup_ms\":{:.0},\"levels\":[{}],\
              \"memory\":{{\"rss_max_kib\":{},\"hwm_kib\":{},\"rss_end_kib\":{}}},\"scaling\":{}}}\n",
             a.seconds,
             a.warmup,
             a.pool,
+            self.cpus,
+            self.load_before,
+            self.load_after,
             self.startup_ms,
             levels.join(","),
             self.memory.rss_max_kib,
