@@ -93,6 +93,28 @@ pub enum KeyCommand {
         /// Key id or alias.
         key: String,
     },
+    /// Enable a disabled key.
+    Enable {
+        /// Key id or alias.
+        key: String,
+    },
+    /// Disable a key: it encrypts and decrypts nothing until enabled again.
+    Disable {
+        /// Key id or alias.
+        key: String,
+    },
+    /// Create a new primary version inside the HSM; older versions still decrypt.
+    Rotate {
+        /// Key id or alias.
+        key: String,
+    },
+    /// Retire every version below VERSION (their data no longer decrypts until lowered again).
+    SetMinVersion {
+        /// Key id or alias.
+        key: String,
+        /// Oldest version that still decrypts.
+        version: u32,
+    },
 }
 
 /// `encrypt` arguments.
@@ -185,6 +207,22 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         }
         Command::Key(KeyCommand::Describe { key }) => {
             let key = client.describe_key(&key).await?;
+            emit(out, json, key_json(&key), || key_text(&key))
+        }
+        Command::Key(KeyCommand::Enable { key }) => {
+            let key = client.enable_key(&key).await?;
+            emit(out, json, key_json(&key), || key_text(&key))
+        }
+        Command::Key(KeyCommand::Disable { key }) => {
+            let key = client.disable_key(&key).await?;
+            emit(out, json, key_json(&key), || key_text(&key))
+        }
+        Command::Key(KeyCommand::Rotate { key }) => {
+            let key = client.rotate_key(&key).await?;
+            emit(out, json, key_json(&key), || key_text(&key))
+        }
+        Command::Key(KeyCommand::SetMinVersion { key, version }) => {
+            let key = client.set_min_decryption_version(&key, version).await?;
             emit(out, json, key_json(&key), || key_text(&key))
         }
         Command::Key(KeyCommand::List { page_size }) => {
@@ -301,7 +339,9 @@ fn key_json(k: &KeyInfo) -> serde_json::Value {
         "state": k.state,
         "created_at": k.created_at,
         "primary_version": k.primary_version,
+        "min_decryption_version": k.min_decryption_version,
         "algorithm": k.algorithm,
+        "versions": k.versions.iter().map(|v| json!({"version": v.version, "created_at": v.created_at, "state": v.state})).collect::<Vec<_>>(),
     })
 }
 
@@ -320,6 +360,12 @@ fn key_text(k: &KeyInfo) -> String {
     }
     for (tk, tv) in &k.tags {
         text.push_str(&format!("\ntag             {tk}={tv}"));
+    }
+    for v in &k.versions {
+        text.push_str(&format!(
+            "\nversion {:<7} {} (created {})",
+            v.version, v.state, v.created_at
+        ));
     }
     text
 }

@@ -35,6 +35,11 @@ pub enum KmsError {
         /// The key's state, e.g. `disabled`.
         state: &'static str,
     },
+    /// The blob was made under a key version below the key's `min_decryption_version`.
+    /// Distinct from [`KmsError::InvalidCiphertext`] on purpose: the data is intact but its
+    /// version was retired by policy (rewrap it, or lower the minimum again).
+    #[error("key version retired")]
+    KeyVersionRetired,
     /// The blob is malformed, truncated, tampered with, bound to another context, or belongs
     /// to another key. One variant for all of these, so that no caller can tell them apart.
     #[error("invalid ciphertext")]

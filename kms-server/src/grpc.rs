@@ -26,6 +26,7 @@ pub fn to_status(e: &KmsError) -> Status {
             Status::invalid_argument(format!("{field} exceeds {max} bytes"))
         }
         KmsError::KeyNotUsable { state } => Status::failed_precondition(format!("key is {state}")),
+        KmsError::KeyVersionRetired => Status::failed_precondition("key version retired"),
         KmsError::InvalidCiphertext => Status::invalid_argument("invalid ciphertext"),
         KmsError::HsmUnavailable => Status::unavailable("HSM unavailable"),
         KmsError::StoreUnavailable => Status::unavailable("store unavailable"),
@@ -70,6 +71,23 @@ fn metadata(record: KeyRecord) -> KeyMetadata {
         created_at: record.created_at,
         primary_version: record.primary_version,
         algorithm: "AES_256_GCM".to_string(),
+        min_decryption_version: record.min_decryption_version,
+        versions: record
+            .versions
+            .iter()
+            .map(|v| KeyVersion {
+                version: v.version,
+                created_at: v.created_at,
+                state: if v.version == record.primary_version {
+                    "primary"
+                } else if v.version < record.min_decryption_version {
+                    "retired"
+                } else {
+                    "enabled"
+                }
+                .to_string(),
+            })
+            .collect(),
     }
 }
 
@@ -225,5 +243,54 @@ impl KeyManagement for GrpcService {
 
     async fn ping(&self, _request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
         Ok(Response::new(PingResponse {}))
+    }
+
+    async fn enable_key(
+        &self,
+        request: Request<KeyRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let record = self
+            .service
+            .set_state(&request.into_inner().key, StoredState::Enabled)
+            .await
+            .map_err(|e| fail("EnableKey", e))?;
+        Ok(Response::new(metadata(record)))
+    }
+
+    async fn disable_key(
+        &self,
+        request: Request<KeyRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let record = self
+            .service
+            .set_state(&request.into_inner().key, StoredState::Disabled)
+            .await
+            .map_err(|e| fail("DisableKey", e))?;
+        Ok(Response::new(metadata(record)))
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<KeyRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let record = self
+            .service
+            .rotate_key(&request.into_inner().key)
+            .await
+            .map_err(|e| fail("RotateKey", e))?;
+        Ok(Response::new(metadata(record)))
+    }
+
+    async fn set_min_decryption_version(
+        &self,
+        request: Request<SetMinDecryptionVersionRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let r = request.into_inner();
+        let record = self
+            .service
+            .set_min_decryption_version(&r.key, r.min_decryption_version)
+            .await
+            .map_err(|e| fail("SetMinDecryptionVersion", e))?;
+        Ok(Response::new(metadata(record)))
     }
 }

@@ -21,7 +21,7 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
+use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use tokio::sync::Semaphore;
@@ -66,20 +66,26 @@ pub enum HsmError {
     Other(String),
 }
 
-/// Names one version of one master key.
+/// Names the HSM object of one version of one master key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KeyRef {
     /// The key id.
     pub key_id: Uuid,
     /// The version number (from 1).
     pub version: u32,
+    /// Random tag chosen when the object was generated (0: none).
+    pub tag: u64,
 }
 
 impl KeyRef {
-    /// `CKA_ID` of the object: the key id's 16 bytes then the version, big-endian.
+    /// `CKA_ID` of the object: the key id's 16 bytes, the version, then the tag unless it is 0
+    /// (all big-endian).
     pub fn object_id(&self) -> Vec<u8> {
         let mut id = self.key_id.as_bytes().to_vec();
         id.extend_from_slice(&self.version.to_be_bytes());
+        if self.tag != 0 {
+            id.extend_from_slice(&self.tag.to_be_bytes());
+        }
         id
     }
 
@@ -154,8 +160,8 @@ impl Hsm {
         })
     }
 
-    /// Generates a new master key version inside the token.
-    pub async fn generate_master_key(&self, key: KeyRef) -> Result<(), HsmError> {
+    /// Generates a new master key version inside the token; returns its object handle.
+    pub async fn generate_master_key(&self, key: KeyRef) -> Result<ObjectHandle, HsmError> {
         self.run(move |inner, session| {
             let template = [
                 Attribute::Class(ObjectClass::SECRET_KEY),
@@ -180,16 +186,19 @@ impl Hsm {
             ];
             let handle = session.generate_key(&Mechanism::AesKeyGen, &template)?;
             inner.cache(key, handle);
-            Ok(())
+            Ok(handle)
         })
         .await
     }
 
-    /// Destroys a master key version (used to undo a key creation whose metadata could not
-    /// be stored).
-    pub async fn destroy_master_key(&self, key: KeyRef) -> Result<(), HsmError> {
+    /// Destroys the object `handle` made by [`Hsm::generate_master_key`] for `key` (used to
+    /// undo a creation or rotation whose metadata could not be stored, or that lost a race).
+    pub async fn destroy_master_key(
+        &self,
+        key: KeyRef,
+        handle: ObjectHandle,
+    ) -> Result<(), HsmError> {
         self.run(move |inner, session| {
-            let handle = inner.handle(session, key)?;
             session.destroy_object(handle)?;
             inner.forget(key);
             Ok(())
@@ -414,6 +423,11 @@ impl Inner {
                 self.cache(key, *handle);
                 Ok(*handle)
             }
+            // Private objects are invisible to a session that lost its login: that is a
+            // session fault to recover from, not a missing key.
+            [] if !logged_in(session) => {
+                Err(CkError::Pkcs11(RvError::UserNotLoggedIn, Function::FindObjects).into())
+            }
             [] => Err(HsmError::KeyMissing.into()),
             _ => Err(HsmError::Other("more than one object for a key version".into()).into()),
         }
@@ -564,6 +578,18 @@ fn find_token(pkcs11: &Pkcs11, label: &str) -> Result<Slot, HsmError> {
         (Some(slot), None) => Ok(slot),
         _ => Err(HsmError::TokenNotFound(label.to_string())),
     }
+}
+
+fn logged_in(session: &Session) -> bool {
+    session
+        .get_session_info()
+        .map(|info| {
+            matches!(
+                info.session_state(),
+                SessionState::RoUser | SessionState::RwUser
+            )
+        })
+        .unwrap_or(false)
 }
 
 fn is_session_fault(rv: RvError) -> bool {

@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 use crate::blob::{Blob, NewBlob};
 use crate::error::KmsError;
 use crate::hsm::{Hsm, HsmError, KeyRef};
-use crate::store::{KeyRecord, KeyState, Store};
+use crate::store::{KeyRecord, KeyState, Store, VersionRecord};
 
 /// Largest payload `Encrypt` accepts, in bytes.
 pub const MAX_PLAINTEXT: usize = 4096;
@@ -125,25 +125,35 @@ impl KeyService {
             validate_alias(alias)?;
         }
         validate_metadata(&new.description, &new.tags)?;
+        let key_id = Uuid::new_v4();
+        let created_at = self.clock.now_unix();
+        let first = KeyRef {
+            key_id,
+            version: 1,
+            tag: random_tag(),
+        };
         let record = KeyRecord {
-            key_id: Uuid::new_v4(),
+            key_id,
             alias: new.alias,
             description: new.description,
             tags: new.tags,
             state: KeyState::Enabled,
-            created_at: self.clock.now_unix(),
+            created_at,
             primary_version: 1,
+            min_decryption_version: 1,
+            versions: vec![VersionRecord {
+                version: 1,
+                created_at,
+                hsm_tag: first.tag,
+            }],
         };
-        let first = KeyRef {
-            key_id: record.key_id,
-            version: 1,
-        };
-        self.hsm
+        let handle = self
+            .hsm
             .generate_master_key(first)
             .await
             .map_err(hsm_error)?;
         if let Err(e) = self.store.insert_key(&record).await {
-            if let Err(undo) = self.hsm.destroy_master_key(first).await {
+            if let Err(undo) = self.hsm.destroy_master_key(first, handle).await {
                 tracing::error!(key_id = %record.key_id, error = %undo, "could not destroy the HSM object of a key whose metadata was not stored");
             }
             return Err(e);
@@ -190,10 +200,7 @@ impl KeyService {
     ) -> Result<DataKey, KmsError> {
         let canonical_context = canonical(context)?;
         let record = self.usable(key).await?;
-        let target = KeyRef {
-            key_id: record.key_id,
-            version: record.primary_version,
-        };
+        let target = primary_of(&record)?;
         let new = NewBlob::new(target.key_id, target.version, &canonical_context);
         let (plaintext, nonce, sealed) = self
             .hsm
@@ -223,10 +230,7 @@ impl KeyService {
         }
         let canonical_context = canonical(context)?;
         let record = self.usable(key).await?;
-        let target = KeyRef {
-            key_id: record.key_id,
-            version: record.primary_version,
-        };
+        let target = primary_of(&record)?;
         let new = NewBlob::new(target.key_id, target.version, &canonical_context);
         let (nonce, sealed) = self
             .hsm
@@ -280,10 +284,7 @@ impl KeyService {
         let destination_canonical = canonical(destination_context)?;
         let (parsed, source) = self.source_of(blob, source_key).await?;
         let record = self.usable(destination_key).await?;
-        let destination = KeyRef {
-            key_id: record.key_id,
-            version: record.primary_version,
-        };
+        let destination = primary_of(&record)?;
         let new = NewBlob::new(
             destination.key_id,
             destination.version,
@@ -328,14 +329,95 @@ impl KeyService {
             Err(other) => return Err(other),
         };
         ensure_usable(&record)?;
-        if parsed.key_version == 0 || parsed.key_version > record.primary_version {
-            return Err(KmsError::InvalidCiphertext);
+        let source = record
+            .key_ref(parsed.key_version)
+            .ok_or(KmsError::InvalidCiphertext)?;
+        if parsed.key_version < record.min_decryption_version {
+            return Err(KmsError::KeyVersionRetired);
         }
-        let source = KeyRef {
-            key_id: parsed.key_id,
-            version: parsed.key_version,
-        };
         Ok((parsed, source))
+    }
+
+    /// Enables or disables a key.
+    pub async fn set_state(&self, key: &str, state: KeyState) -> Result<KeyRecord, KmsError> {
+        let record = self.resolve(key).await?;
+        if !self.store.set_state(record.key_id, state).await? {
+            return Err(KmsError::KeyNotFound);
+        }
+        tracing::info!(key_id = %record.key_id, state = state.as_str(), "key state changed");
+        self.reload(record.key_id).await
+    }
+
+    /// Creates version `primary + 1` inside the HSM and makes it primary. Of two concurrent
+    /// rotations of one key exactly one takes effect (a conditional update in the store); the
+    /// other's freshly generated HSM object is destroyed again and it returns the key as the
+    /// winner left it.
+    pub async fn rotate_key(&self, key: &str) -> Result<KeyRecord, KmsError> {
+        let record = self.usable(key).await?;
+        let from = record.primary_version;
+        let version = from.checked_add(1).ok_or(KmsError::InvalidArgument {
+            field: "key",
+            reason: "no more versions",
+        })?;
+        let new = VersionRecord {
+            version,
+            created_at: self.clock.now_unix(),
+            hsm_tag: random_tag(),
+        };
+        let target = KeyRef {
+            key_id: record.key_id,
+            version,
+            tag: new.hsm_tag,
+        };
+        let handle = self
+            .hsm
+            .generate_master_key(target)
+            .await
+            .map_err(hsm_error)?;
+        let rotated = self.store.rotate(record.key_id, from, &new).await;
+        if !matches!(rotated, Ok(true)) {
+            if let Err(undo) = self.hsm.destroy_master_key(target, handle).await {
+                tracing::error!(key_id = %record.key_id, error = %undo, "could not destroy the HSM object of an abandoned rotation");
+            }
+        }
+        if rotated? {
+            tracing::info!(key_id = %record.key_id, version, "key rotated");
+        }
+        self.reload(record.key_id).await
+    }
+
+    /// Sets the oldest version that still decrypts (1 ..= primary).
+    pub async fn set_min_decryption_version(
+        &self,
+        key: &str,
+        version: u32,
+    ) -> Result<KeyRecord, KmsError> {
+        let record = self.resolve(key).await?;
+        let out_of_range = KmsError::InvalidArgument {
+            field: "min_decryption_version",
+            reason: "must be 1 ..= the primary version",
+        };
+        if version == 0
+            || !self
+                .store
+                .set_min_decryption_version(record.key_id, version)
+                .await?
+        {
+            return Err(out_of_range);
+        }
+        tracing::info!(key_id = %record.key_id, version, "min_decryption_version set");
+        self.reload(record.key_id).await
+    }
+
+    /// Reads a key from the store again and refreshes the cache.
+    async fn reload(&self, key_id: Uuid) -> Result<KeyRecord, KmsError> {
+        let record = self
+            .store
+            .key_by_id(key_id)
+            .await?
+            .ok_or(KmsError::KeyNotFound)?;
+        self.remember(Arc::new(record.clone()));
+        Ok(record)
     }
 
     async fn usable(&self, key: &str) -> Result<Arc<KeyRecord>, KmsError> {
@@ -406,6 +488,20 @@ impl KeyService {
             .unwrap_or_else(|p| p.into_inner())
             .insert(record.key_id, record);
     }
+}
+
+/// The HSM object of the key's primary version.
+fn primary_of(record: &KeyRecord) -> Result<KeyRef, KmsError> {
+    record
+        .key_ref(record.primary_version)
+        .ok_or(KmsError::Internal {
+            what: "primary version missing from the store",
+        })
+}
+
+/// A random, non-zero tag for a new HSM object.
+fn random_tag() -> u64 {
+    Uuid::new_v4().as_u64_pair().0 | 1
 }
 
 fn ensure_usable(record: &KeyRecord) -> Result<(), KmsError> {

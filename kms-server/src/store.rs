@@ -89,6 +89,35 @@ pub struct KeyRecord {
     pub created_at: i64,
     /// Version used for new encryption.
     pub primary_version: u32,
+    /// Versions below this one are retired.
+    pub min_decryption_version: u32,
+    /// Every version, oldest first.
+    pub versions: Vec<VersionRecord>,
+}
+
+/// One version of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionRecord {
+    /// The version number, from 1.
+    pub version: u32,
+    /// Seconds since the Unix epoch.
+    pub created_at: i64,
+    /// The HSM object's tag (see [`crate::hsm::KeyRef`]).
+    pub hsm_tag: u64,
+}
+
+impl KeyRecord {
+    /// The HSM object of `version`, if the key has that version.
+    pub fn key_ref(&self, version: u32) -> Option<crate::hsm::KeyRef> {
+        self.versions
+            .iter()
+            .find(|v| v.version == version)
+            .map(|v| crate::hsm::KeyRef {
+                key_id: self.key_id,
+                version,
+                tag: v.hsm_tag,
+            })
+    }
 }
 
 /// One page of keys.
@@ -157,8 +186,8 @@ impl Store {
         })?;
         let mut tx = self.pool.begin().await.map_err(db_error)?;
         sqlx::query(
-            "INSERT INTO kms_keys (key_id, alias, description, tags, state, created_at, primary_version)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO kms_keys (key_id, alias, description, tags, state, created_at, primary_version, min_decryption_version)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(key.key_id.to_string())
         .bind(key.alias.clone())
@@ -167,17 +196,13 @@ impl Store {
         .bind(key.state.as_str())
         .bind(key.created_at)
         .bind(i64::from(key.primary_version))
+        .bind(i64::from(key.min_decryption_version))
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
-        sqlx::query("INSERT INTO kms_key_versions (key_id, version, state, created_at) VALUES ($1, $2, $3, $4)")
-            .bind(key.key_id.to_string())
-            .bind(i64::from(key.primary_version))
-            .bind(KeyState::Enabled.as_str())
-            .bind(key.created_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+        for v in &key.versions {
+            insert_version(&mut tx, key.key_id, v).await?;
+        }
         tx.commit().await.map_err(db_error)
     }
 
@@ -188,7 +213,8 @@ impl Store {
             .fetch_optional(&self.pool)
             .await
             .map_err(db_error)?;
-        row.map(|r| key_from_row(&r)).transpose()
+        self.with_versions(row.map(|r| key_from_row(&r)).transpose()?)
+            .await
     }
 
     /// The key with this alias.
@@ -198,7 +224,90 @@ impl Store {
             .fetch_optional(&self.pool)
             .await
             .map_err(db_error)?;
-        row.map(|r| key_from_row(&r)).transpose()
+        self.with_versions(row.map(|r| key_from_row(&r)).transpose()?)
+            .await
+    }
+
+    async fn with_versions(&self, key: Option<KeyRecord>) -> Result<Option<KeyRecord>, KmsError> {
+        let Some(mut key) = key else { return Ok(None) };
+        let rows = sqlx::query("SELECT version, created_at, hsm_tag FROM kms_key_versions WHERE key_id = $1 ORDER BY version")
+            .bind(key.key_id.to_string())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        for row in rows {
+            let version: i64 = row.try_get("version").map_err(db_error)?;
+            key.versions.push(VersionRecord {
+                version: u32::try_from(version).map_err(|_| KmsError::Internal {
+                    what: "malformed version row",
+                })?,
+                created_at: row.try_get("created_at").map_err(db_error)?,
+                hsm_tag: row.try_get::<i64, _>("hsm_tag").map_err(db_error)? as u64,
+            });
+        }
+        Ok(Some(key))
+    }
+
+    /// Adds version `from + 1` and makes it primary, if the primary is still `from` (a
+    /// conditional update: of two concurrent rotations exactly one succeeds). Returns whether
+    /// this call rotated.
+    pub async fn rotate(
+        &self,
+        key_id: Uuid,
+        from: u32,
+        new: &VersionRecord,
+    ) -> Result<bool, KmsError> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let updated = sqlx::query(
+            "UPDATE kms_keys SET primary_version = $1 WHERE key_id = $2 AND primary_version = $3",
+        )
+        .bind(i64::from(from) + 1)
+        .bind(key_id.to_string())
+        .bind(i64::from(from))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        if updated.rows_affected() != 1 {
+            return Ok(false);
+        }
+        if new.version != from + 1 {
+            return Err(KmsError::Internal {
+                what: "rotation must add the next version",
+            });
+        }
+        insert_version(&mut tx, key_id, new).await?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(true)
+    }
+
+    /// Sets a key's state. Returns whether the key exists.
+    pub async fn set_state(&self, key_id: Uuid, state: KeyState) -> Result<bool, KmsError> {
+        let updated = sqlx::query("UPDATE kms_keys SET state = $1 WHERE key_id = $2")
+            .bind(state.as_str())
+            .bind(key_id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    /// Sets `min_decryption_version` if it does not exceed the primary version. Returns whether
+    /// it was set.
+    pub async fn set_min_decryption_version(
+        &self,
+        key_id: Uuid,
+        version: u32,
+    ) -> Result<bool, KmsError> {
+        let updated = sqlx::query(
+            "UPDATE kms_keys SET min_decryption_version = $1 WHERE key_id = $2 AND primary_version >= $3",
+        )
+        .bind(i64::from(version))
+        .bind(key_id.to_string())
+        .bind(i64::from(version))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(updated.rows_affected() == 1)
     }
 
     /// Up to `limit` keys created after position `after`, in creation order.
@@ -216,7 +325,7 @@ impl Store {
         let mut last = after;
         for row in rows.iter().take(limit as usize) {
             last = row.try_get::<i64, _>("seq").map_err(db_error)?;
-            keys.push(key_from_row(row)?);
+            keys.extend(self.with_versions(Some(key_from_row(row)?)).await?);
         }
         Ok(KeyPage {
             keys,
@@ -230,8 +339,26 @@ impl Store {
     }
 }
 
+async fn insert_version(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    key_id: Uuid,
+    v: &VersionRecord,
+) -> Result<(), KmsError> {
+    sqlx::query("INSERT INTO kms_key_versions (key_id, version, state, created_at, hsm_tag) VALUES ($1, $2, $3, $4, $5)")
+        .bind(key_id.to_string())
+        .bind(i64::from(v.version))
+        .bind(KeyState::Enabled.as_str())
+        .bind(v.created_at)
+        // Stored as the same 64 bits, reinterpreted as signed for the database.
+        .bind(v.hsm_tag as i64)
+        .execute(&mut **tx)
+        .await
+        .map_err(db_error)?;
+    Ok(())
+}
+
 const SELECT_KEY: &str =
-    "SELECT seq, key_id, alias, description, tags, state, created_at, primary_version FROM kms_keys";
+    "SELECT seq, key_id, alias, description, tags, state, created_at, primary_version, min_decryption_version FROM kms_keys";
 
 fn key_from_row(row: &AnyRow) -> Result<KeyRecord, KmsError> {
     let corrupt = |_| KmsError::Internal {
@@ -241,6 +368,7 @@ fn key_from_row(row: &AnyRow) -> Result<KeyRecord, KmsError> {
     let tags: String = row.try_get("tags").map_err(db_error)?;
     let state: String = row.try_get("state").map_err(db_error)?;
     let primary: i64 = row.try_get("primary_version").map_err(db_error)?;
+    let min_decryption: i64 = row.try_get("min_decryption_version").map_err(db_error)?;
     Ok(KeyRecord {
         key_id: Uuid::parse_str(&key_id).map_err(|_| KmsError::Internal {
             what: "malformed key id in store",
@@ -253,6 +381,8 @@ fn key_from_row(row: &AnyRow) -> Result<KeyRecord, KmsError> {
         state: state.parse()?,
         created_at: row.try_get("created_at").map_err(db_error)?,
         primary_version: u32::try_from(primary).map_err(corrupt)?,
+        min_decryption_version: u32::try_from(min_decryption).map_err(corrupt)?,
+        versions: Vec::new(),
     })
 }
 

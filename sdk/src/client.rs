@@ -45,6 +45,21 @@ pub struct KeyInfo {
     pub primary_version: u32,
     /// The algorithm.
     pub algorithm: String,
+    /// Versions below this one no longer decrypt.
+    pub min_decryption_version: u32,
+    /// Every version, oldest first.
+    pub versions: Vec<VersionInfo>,
+}
+
+/// One version of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionInfo {
+    /// The version number.
+    pub version: u32,
+    /// Seconds since the Unix epoch.
+    pub created_at: i64,
+    /// `primary`, `enabled` or `retired`.
+    pub state: String,
 }
 
 /// A page of keys.
@@ -294,6 +309,60 @@ impl KmsClient {
         })
     }
 
+    /// Enables a key.
+    pub async fn enable_key(&self, key: &str) -> Result<KeyInfo, Error> {
+        Ok(key_info(
+            self.rpc()
+                .enable_key(pb::KeyRequest {
+                    key: key.to_string(),
+                })
+                .await?
+                .into_inner(),
+        ))
+    }
+
+    /// Disables a key: it encrypts and decrypts nothing until enabled again.
+    pub async fn disable_key(&self, key: &str) -> Result<KeyInfo, Error> {
+        Ok(key_info(
+            self.rpc()
+                .disable_key(pb::KeyRequest {
+                    key: key.to_string(),
+                })
+                .await?
+                .into_inner(),
+        ))
+    }
+
+    /// Creates a new primary version of a key.
+    pub async fn rotate_key(&self, key: &str) -> Result<KeyInfo, Error> {
+        Ok(key_info(
+            self.rpc()
+                .rotate_key(pb::KeyRequest {
+                    key: key.to_string(),
+                })
+                .await?
+                .into_inner(),
+        ))
+    }
+
+    /// Retires every version below `version`.
+    pub async fn set_min_decryption_version(
+        &self,
+        key: &str,
+        version: u32,
+    ) -> Result<KeyInfo, Error> {
+        let request = pb::SetMinDecryptionVersionRequest {
+            key: key.to_string(),
+            min_decryption_version: version,
+        };
+        Ok(key_info(
+            self.rpc()
+                .set_min_decryption_version(request)
+                .await?
+                .into_inner(),
+        ))
+    }
+
     /// A no-op round trip.
     pub async fn ping(&self) -> Result<(), Error> {
         self.rpc().ping(pb::PingRequest {}).await?;
@@ -323,5 +392,15 @@ fn key_info(m: pb::KeyMetadata) -> KeyInfo {
         created_at: m.created_at,
         primary_version: m.primary_version,
         algorithm: m.algorithm,
+        min_decryption_version: m.min_decryption_version,
+        versions: m
+            .versions
+            .into_iter()
+            .map(|v| VersionInfo {
+                version: v.version,
+                created_at: v.created_at,
+                state: v.state,
+            })
+            .collect(),
     }
 }

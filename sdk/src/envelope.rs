@@ -559,7 +559,10 @@ mod tests {
         let salt: Vec<u8> = (0x00..=0x0c).collect();
         let info: Vec<u8> = (0xf0..=0xf9).collect();
         let (prk, hk) = Hkdf::<Sha256>::extract(Some(&salt), &ikm);
-        assert_eq!(hex::encode(prk), "077709362c2e32df0ddc3f0dc47bba6390b6c73bb50f9c3122ec844ad7c2b3e5");
+        assert_eq!(
+            hex::encode(prk),
+            "077709362c2e32df0ddc3f0dc47bba6390b6c73bb50f9c3122ec844ad7c2b3e5"
+        );
         let mut okm = [0u8; 42];
         hk.expand(&info, &mut okm).expect("42 bytes");
         assert_eq!(
@@ -584,12 +587,16 @@ mod tests {
         let (frame_key, commitment) = derive(&[0x42; 32], &[0x01; 32]);
         let (again, _) = derive(&[0x42; 32], &[0x01; 32]);
         assert_eq!(*frame_key, *again);
-        assert_ne!(*frame_key, commitment, "frame key and commitment must differ");
+        assert_ne!(
+            *frame_key, commitment,
+            "frame key and commitment must differ"
+        );
         assert_eq!(hex::encode(commitment), PINNED_COMMITMENT);
     }
 
     /// Computed independently with Python's `hmac` module (HKDF by hand, RFC 5869).
-    const PINNED_COMMITMENT: &str = "1433991451c3b26ea741c83fbe803b28b85454a91d2cebf9faa8df5bf1245061";
+    const PINNED_COMMITMENT: &str =
+        "1433991451c3b26ea741c83fbe803b28b85454a91d2cebf9faa8df5bf1245061";
 
     proptest! {
         #[test]

@@ -18,6 +18,8 @@ mod error;
 mod files;
 
 pub use cache::{CachePolicy, DataKeyCache};
-pub use client::{Context, DataKey, KeyInfo, KeyPage, KmsClient, NewKey, Opened, Sealed};
+pub use client::{
+    Context, DataKey, KeyInfo, KeyPage, KmsClient, NewKey, Opened, Sealed, VersionInfo,
+};
 pub use error::Error;
 pub use files::{Envelope, FileSummary};

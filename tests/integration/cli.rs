@@ -80,6 +80,24 @@ async fn key_commands_in_both_output_formats() {
     let wrapped_only = cli_json(&server, &["datakey", "--key", "cli-key", "--no-plaintext"]).await;
     assert!(wrapped_only.get("plaintext_hex").is_none());
 
+    let rotated = cli_json(&server, &["key", "rotate", "cli-key"]).await;
+    assert_eq!(rotated["primary_version"], 2);
+    assert_eq!(rotated["versions"][1]["state"], "primary");
+    let retired = cli_json(&server, &["key", "set-min-version", "cli-key", "2"]).await;
+    assert_eq!(retired["versions"][0]["state"], "retired");
+    assert_eq!(
+        cli_json(&server, &["key", "disable", "cli-key"]).await["state"],
+        "disabled"
+    );
+    assert_eq!(
+        cli_json(&server, &["key", "enable", "cli-key"]).await["state"],
+        "enabled"
+    );
+    let human = cli(&server, &["key", "describe", "cli-key"])
+        .await
+        .expect("describe");
+    assert!(human.contains("version 1       retired"), "{human}");
+
     let err = cli(&server, &["key", "describe", "missing-key"])
         .await
         .expect_err("unknown key");

@@ -133,6 +133,32 @@ async fn a_lost_login_is_recovered_by_reopening_sessions() {
     }
 }
 
+/// Regression: with no handle cached yet (a fresh server), a logged-out session finds no
+/// private objects at all. That must be recovered as a lost login, not reported as a key
+/// missing from the HSM (which was an INTERNAL error).
+#[tokio::test]
+async fn a_lost_login_before_the_first_lookup_is_recovered() {
+    let (db, server, token) = private_token_server("uncached").await;
+    let client = server.client().await.expect("client");
+    let key = client
+        .create_key(sdk::NewKey::default())
+        .await
+        .expect("key");
+    let sealed = client
+        .encrypt(&key.key_id, b"cold", &ctx(&[]))
+        .await
+        .expect("encrypt");
+    server.stop().await.expect("stop");
+    let server = serve_on(&db, &token).await;
+    let client = server.client().await.expect("client");
+    token.logout_everyone();
+    let opened = client
+        .decrypt(&sealed.blob, &ctx(&[]), None)
+        .await
+        .expect("recovered on first lookup");
+    assert_eq!(opened.plaintext.as_slice(), b"cold");
+}
+
 /// When the token refuses login, crypto calls fail with UNAVAILABLE (not a crash, not a
 /// generic error), the server keeps answering, and it recovers once the token is back.
 #[tokio::test]
@@ -195,6 +221,7 @@ async fn start_up_fails_on_unknown_token_or_wrong_pin() {
 /// A token of this test's own (so faults injected into it cannot disturb other tests).
 struct PrivateToken {
     slot: cryptoki::slot::Slot,
+    label: String,
 }
 
 impl PrivateToken {
@@ -235,19 +262,24 @@ fn private_token(name: &str) -> (String, PrivateToken) {
         .into_iter()
         .find(|s| pkcs11.get_token_info(*s).expect("info").label().trim_end() == label)
         .expect("token");
-    (label, PrivateToken { slot })
+    (label.clone(), PrivateToken { slot, label })
 }
 
 async fn private_token_server(name: &str) -> (TestDb, TestServer, PrivateToken) {
-    let (label, token) = private_token(name);
+    let (_, token) = private_token(name);
     let db = TestDb::new(StoreKind::Sqlite)
         .await
         .expect("db")
         .expect("sqlite");
+    let server = serve_on(&db, &token).await;
+    (db, server, token)
+}
+
+async fn serve_on(db: &TestDb, token: &PrivateToken) -> TestServer {
     let ready = kms_server::server::Ready::open(kms_server::server::Parts {
         pkcs11: softhsm_test::pkcs11(),
         hsm: kms_server::hsm::HsmParams {
-            token_label: label,
+            token_label: token.label.clone(),
             pin: AuthPin::from(softhsm_test::USER_PIN),
             pool_size: 2,
         },
@@ -257,6 +289,5 @@ async fn private_token_server(name: &str) -> (TestDb, TestServer, PrivateToken) 
     })
     .await
     .expect("ready");
-    let server = TestServer::serve(ready).await.expect("serve");
-    (db, server, token)
+    TestServer::serve(ready).await.expect("serve")
 }

@@ -10,6 +10,7 @@ mod cli;
 mod crypto;
 mod hsm;
 mod keys;
+mod lifecycle;
 mod limits;
 mod restart;
 mod sdk_envelope;
