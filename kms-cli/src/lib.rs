@@ -108,6 +108,17 @@ pub enum KeyCommand {
         /// Key id or alias.
         key: String,
     },
+    /// Set the rotation period and the usage limit per version.
+    RotationPolicy {
+        /// Key id or alias.
+        key: String,
+        /// Rotate when the primary version is this old (0: never; else at least 3600).
+        #[arg(long, default_value_t = 0)]
+        period_seconds: u64,
+        /// Encryptions per version before an automatic rotation (0: the server's maximum).
+        #[arg(long, default_value_t = 0)]
+        usage_limit: u64,
+    },
     /// Retire every version below VERSION (their data no longer decrypts until lowered again).
     SetMinVersion {
         /// Key id or alias.
@@ -219,6 +230,16 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         }
         Command::Key(KeyCommand::Rotate { key }) => {
             let key = client.rotate_key(&key).await?;
+            emit(out, json, key_json(&key), || key_text(&key))
+        }
+        Command::Key(KeyCommand::RotationPolicy {
+            key,
+            period_seconds,
+            usage_limit,
+        }) => {
+            let key = client
+                .set_rotation_policy(&key, period_seconds, usage_limit)
+                .await?;
             emit(out, json, key_json(&key), || key_text(&key))
         }
         Command::Key(KeyCommand::SetMinVersion { key, version }) => {
@@ -340,8 +361,10 @@ fn key_json(k: &KeyInfo) -> serde_json::Value {
         "created_at": k.created_at,
         "primary_version": k.primary_version,
         "min_decryption_version": k.min_decryption_version,
+        "rotation_period_seconds": k.rotation_period_seconds,
+        "usage_limit": k.usage_limit,
         "algorithm": k.algorithm,
-        "versions": k.versions.iter().map(|v| json!({"version": v.version, "created_at": v.created_at, "state": v.state})).collect::<Vec<_>>(),
+        "versions": k.versions.iter().map(|v| json!({"version": v.version, "created_at": v.created_at, "state": v.state, "usage": v.usage})).collect::<Vec<_>>(),
     })
 }
 
@@ -355,6 +378,13 @@ fn key_text(k: &KeyInfo) -> String {
         k.primary_version,
         k.created_at
     );
+    text.push_str(&format!("\nusage limit     {} per version", k.usage_limit));
+    if k.rotation_period_seconds > 0 {
+        text.push_str(&format!(
+            "\nrotation period {} s",
+            k.rotation_period_seconds
+        ));
+    }
     if !k.description.is_empty() {
         text.push_str(&format!("\ndescription     {}", k.description));
     }
@@ -363,8 +393,8 @@ fn key_text(k: &KeyInfo) -> String {
     }
     for v in &k.versions {
         text.push_str(&format!(
-            "\nversion {:<7} {} (created {})",
-            v.version, v.state, v.created_at
+            "\nversion {:<7} {} (created {}, usage {})",
+            v.version, v.state, v.created_at, v.usage
         ));
     }
     text

@@ -11,6 +11,9 @@
 //! | `store.url`               | `KMS_STORE_URL`          | (required) `sqlite://…` or `postgres://…` |
 //! | `store.max_connections`   | `KMS_STORE_MAX_CONNECTIONS` | `8`                               |
 //! | `log.format`              | `KMS_LOG_FORMAT`         | `text` (or `json`)                   |
+//! | `rotation.max_usage_per_version` | `KMS_ROTATION_MAX_USAGE` | `4000000000` (below 2^32)    |
+//! | `rotation.reservation_block` | `KMS_ROTATION_BLOCK`   | `1000`                               |
+//! | `rotation.check_interval_secs` | `KMS_ROTATION_CHECK_INTERVAL_SECS` | `60`              |
 //!
 //! The PIN is never accepted in the TOML file itself, only from a file or the environment, and
 //! is held in a zeroizing secret type from the moment it is read.
@@ -38,6 +41,34 @@ pub struct RawConfig {
     store: RawStore,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    rotation: RawRotation,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRotation {
+    max_usage_per_version: Option<u64>,
+    reservation_block: Option<u64>,
+    check_interval_secs: Option<u64>,
+}
+
+/// Rotation settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RotationParams {
+    /// Usage limits per key version.
+    pub usage: crate::service::UsagePolicy,
+    /// How often the scheduler looks for keys due for rotation.
+    pub check_interval: std::time::Duration,
+}
+
+impl Default for RotationParams {
+    fn default() -> Self {
+        RotationParams {
+            usage: crate::service::UsagePolicy::default(),
+            check_interval: std::time::Duration::from_secs(60),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,6 +117,8 @@ pub struct ServerParams {
     pub store_max_connections: u32,
     /// Log format.
     pub log_format: LogFormat,
+    /// Rotation settings.
+    pub rotation: RotationParams,
 }
 
 /// Configuration errors; each names the setting at fault, never a secret.
@@ -188,7 +221,56 @@ impl ServerParams {
             Some("json") => LogFormat::Json,
             Some(_) => return Err(invalid("log.format", "text or json")),
         };
+        let number = |name: &str,
+                      setting: &'static str,
+                      file: Option<u64>,
+                      default: u64|
+         -> Result<u64, ConfigError> {
+            match env(name) {
+                Some(v) => v.parse().map_err(|_| invalid(setting, "not a number")),
+                None => Ok(file.unwrap_or(default)),
+            }
+        };
+        let defaults = RotationParams::default();
+        let max_usage = number(
+            "KMS_ROTATION_MAX_USAGE",
+            "rotation.max_usage_per_version",
+            raw.rotation.max_usage_per_version,
+            defaults.usage.max_per_version,
+        )?;
+        if !(1..(1u64 << 32)).contains(&max_usage) {
+            return Err(invalid(
+                "rotation.max_usage_per_version",
+                "1 ..= 2^32 - 1 (random GCM nonces)",
+            ));
+        }
+        let block = number(
+            "KMS_ROTATION_BLOCK",
+            "rotation.reservation_block",
+            raw.rotation.reservation_block,
+            defaults.usage.block,
+        )?;
+        if !(1..=1_000_000).contains(&block) {
+            return Err(invalid("rotation.reservation_block", "1 ..= 1000000"));
+        }
+        let interval = number(
+            "KMS_ROTATION_CHECK_INTERVAL_SECS",
+            "rotation.check_interval_secs",
+            raw.rotation.check_interval_secs,
+            defaults.check_interval.as_secs(),
+        )?;
+        if !(1..=86_400).contains(&interval) {
+            return Err(invalid("rotation.check_interval_secs", "1 ..= 86400"));
+        }
+        let rotation = RotationParams {
+            usage: crate::service::UsagePolicy {
+                max_per_version: max_usage,
+                block,
+            },
+            check_interval: std::time::Duration::from_secs(interval),
+        };
         Ok(ServerParams {
+            rotation,
             listen,
             module,
             hsm: HsmParams {

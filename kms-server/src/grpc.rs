@@ -44,6 +44,11 @@ impl GrpcService {
     pub fn new(service: Arc<KeyService>) -> Self {
         GrpcService { service }
     }
+
+    fn metadata(&self, record: KeyRecord) -> KeyMetadata {
+        let limit = self.service.usage_limit_of(&record);
+        metadata(record, limit)
+    }
 }
 
 fn fail(rpc: &'static str, e: KmsError) -> Status {
@@ -58,7 +63,7 @@ fn context(map: HashMap<String, String>) -> Context {
     map.into_iter().collect::<BTreeMap<_, _>>()
 }
 
-fn metadata(record: KeyRecord) -> KeyMetadata {
+fn metadata(record: KeyRecord, usage_limit: u64) -> KeyMetadata {
     KeyMetadata {
         key_id: record.key_id.to_string(),
         alias: record.alias.unwrap_or_default(),
@@ -72,12 +77,15 @@ fn metadata(record: KeyRecord) -> KeyMetadata {
         primary_version: record.primary_version,
         algorithm: "AES_256_GCM".to_string(),
         min_decryption_version: record.min_decryption_version,
+        rotation_period_seconds: record.rotation_period_secs,
+        usage_limit,
         versions: record
             .versions
             .iter()
             .map(|v| KeyVersion {
                 version: v.version,
                 created_at: v.created_at,
+                usage: v.usage_reserved,
                 state: if v.version == record.primary_version {
                     "primary"
                 } else if v.version < record.min_decryption_version {
@@ -108,7 +116,7 @@ impl KeyManagement for GrpcService {
             .create_key(new)
             .await
             .map_err(|e| fail("CreateKey", e))?;
-        Ok(Response::new(metadata(record)))
+        Ok(Response::new(self.metadata(record)))
     }
 
     async fn describe_key(
@@ -120,7 +128,7 @@ impl KeyManagement for GrpcService {
             .describe_key(&request.into_inner().key)
             .await
             .map_err(|e| fail("DescribeKey", e))?;
-        Ok(Response::new(metadata(record)))
+        Ok(Response::new(self.metadata(record)))
     }
 
     async fn list_keys(
@@ -134,7 +142,7 @@ impl KeyManagement for GrpcService {
             .await
             .map_err(|e| fail("ListKeys", e))?;
         Ok(Response::new(ListKeysResponse {
-            keys: keys.into_iter().map(metadata).collect(),
+            keys: keys.into_iter().map(|k| self.metadata(k)).collect(),
             next_page_token,
         }))
     }
@@ -254,7 +262,7 @@ impl KeyManagement for GrpcService {
             .set_state(&request.into_inner().key, StoredState::Enabled)
             .await
             .map_err(|e| fail("EnableKey", e))?;
-        Ok(Response::new(metadata(record)))
+        Ok(Response::new(self.metadata(record)))
     }
 
     async fn disable_key(
@@ -266,7 +274,7 @@ impl KeyManagement for GrpcService {
             .set_state(&request.into_inner().key, StoredState::Disabled)
             .await
             .map_err(|e| fail("DisableKey", e))?;
-        Ok(Response::new(metadata(record)))
+        Ok(Response::new(self.metadata(record)))
     }
 
     async fn rotate_key(
@@ -278,7 +286,20 @@ impl KeyManagement for GrpcService {
             .rotate_key(&request.into_inner().key)
             .await
             .map_err(|e| fail("RotateKey", e))?;
-        Ok(Response::new(metadata(record)))
+        Ok(Response::new(self.metadata(record)))
+    }
+
+    async fn set_rotation_policy(
+        &self,
+        request: Request<SetRotationPolicyRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let r = request.into_inner();
+        let record = self
+            .service
+            .set_rotation_policy(&r.key, r.rotation_period_seconds, r.usage_limit)
+            .await
+            .map_err(|e| fail("SetRotationPolicy", e))?;
+        Ok(Response::new(self.metadata(record)))
     }
 
     async fn set_min_decryption_version(
@@ -291,6 +312,6 @@ impl KeyManagement for GrpcService {
             .set_min_decryption_version(&r.key, r.min_decryption_version)
             .await
             .map_err(|e| fail("SetMinDecryptionVersion", e))?;
-        Ok(Response::new(metadata(record)))
+        Ok(Response::new(self.metadata(record)))
     }
 }

@@ -36,6 +36,7 @@ async fn main() -> anyhow::Result<()> {
         store_url: params.store_url,
         store_max_connections: params.store_max_connections,
         clock: Arc::new(SystemClock),
+        rotation: params.rotation,
     })
     .await
     .context("start-up")?;

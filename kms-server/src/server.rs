@@ -9,7 +9,7 @@ use cryptoki::context::Pkcs11;
 use proto::v1::key_management_server::KeyManagementServer;
 use tokio::net::TcpListener;
 
-use crate::config::{ensure_loopback, ConfigError};
+use crate::config::{ensure_loopback, ConfigError, RotationParams};
 use crate::grpc::GrpcService;
 use crate::hsm::{Hsm, HsmError, HsmParams};
 use crate::service::{Clock, KeyService};
@@ -48,12 +48,15 @@ pub struct Parts {
     pub store_max_connections: u32,
     /// Source of time.
     pub clock: Arc<dyn Clock>,
+    /// Rotation settings.
+    pub rotation: RotationParams,
 }
 
 /// A server ready to serve: ports opened, self-test passed.
 pub struct Ready {
     service: Arc<KeyService>,
     store: Store,
+    check_interval: std::time::Duration,
 }
 
 impl Ready {
@@ -69,10 +72,18 @@ impl Ready {
         tracing::info!("HSM self-test passed");
         let store = Store::connect(&parts.store_url, parts.store_max_connections).await?;
         tracing::info!(backend = ?store.backend(), "store ready");
+        let service = KeyService::new(hsm, store.clone(), parts.clock)
+            .with_usage_policy(parts.rotation.usage);
         Ok(Ready {
-            service: Arc::new(KeyService::new(hsm, store.clone(), parts.clock)),
+            service: Arc::new(service),
             store,
+            check_interval: parts.rotation.check_interval,
         })
+    }
+
+    /// The key service this server will serve (tests and tools drive the scheduler with it).
+    pub fn service(&self) -> Arc<KeyService> {
+        Arc::clone(&self.service)
     }
 
     /// Serves on `listener` (loopback only) until `shutdown` completes, then drains.
@@ -94,6 +105,10 @@ impl Ready {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))?;
+        let scheduler = tokio::spawn(rotation_scheduler(
+            Arc::clone(&self.service),
+            self.check_interval,
+        ));
         let kms = KeyManagementServer::new(GrpcService::new(self.service))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         tracing::info!(%addr, "serving");
@@ -106,7 +121,25 @@ impl Ready {
                 shutdown,
             )
             .await;
+        scheduler.abort();
         self.store.close().await;
         result.map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))
+    }
+}
+
+/// Rotates keys whose period is due, every `interval`. Failures are logged and retried at the
+/// next tick; several servers may run this at once (see [`KeyService::rotate_due`]).
+async fn rotation_scheduler(service: Arc<KeyService>, interval: std::time::Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match service.rotate_due().await {
+            Ok(rotated) if !rotated.is_empty() => {
+                tracing::info!(count = rotated.len(), "scheduled rotations done")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "scheduled rotation check failed"),
+        }
     }
 }

@@ -96,11 +96,43 @@ pub struct Resealed {
     pub blob: Vec<u8>,
 }
 
+/// Limits on AES-GCM encryptions per key version (random 96-bit nonces are safe for at most
+/// 2^32 messages per key, NIST SP 800-38D §8.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsagePolicy {
+    /// The most any version may encrypt; a key's own limit can only be lower.
+    pub max_per_version: u64,
+    /// Encryptions reserved in the store per write. The usable count of a version is its limit
+    /// rounded down to whole blocks.
+    pub block: u64,
+}
+
+impl Default for UsagePolicy {
+    fn default() -> Self {
+        UsagePolicy {
+            max_per_version: 4_000_000_000,
+            block: 1000,
+        }
+    }
+}
+
+/// The in-memory window of reserved encryptions of one version: `next .. end`.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    next: u64,
+    end: u64,
+}
+
 /// The key service. Cheap to share behind an `Arc`.
 pub struct KeyService {
     hsm: Hsm,
     store: Store,
     clock: Arc<dyn Clock>,
+    usage_policy: UsagePolicy,
+    windows: std::sync::Mutex<HashMap<KeyRef, Window>>,
+    /// Serializes reservations and limit rotations, so concurrent requests that find a window
+    /// empty reserve one block between them, not one each.
+    reserving: tokio::sync::Mutex<()>,
     by_id: RwLock<HashMap<Uuid, Arc<KeyRecord>>>,
     by_alias: RwLock<HashMap<String, Uuid>>,
 }
@@ -112,9 +144,21 @@ impl KeyService {
             hsm,
             store,
             clock,
+            usage_policy: UsagePolicy::default(),
+            windows: std::sync::Mutex::default(),
+            reserving: tokio::sync::Mutex::new(()),
             by_id: RwLock::default(),
             by_alias: RwLock::default(),
         }
+    }
+
+    /// Uses `policy` instead of the default usage limits.
+    pub fn with_usage_policy(mut self, policy: UsagePolicy) -> Self {
+        self.usage_policy = UsagePolicy {
+            max_per_version: policy.max_per_version.max(1),
+            block: policy.block.max(1),
+        };
+        self
     }
 
     /// Creates a master key: first its version 1 inside the HSM, then its metadata. If the
@@ -141,10 +185,13 @@ impl KeyService {
             created_at,
             primary_version: 1,
             min_decryption_version: 1,
+            rotation_period_secs: 0,
+            usage_limit: 0,
             versions: vec![VersionRecord {
                 version: 1,
                 created_at,
                 hsm_tag: first.tag,
+                usage_reserved: 0,
             }],
         };
         let handle = self
@@ -164,8 +211,10 @@ impl KeyService {
     }
 
     /// The metadata of a key, by id or alias.
+    /// Reads the store (not the cache), so usage counters and versions are current.
     pub async fn describe_key(&self, key: &str) -> Result<KeyRecord, KmsError> {
-        Ok((*self.resolve(key).await?).clone())
+        let record = self.resolve(key).await?;
+        self.reload(record.key_id).await
     }
 
     /// One page of keys. `page_token` is empty or the token of the previous page.
@@ -199,8 +248,7 @@ impl KeyService {
         context: &Context,
     ) -> Result<DataKey, KmsError> {
         let canonical_context = canonical(context)?;
-        let record = self.usable(key).await?;
-        let target = primary_of(&record)?;
+        let target = self.spend(self.usable(key).await?).await?;
         let new = NewBlob::new(target.key_id, target.version, &canonical_context);
         let (plaintext, nonce, sealed) = self
             .hsm
@@ -229,8 +277,7 @@ impl KeyService {
             });
         }
         let canonical_context = canonical(context)?;
-        let record = self.usable(key).await?;
-        let target = primary_of(&record)?;
+        let target = self.spend(self.usable(key).await?).await?;
         let new = NewBlob::new(target.key_id, target.version, &canonical_context);
         let (nonce, sealed) = self
             .hsm
@@ -283,8 +330,7 @@ impl KeyService {
         let source_canonical = canonical(source_context)?;
         let destination_canonical = canonical(destination_context)?;
         let (parsed, source) = self.source_of(blob, source_key).await?;
-        let record = self.usable(destination_key).await?;
-        let destination = primary_of(&record)?;
+        let destination = self.spend(self.usable(destination_key).await?).await?;
         let new = NewBlob::new(
             destination.key_id,
             destination.version,
@@ -354,7 +400,16 @@ impl KeyService {
     /// winner left it.
     pub async fn rotate_key(&self, key: &str) -> Result<KeyRecord, KmsError> {
         let record = self.usable(key).await?;
-        let from = record.primary_version;
+        Ok(self.rotate_from(&record, record.primary_version).await?.0)
+    }
+
+    /// Rotates `record` if its primary is still `from`. Returns the key as it is afterwards
+    /// and whether this call made the rotation.
+    async fn rotate_from(
+        &self,
+        record: &KeyRecord,
+        from: u32,
+    ) -> Result<(KeyRecord, bool), KmsError> {
         let version = from.checked_add(1).ok_or(KmsError::InvalidArgument {
             field: "key",
             reason: "no more versions",
@@ -363,6 +418,7 @@ impl KeyService {
             version,
             created_at: self.clock.now_unix(),
             hsm_tag: random_tag(),
+            usage_reserved: 0,
         };
         let target = KeyRef {
             key_id: record.key_id,
@@ -380,10 +436,140 @@ impl KeyService {
                 tracing::error!(key_id = %record.key_id, error = %undo, "could not destroy the HSM object of an abandoned rotation");
             }
         }
-        if rotated? {
+        let rotated = rotated?;
+        if rotated {
             tracing::info!(key_id = %record.key_id, version, "key rotated");
         }
+        Ok((self.reload(record.key_id).await?, rotated))
+    }
+
+    /// Rotates every enabled key whose primary version is older than its rotation period.
+    /// Safe in several processes at once: each due key is rotated exactly once (the store's
+    /// conditional update decides). Returns the keys this call rotated, with their new version.
+    pub async fn rotate_due(&self) -> Result<Vec<(Uuid, u32)>, KmsError> {
+        let now = self.clock.now_unix();
+        let mut rotated = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.store.list_keys(after, MAX_PAGE_SIZE).await?;
+            for key in &page.keys {
+                if key.state != KeyState::Enabled || key.rotation_period_secs == 0 {
+                    continue;
+                }
+                let primary_created = key
+                    .versions
+                    .iter()
+                    .find(|v| v.version == key.primary_version)
+                    .map(|v| v.created_at);
+                let period = i64::try_from(key.rotation_period_secs).unwrap_or(i64::MAX);
+                if primary_created.is_some_and(|created| now >= created.saturating_add(period)) {
+                    let (after_rotation, made_it) =
+                        self.rotate_from(key, key.primary_version).await?;
+                    if made_it {
+                        rotated.push((key.key_id, after_rotation.primary_version));
+                    }
+                }
+            }
+            match page.next {
+                Some(next) => after = next,
+                None => return Ok(rotated),
+            }
+        }
+    }
+
+    /// Sets a key's rotation period (0, or at least one hour) and usage limit per version
+    /// (0 for the server's maximum, else 1 ..= that maximum).
+    pub async fn set_rotation_policy(
+        &self,
+        key: &str,
+        period_secs: u64,
+        usage_limit: u64,
+    ) -> Result<KeyRecord, KmsError> {
+        if period_secs != 0 && period_secs < 3600 {
+            return Err(KmsError::InvalidArgument {
+                field: "rotation_period_seconds",
+                reason: "0 or at least 3600",
+            });
+        }
+        if usage_limit > self.usage_policy.max_per_version {
+            return Err(KmsError::InvalidArgument {
+                field: "usage_limit",
+                reason: "above the server's maximum per version",
+            });
+        }
+        let record = self.resolve(key).await?;
+        if !self
+            .store
+            .set_rotation_policy(record.key_id, period_secs, usage_limit)
+            .await?
+        {
+            return Err(KmsError::KeyNotFound);
+        }
+        tracing::info!(key_id = %record.key_id, period_secs, usage_limit, "rotation policy set");
         self.reload(record.key_id).await
+    }
+
+    /// The usage limit in force for a key's versions.
+    pub fn usage_limit_of(&self, record: &KeyRecord) -> u64 {
+        match record.usage_limit {
+            0 => self.usage_policy.max_per_version,
+            n => n.min(self.usage_policy.max_per_version),
+        }
+    }
+
+    /// Counts one encryption under the key's primary version and returns that version. When
+    /// the version has no budget left, the key is rotated first (inline), so no version ever
+    /// encrypts more than its limit.
+    async fn spend(&self, mut record: Arc<KeyRecord>) -> Result<KeyRef, KmsError> {
+        if let Some(target) = self.take_from_window(primary_of(&record)?) {
+            return Ok(target);
+        }
+        let _reserving = self.reserving.lock().await;
+        for _ in 0..8 {
+            // Another request may have refilled the window or rotated while we waited.
+            record = self.resolve_id(record.key_id).await?;
+            let target = primary_of(&record)?;
+            if let Some(target) = self.take_from_window(target) {
+                return Ok(target);
+            }
+            let limit = self.usage_limit_of(&record);
+            let block = self.usage_policy.block.min(limit);
+            match self
+                .store
+                .reserve_usage(target.key_id, target.version, block, limit)
+                .await?
+            {
+                Some(end) => {
+                    let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+                    let w = windows.entry(target).or_insert(Window { next: end, end });
+                    if w.next >= w.end {
+                        *w = Window {
+                            next: end - block,
+                            end,
+                        };
+                    }
+                }
+                None => {
+                    tracing::info!(key_id = %record.key_id, version = target.version, limit, "usage limit reached; rotating");
+                    record = Arc::new(self.rotate_from(&record, target.version).await?.0);
+                }
+            }
+        }
+        Err(KmsError::Internal {
+            what: "could not reserve key usage",
+        })
+    }
+
+    /// Takes one encryption from the version's reserved window, if any is left.
+    fn take_from_window(&self, target: KeyRef) -> Option<KeyRef> {
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let w = windows.get_mut(&target)?;
+        if w.next < w.end {
+            w.next += 1;
+            Some(target)
+        } else {
+            None
+        }
     }
 
     /// Sets the oldest version that still decrypts (1 ..= primary).

@@ -3,7 +3,8 @@
 //! never knows which is behind it.
 //!
 //! Both run through `sqlx`'s `Any` driver with the same SQL (`$n` placeholders are understood
-//! by both); only the migrations differ, and they are embedded and run at start-up. SQLite runs
+//! by both, but each placeholder must appear exactly once: SQLite binds them by order of
+//! appearance, so a repeated `$1` silently takes the next value); only the migrations differ, and they are embedded and run at start-up. SQLite runs
 //! in WAL mode with `synchronous=FULL`, so a commit is durable when it returns.
 //!
 //! Nothing secret is stored: key material stays in the HSM; rows hold ids, names and states.
@@ -91,6 +92,10 @@ pub struct KeyRecord {
     pub primary_version: u32,
     /// Versions below this one are retired.
     pub min_decryption_version: u32,
+    /// Rotate when the primary version is this old, in seconds (0: no period).
+    pub rotation_period_secs: u64,
+    /// Most encryptions per version (0: the server's maximum).
+    pub usage_limit: u64,
     /// Every version, oldest first.
     pub versions: Vec<VersionRecord>,
 }
@@ -104,6 +109,8 @@ pub struct VersionRecord {
     pub created_at: i64,
     /// The HSM object's tag (see [`crate::hsm::KeyRef`]).
     pub hsm_tag: u64,
+    /// Encryptions reserved so far (an upper bound of those performed).
+    pub usage_reserved: u64,
 }
 
 impl KeyRecord {
@@ -230,7 +237,7 @@ impl Store {
 
     async fn with_versions(&self, key: Option<KeyRecord>) -> Result<Option<KeyRecord>, KmsError> {
         let Some(mut key) = key else { return Ok(None) };
-        let rows = sqlx::query("SELECT version, created_at, hsm_tag FROM kms_key_versions WHERE key_id = $1 ORDER BY version")
+        let rows = sqlx::query("SELECT version, created_at, hsm_tag, usage_reserved FROM kms_key_versions WHERE key_id = $1 ORDER BY version")
             .bind(key.key_id.to_string())
             .fetch_all(&self.pool)
             .await
@@ -243,6 +250,12 @@ impl Store {
                 })?,
                 created_at: row.try_get("created_at").map_err(db_error)?,
                 hsm_tag: row.try_get::<i64, _>("hsm_tag").map_err(db_error)? as u64,
+                usage_reserved: u64::try_from(
+                    row.try_get::<i64, _>("usage_reserved").map_err(db_error)?,
+                )
+                .map_err(|_| KmsError::Internal {
+                    what: "malformed usage counter",
+                })?,
             });
         }
         Ok(Some(key))
@@ -310,6 +323,74 @@ impl Store {
         Ok(updated.rows_affected() == 1)
     }
 
+    /// Reserves exactly `block` more encryptions of a version, if that does not pass `limit`.
+    /// Returns the end of the reserved window (the window is `end - block .. end`), or `None`
+    /// when the version has no whole block left. The reservation is durable before any of it
+    /// is used, so a crash can only over-count; concurrent reservers get disjoint windows.
+    pub async fn reserve_usage(
+        &self,
+        key_id: Uuid,
+        version: u32,
+        block: u64,
+        limit: u64,
+    ) -> Result<Option<u64>, KmsError> {
+        let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        // The update and the read of its result share one transaction: our update holds the
+        // row until commit, so the value read is exactly the end of our window.
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let updated = sqlx::query(
+            "UPDATE kms_key_versions SET usage_reserved = usage_reserved + $1
+              WHERE key_id = $2 AND version = $3 AND usage_reserved + $4 <= $5",
+        )
+        // Each placeholder is bound once: SQLite binds `$n` by position of appearance.
+        .bind(to_i64(block))
+        .bind(key_id.to_string())
+        .bind(i64::from(version))
+        .bind(to_i64(block))
+        .bind(to_i64(limit))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        if updated.rows_affected() != 1 {
+            return Ok(None);
+        }
+        let end: i64 = sqlx::query(
+            "SELECT usage_reserved FROM kms_key_versions WHERE key_id = $1 AND version = $2",
+        )
+        .bind(key_id.to_string())
+        .bind(i64::from(version))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_error)?
+        .try_get("usage_reserved")
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(Some(u64::try_from(end).map_err(|_| {
+            KmsError::Internal {
+                what: "malformed usage counter",
+            }
+        })?))
+    }
+
+    /// Sets a key's rotation policy. Returns whether the key exists.
+    pub async fn set_rotation_policy(
+        &self,
+        key_id: Uuid,
+        period_secs: u64,
+        usage_limit: u64,
+    ) -> Result<bool, KmsError> {
+        let updated = sqlx::query(
+            "UPDATE kms_keys SET rotation_period_secs = $1, usage_limit = $2 WHERE key_id = $3",
+        )
+        .bind(i64::try_from(period_secs).unwrap_or(i64::MAX))
+        .bind(i64::try_from(usage_limit).unwrap_or(i64::MAX))
+        .bind(key_id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(updated.rows_affected() == 1)
+    }
+
     /// Up to `limit` keys created after position `after`, in creation order.
     pub async fn list_keys(&self, after: i64, limit: u32) -> Result<KeyPage, KmsError> {
         let rows = sqlx::query(&format!(
@@ -358,7 +439,7 @@ async fn insert_version(
 }
 
 const SELECT_KEY: &str =
-    "SELECT seq, key_id, alias, description, tags, state, created_at, primary_version, min_decryption_version FROM kms_keys";
+    "SELECT seq, key_id, alias, description, tags, state, created_at, primary_version, min_decryption_version, rotation_period_secs, usage_limit FROM kms_keys";
 
 fn key_from_row(row: &AnyRow) -> Result<KeyRecord, KmsError> {
     let corrupt = |_| KmsError::Internal {
@@ -382,6 +463,13 @@ fn key_from_row(row: &AnyRow) -> Result<KeyRecord, KmsError> {
         created_at: row.try_get("created_at").map_err(db_error)?,
         primary_version: u32::try_from(primary).map_err(corrupt)?,
         min_decryption_version: u32::try_from(min_decryption).map_err(corrupt)?,
+        rotation_period_secs: u64::try_from(
+            row.try_get::<i64, _>("rotation_period_secs")
+                .map_err(db_error)?,
+        )
+        .map_err(corrupt)?,
+        usage_limit: u64::try_from(row.try_get::<i64, _>("usage_limit").map_err(db_error)?)
+            .map_err(corrupt)?,
         versions: Vec::new(),
     })
 }
@@ -422,4 +510,75 @@ pub enum StoreError {
     /// A migration failed.
     #[error("database migration failed: {0}")]
     Migrate(#[source] sqlx::migrate::MigrateError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store_with_key() -> (tempfile::TempDir, Store, Uuid) {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::connect(
+            &format!("sqlite://{}", dir.path().join("t.db").display()),
+            4,
+        )
+        .await
+        .expect("store");
+        let key_id = Uuid::new_v4();
+        let record = KeyRecord {
+            key_id,
+            alias: None,
+            description: String::new(),
+            tags: BTreeMap::new(),
+            state: KeyState::Enabled,
+            created_at: 0,
+            primary_version: 1,
+            min_decryption_version: 1,
+            rotation_period_secs: 0,
+            usage_limit: 0,
+            versions: vec![VersionRecord {
+                version: 1,
+                created_at: 0,
+                hsm_tag: 1,
+                usage_reserved: 0,
+            }],
+        };
+        store.insert_key(&record).await.expect("insert");
+        (dir, store, key_id)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_reservations_never_pass_the_limit_on_sqlite() {
+        let (_dir, store, key_id) = store_with_key().await;
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut ends = Vec::new();
+                    for _ in 0..50 {
+                        if let Some(end) = store
+                            .reserve_usage(key_id, 1, 10, 1000)
+                            .await
+                            .expect("reserve")
+                        {
+                            ends.push(end);
+                        }
+                    }
+                    ends
+                })
+            })
+            .collect();
+        let mut ends = Vec::new();
+        for t in tasks {
+            ends.extend(t.await.expect("join"));
+        }
+        ends.sort();
+        let expected: Vec<u64> = (1..=100).map(|i| i * 10).collect();
+        assert_eq!(
+            ends, expected,
+            "every window distinct, exactly up to the limit"
+        );
+        let key = store.key_by_id(key_id).await.expect("read").expect("key");
+        assert_eq!(key.versions[0].usage_reserved, 1000);
+    }
 }

@@ -49,6 +49,10 @@ pub struct KeyInfo {
     pub min_decryption_version: u32,
     /// Every version, oldest first.
     pub versions: Vec<VersionInfo>,
+    /// Rotation period in seconds (0: none).
+    pub rotation_period_seconds: u64,
+    /// Encryptions allowed per version.
+    pub usage_limit: u64,
 }
 
 /// One version of a key.
@@ -60,6 +64,8 @@ pub struct VersionInfo {
     pub created_at: i64,
     /// `primary`, `enabled` or `retired`.
     pub state: String,
+    /// Encryptions reserved under this version (an upper bound of those performed).
+    pub usage: u64,
 }
 
 /// A page of keys.
@@ -363,6 +369,24 @@ impl KmsClient {
         ))
     }
 
+    /// Sets the rotation period (0, or at least 3600 s) and the usage limit per version
+    /// (0: the server's maximum).
+    pub async fn set_rotation_policy(
+        &self,
+        key: &str,
+        period_seconds: u64,
+        usage_limit: u64,
+    ) -> Result<KeyInfo, Error> {
+        let request = pb::SetRotationPolicyRequest {
+            key: key.to_string(),
+            rotation_period_seconds: period_seconds,
+            usage_limit,
+        };
+        Ok(key_info(
+            self.rpc().set_rotation_policy(request).await?.into_inner(),
+        ))
+    }
+
     /// A no-op round trip.
     pub async fn ping(&self) -> Result<(), Error> {
         self.rpc().ping(pb::PingRequest {}).await?;
@@ -400,7 +424,10 @@ fn key_info(m: pb::KeyMetadata) -> KeyInfo {
                 version: v.version,
                 created_at: v.created_at,
                 state: v.state,
+                usage: v.usage,
             })
             .collect(),
+        rotation_period_seconds: m.rotation_period_seconds,
+        usage_limit: m.usage_limit,
     }
 }

@@ -20,9 +20,10 @@ use anyhow::{bail, Context as _};
 use cryptoki::context::Pkcs11;
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
+use kms_server::config::RotationParams;
 use kms_server::hsm::HsmParams;
 use kms_server::server::{Parts, Ready};
-use kms_server::service::SystemClock;
+use kms_server::service::{Clock, SystemClock};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -294,6 +295,45 @@ pub fn postgres_url() -> anyhow::Result<Option<String>> {
     }
 }
 
+/// Server parts for the run's token and `db`.
+pub fn parts(
+    db: &TestDb,
+    pool_size: usize,
+    clock: Arc<dyn Clock>,
+    rotation: RotationParams,
+) -> Parts {
+    Parts {
+        pkcs11: pkcs11(),
+        hsm: hsm_params(pool_size),
+        store_url: db.url.clone(),
+        store_max_connections: 4,
+        clock,
+        rotation,
+    }
+}
+
+/// A clock that tests set and move.
+pub struct ManualClock(std::sync::atomic::AtomicI64);
+
+impl ManualClock {
+    /// A clock showing `now` (seconds since the Unix epoch).
+    pub fn new(now: i64) -> Arc<Self> {
+        Arc::new(ManualClock(std::sync::atomic::AtomicI64::new(now)))
+    }
+
+    /// Moves the clock forward by `seconds`.
+    pub fn advance(&self, seconds: i64) {
+        self.0
+            .fetch_add(seconds, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_unix(&self) -> i64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// A running in-process server.
 pub struct TestServer {
     /// Where it listens.
@@ -310,15 +350,25 @@ impl TestServer {
 
     /// Starts a server with a session pool of `pool_size`.
     pub async fn start_with(db: &TestDb, pool_size: usize) -> anyhow::Result<Self> {
-        let ready = Ready::open(Parts {
-            pkcs11: pkcs11(),
-            hsm: hsm_params(pool_size),
-            store_url: db.url.clone(),
-            store_max_connections: 4,
-            clock: Arc::new(SystemClock),
-        })
+        let ready = Ready::open(parts(
+            db,
+            pool_size,
+            Arc::new(SystemClock),
+            RotationParams::default(),
+        ))
         .await?;
         Self::serve(ready).await
+    }
+
+    /// Starts a server with its own clock and rotation settings; also returns its key service.
+    pub async fn start_custom(
+        db: &TestDb,
+        clock: Arc<dyn Clock>,
+        rotation: RotationParams,
+    ) -> anyhow::Result<(Self, Arc<kms_server::service::KeyService>)> {
+        let ready = Ready::open(parts(db, 4, clock, rotation)).await?;
+        let service = ready.service();
+        Ok((Self::serve(ready).await?, service))
     }
 
     /// Serves an already opened server on `127.0.0.1:0`.

@@ -202,6 +202,7 @@ async fn start_up_fails_on_unknown_token_or_wrong_pin() {
             store_url: db.url.clone(),
             store_max_connections: 1,
             clock: std::sync::Arc::new(kms_server::service::SystemClock),
+            rotation: Default::default(),
         })
     };
     let err = open("no-such-token".into(), softhsm_test::USER_PIN)
@@ -286,6 +287,7 @@ async fn serve_on(db: &TestDb, token: &PrivateToken) -> TestServer {
         store_url: db.url.clone(),
         store_max_connections: 2,
         clock: std::sync::Arc::new(kms_server::service::SystemClock),
+        rotation: Default::default(),
     })
     .await
     .expect("ready");

@@ -159,8 +159,9 @@ async fn unknown_keys_and_bad_arguments_have_their_codes() {
 }
 
 /// The database disappears under a running server (PostgreSQL: the test database is dropped
-/// with its connections): calls that need it fail with UNAVAILABLE, calls that do not (cached
-/// keys, crypto) keep working, and the server keeps serving.
+/// with its connections): calls that need it fail with UNAVAILABLE — including every
+/// encryption, which must be counted durably before it happens (fail closed) — while
+/// decryption under cached keys keeps working and the server keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_database_is_unavailable_and_the_server_keeps_serving() {
     let Some(db) = TestDb::new(StoreKind::Postgres).await.expect("db") else {
@@ -172,30 +173,53 @@ async fn a_lost_database_is_unavailable_and_the_server_keeps_serving() {
         .create_key(sdk::NewKey::default())
         .await
         .expect("key");
-    db.drop_now().await.expect("drop database");
-    let err = client
-        .create_key(sdk::NewKey::default())
-        .await
-        .expect_err("store gone");
-    assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err:?}");
-    assert!(
-        !err.to_string().contains("kms_test_"),
-        "driver details leaked: {err}"
-    );
-    let err = client.list_keys(10, None).await.expect_err("store gone");
-    assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err:?}");
-    client.ping().await.expect("still serving");
     let dk = client
         .generate_data_key(&key.key_id, &ctx(&[]))
         .await
-        .expect("cached key still usable");
-    assert_eq!(
+        .expect("data key");
+    db.drop_now().await.expect("drop database");
+    for err in [
         client
-            .decrypt(&dk.blob, &ctx(&[]), None)
+            .create_key(sdk::NewKey::default())
             .await
-            .expect("decrypt")
-            .plaintext
-            .as_slice(),
-        dk.plaintext.as_slice()
+            .map(|_| ())
+            .expect_err("store gone"),
+        client
+            .list_keys(10, None)
+            .await
+            .map(|_| ())
+            .expect_err("store gone"),
+        client
+            .rotate_key(&key.key_id)
+            .await
+            .map(|_| ())
+            .expect_err("store gone"),
+    ] {
+        assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err:?}");
+        assert!(
+            !err.to_string().contains("kms_test_"),
+            "driver details leaked: {err}"
+        );
+    }
+    // The window of reserved encryptions may still cover a few calls; past it, encryption
+    // fails closed.
+    let mut refused = None;
+    for _ in 0..2000 {
+        if let Err(e) = client.generate_data_key(&key.key_id, &ctx(&[])).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    assert_eq!(
+        refused
+            .expect("encryption must stop once it cannot be counted")
+            .code(),
+        Some(tonic::Code::Unavailable)
     );
+    client.ping().await.expect("still serving");
+    let opened = client
+        .decrypt(&dk.blob, &ctx(&[]), None)
+        .await
+        .expect("decryption under a cached key");
+    assert_eq!(opened.plaintext.as_slice(), dk.plaintext.as_slice());
 }

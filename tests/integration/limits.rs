@@ -70,6 +70,7 @@ async fn refuses_to_serve_on_a_non_loopback_address() {
         store_url: db.url.clone(),
         store_max_connections: 1,
         clock: std::sync::Arc::new(kms_server::service::SystemClock),
+        rotation: Default::default(),
     })
     .await
     .expect("ready");

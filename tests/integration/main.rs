@@ -13,5 +13,6 @@ mod keys;
 mod lifecycle;
 mod limits;
 mod restart;
+mod rotation;
 mod sdk_envelope;
 mod wycheproof;
