@@ -6,7 +6,9 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context as _};
@@ -14,6 +16,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use sdk::{CachePolicy, Envelope, KeyInfo, KmsClient, NewKey};
 use serde_json::json;
+
+/// Set by the binary's signal handler (Ctrl-C, SIGTERM): file operations stop at their next
+/// read and remove their temporary output, so an interrupted decryption leaves no plaintext.
+pub static CANCELLED: AtomicBool = AtomicBool::new(false);
 
 /// File name suffix of encrypted files when a whole folder is encrypted.
 pub const ENCRYPTED_SUFFIX: &str = ".kms";
@@ -146,6 +152,9 @@ pub struct EncryptArgs {
     /// Plaintext bytes per frame.
     #[arg(long, default_value_t = sdk::envelope::DEFAULT_FRAME_SIZE)]
     pub frame_size: u32,
+    /// Overwrite output files that already exist.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `decrypt` arguments.
@@ -160,6 +169,9 @@ pub struct DecryptArgs {
     /// Output file, or folder (created) when the input is a folder.
     #[arg(long = "out")]
     pub out_path: PathBuf,
+    /// Overwrite output files that already exist.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `datakey` arguments.
@@ -314,7 +326,12 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             let context = context_of(args.context)?;
             let envelope = Envelope::new(client.clone(), CachePolicy::default())
                 .with_frame_size(args.frame_size)?;
-            let jobs = plan(&args.in_path, &args.out_path, Direction::Encrypt)?;
+            let jobs = plan(
+                &args.in_path,
+                &args.out_path,
+                Direction::Encrypt,
+                args.force,
+            )?;
             let summary = process(&jobs, json, |src, dst, bar| {
                 let (envelope, key, context) =
                     (envelope.clone(), args.key.clone(), context.clone());
@@ -326,7 +343,12 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Decrypt(args) => {
             let context = context_of(args.context)?;
             let envelope = Envelope::new(client.clone(), CachePolicy::default());
-            let jobs = plan(&args.in_path, &args.out_path, Direction::Decrypt)?;
+            let jobs = plan(
+                &args.in_path,
+                &args.out_path,
+                Direction::Decrypt,
+                args.force,
+            )?;
             let summary = process(&jobs, json, |src, dst, bar| {
                 let (envelope, context) = (envelope.clone(), context.clone());
                 async move { envelope.decrypt_file(&context, &src, &dst, bar).await }
@@ -416,55 +438,90 @@ struct Job {
 /// Lists the files to process. A file maps to the given output; a folder maps, recursively,
 /// to the same tree under the output folder (`.kms` added on encryption, removed on
 /// decryption, where only `.kms` files are taken).
-fn plan(input: &Path, output: &Path, direction: Direction) -> anyhow::Result<Vec<Job>> {
+fn plan(
+    input: &Path,
+    output: &Path,
+    direction: Direction,
+    force: bool,
+) -> anyhow::Result<Vec<Job>> {
     let meta =
         std::fs::metadata(input).with_context(|| format!("cannot read {}", input.display()))?;
+    let mut jobs = Vec::new();
     if meta.is_file() {
         if output.is_dir() {
             bail!("--out {} is a folder; give a file name", output.display());
         }
-        return Ok(vec![Job {
+        jobs.push(Job {
             src: input.to_path_buf(),
             dst: output.to_path_buf(),
             len: meta.len(),
-        }]);
-    }
-    let mut files = Vec::new();
-    collect(input, &mut files)?;
-    files.sort();
-    let mut jobs = Vec::new();
-    for src in files {
-        let relative = src.strip_prefix(input).context("walk")?;
-        let name = relative.to_string_lossy().to_string();
-        let dst_name = match direction {
-            Direction::Encrypt => format!("{name}{ENCRYPTED_SUFFIX}"),
-            Direction::Decrypt => match name.strip_suffix(ENCRYPTED_SUFFIX) {
-                Some(stem) => stem.to_string(),
-                None => continue,
-            },
-        };
-        let dst = output.join(dst_name);
-        if let Some(parent) = dst.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
+        });
+    } else if meta.is_dir() {
+        let mut files = Vec::new();
+        let mut skipped = Vec::new();
+        collect(input, &mut files, &mut skipped)?;
+        if !skipped.is_empty() {
+            eprintln!(
+                "warning: skipped {} entr{} that are not regular files or folders (symlinks, devices, pipes), e.g. {}",
+                skipped.len(),
+                if skipped.len() == 1 { "y" } else { "ies" },
+                skipped[0].display()
+            );
         }
-        let len = std::fs::metadata(&src)?.len();
-        jobs.push(Job { src, dst, len });
+        files.sort();
+        for src in files {
+            let relative = src.strip_prefix(input).context("walk")?;
+            let name = relative.to_string_lossy().to_string();
+            let dst_name = match direction {
+                Direction::Encrypt => format!("{name}{ENCRYPTED_SUFFIX}"),
+                Direction::Decrypt => match name.strip_suffix(ENCRYPTED_SUFFIX) {
+                    Some(stem) => stem.to_string(),
+                    None => continue,
+                },
+            };
+            let len = std::fs::metadata(&src)?.len();
+            jobs.push(Job {
+                src,
+                dst: output.join(dst_name),
+                len,
+            });
+        }
+    } else {
+        bail!("{} is neither a regular file nor a folder", input.display());
     }
     if jobs.is_empty() {
         bail!("no files to process in {}", input.display());
     }
+    // Check every destination before any work (and any KMS call) is done.
+    for job in &jobs {
+        if !force && job.dst.exists() {
+            bail!("{} exists; pass --force to overwrite", job.dst.display());
+        }
+        let folder = job
+            .dst
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if meta.is_dir() {
+            std::fs::create_dir_all(folder)
+                .with_context(|| format!("cannot create {}", folder.display()))?;
+        } else if !folder.is_dir() {
+            bail!("output folder {} does not exist", folder.display());
+        }
+    }
     Ok(jobs)
 }
 
-fn collect(dir: &Path, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+fn collect(dir: &Path, files: &mut Vec<PathBuf>, skipped: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let entry = entry?;
         let kind = entry.file_type()?;
         if kind.is_dir() {
-            collect(&entry.path(), files)?;
+            collect(&entry.path(), files, skipped)?;
         } else if kind.is_file() {
             files.push(entry.path());
+        } else {
+            skipped.push(entry.path());
         }
     }
     Ok(())
@@ -479,7 +536,7 @@ struct Summary {
 /// Runs `work` on every job in order, with one progress bar over all bytes (on a terminal).
 async fn process<F, Fut>(jobs: &[Job], quiet: bool, work: F) -> anyhow::Result<Summary>
 where
-    F: Fn(PathBuf, PathBuf, Box<dyn Fn(u64) + Send + Sync>) -> Fut,
+    F: Fn(PathBuf, PathBuf, Box<dyn Fn(u64) -> ControlFlow<()> + Send + Sync>) -> Fut,
     Fut: std::future::Future<Output = Result<sdk::FileSummary, sdk::Error>>,
 {
     let total: u64 = jobs.iter().map(|j| j.len).sum();
@@ -496,7 +553,10 @@ where
     let started = Instant::now();
     let mut done_before = 0u64;
     let mut bytes = 0u64;
-    for job in jobs {
+    for (index, job) in jobs.iter().enumerate() {
+        if CANCELLED.load(Ordering::SeqCst) {
+            bail!("interrupted after {index} of {} file(s)", jobs.len());
+        }
         bar.set_message(
             job.src
                 .file_name()
@@ -508,10 +568,24 @@ where
         let result = work(
             job.src.clone(),
             job.dst.clone(),
-            Box::new(move |n| progress_bar.set_position(base + n)),
+            Box::new(move |n| {
+                progress_bar.set_position(base + n);
+                if CANCELLED.load(Ordering::SeqCst) {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            }),
         )
         .await;
-        let summary = result.with_context(|| format!("{}", job.src.display()))?;
+        let summary = result.with_context(|| {
+            format!(
+                "{} (file {} of {}; the files before it were written)",
+                job.src.display(),
+                index + 1,
+                jobs.len()
+            )
+        })?;
         bytes += summary.plaintext_bytes;
         done_before += job.len;
         bar.set_position(done_before);

@@ -132,9 +132,16 @@ pub enum ConfigError {
         /// Why.
         source: std::io::Error,
     },
-    /// The file is not valid TOML or has unknown keys.
-    #[error("invalid configuration file: {0}")]
-    Parse(#[from] toml::de::Error),
+    /// The file is not valid TOML or has unknown keys. Only the parser's message and the line
+    /// are kept: the offending line itself may hold a secret (a PIN put in the wrong place, a
+    /// database password).
+    #[error("invalid configuration file{}: {message}", line.map(|l| format!(" at line {l}")).unwrap_or_default())]
+    Parse {
+        /// What the parser objected to.
+        message: String,
+        /// 1-based line, when known.
+        line: Option<usize>,
+    },
     /// A setting is missing or malformed.
     #[error("{setting}: {reason}")]
     Invalid {
@@ -164,7 +171,12 @@ impl ServerParams {
                     path: path.into(),
                     source,
                 })?;
-                toml::from_str(&text)?
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    message: e.message().to_string(),
+                    line: e
+                        .span()
+                        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1),
+                })?
             }
             None => RawConfig::default(),
         };
@@ -303,7 +315,7 @@ fn read_pin(
 ) -> Result<AuthPin, ConfigError> {
     if let Some(pin) = env("KMS_HSM_PIN") {
         let pin = Zeroizing::new(pin);
-        return nonempty_pin(pin.trim());
+        return nonempty_pin(&pin);
     }
     let path = env("KMS_HSM_PIN_FILE")
         .map(PathBuf::from)
@@ -320,7 +332,7 @@ fn read_pin(
 
 fn nonempty_pin(pin: &str) -> Result<AuthPin, ConfigError> {
     if pin.is_empty() {
-        return Err(invalid("hsm.pin", "empty"));
+        return Err(invalid("hsm.pin_file / KMS_HSM_PIN", "the PIN is empty"));
     }
     Ok(AuthPin::from(pin))
 }
@@ -369,6 +381,25 @@ mod tests {
         .expect_err("must refuse");
         assert!(err.to_string().contains("loopback"), "{err}");
         assert!(ensure_loopback("[::1]:1".parse().expect("addr")).is_ok());
+    }
+
+    /// Regression: a PIN written into the TOML file by mistake must not be echoed back by the
+    /// parse error (toml's default message quotes the offending line).
+    #[test]
+    fn parse_errors_never_quote_the_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("kms.toml");
+        for text in [
+            "[hsm]\npin = \"s3cret-pin-4711\"\n",
+            "[store]\nurl = postgres://u:s3cret-pin-4711@h/db\n",
+        ] {
+            std::fs::write(&path, text).expect("write");
+            let err = ServerParams::load(Some(&path), |_| None)
+                .expect_err("refused")
+                .to_string();
+            assert!(!err.contains("s3cret-pin-4711"), "{err}");
+            assert!(err.contains("line 2"), "{err}");
+        }
     }
 
     #[test]

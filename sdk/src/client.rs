@@ -144,6 +144,12 @@ impl KmsClient {
             endpoint: endpoint.to_string(),
             reason,
         };
+        // This build has no TLS: refuse https:// instead of silently speaking cleartext.
+        if !endpoint.starts_with("http://") {
+            return Err(connect_error(
+                "only http:// endpoints are supported until mutual TLS is available".into(),
+            ));
+        }
         let channel = Endpoint::from_shared(endpoint.to_string())
             .map_err(|e| connect_error(e.to_string()))?
             .connect_timeout(std::time::Duration::from_secs(5))

@@ -30,6 +30,10 @@ pub enum Error {
     /// context, or was made under another key. One variant for all of these.
     #[error("invalid ciphertext")]
     InvalidCiphertext,
+    /// The caller cancelled a file operation (its progress callback said stop); nothing was
+    /// written.
+    #[error("cancelled")]
+    Cancelled,
     /// Reading or writing failed.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),

@@ -1,12 +1,16 @@
 //! [`Envelope`]: envelope encryption of byte slices, streams and files over a [`KmsClient`],
 //! with data-key caching.
 //!
-//! Files are written atomically: to a temporary file in the destination's folder, flushed and
-//! fsynced, then renamed over the destination. A failure (a tampered ciphertext, a full disk)
-//! leaves no half-written or unauthenticated output behind.
+//! Files are written atomically: to a temporary file (mode 0600) in the destination's folder,
+//! flushed and fsynced, then renamed over the destination. A failure (a tampered ciphertext, a
+//! full disk) or a cancellation through the progress callback removes the temporary file, so
+//! no half-written or unauthenticated output is left behind. Only a process killed outright
+//! (`SIGKILL`, power loss) can leave a `.kms-partial-*` file; callers that handle signals
+//! should cancel through the callback instead of exiting.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -160,14 +164,14 @@ impl Envelope {
     }
 
     /// Encrypts the file `src` into `dst` (atomically). `progress` gets the plaintext bytes
-    /// read so far.
+    /// read so far; returning `ControlFlow::Break` cancels ([`Error::Cancelled`]).
     pub async fn encrypt_file(
         &self,
         key: &str,
         context: &Context,
         src: &Path,
         dst: &Path,
-        progress: impl Fn(u64) + Send + 'static,
+        progress: impl Fn(u64) -> ControlFlow<()> + Send + 'static,
     ) -> Result<FileSummary, Error> {
         let len = std::fs::metadata(src)?.len();
         let (data_key, header) = self.begin_encrypt(key, context, len).await?;
@@ -196,7 +200,7 @@ impl Envelope {
         context: &Context,
         src: &Path,
         dst: &Path,
-        progress: impl Fn(u64) + Send + 'static,
+        progress: impl Fn(u64) -> ControlFlow<()> + Send + 'static,
     ) -> Result<FileSummary, Error> {
         let len = std::fs::metadata(src)?.len();
         let mut reader = BufReader::new(File::open(src)?);
@@ -228,6 +232,7 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(job)
         .await
         .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?
+        .map_err(cancelled_to_error)
 }
 
 /// Writes through `fill` into a temporary file next to `dst`, fsyncs it, renames it over
@@ -261,11 +266,24 @@ struct Progress<R, F> {
     report: F,
 }
 
-impl<R: Read, F: Fn(u64)> Read for Progress<R, F> {
+/// The message of the I/O error that carries a cancellation through the stream functions.
+const CANCELLED: &str = "cancelled by the caller";
+
+impl<R: Read, F: Fn(u64) -> ControlFlow<()>> Read for Progress<R, F> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if (self.report)(self.done).is_break() {
+            return Err(std::io::Error::other(CANCELLED));
+        }
         let n = self.inner.read(buf)?;
         self.done += n as u64;
-        (self.report)(self.done);
         Ok(n)
+    }
+}
+
+/// Turns the cancellation I/O error back into [`Error::Cancelled`].
+fn cancelled_to_error(e: Error) -> Error {
+    match e {
+        Error::Io(io) if io.to_string() == CANCELLED => Error::Cancelled,
+        other => other,
     }
 }

@@ -178,6 +178,24 @@ async fn folder_encryption_of_the_synthea_sample_round_trips() {
         "plaintext leaked into the ciphertext"
     );
 
+    // Existing outputs are not overwritten without --force, and nothing is spent on the KMS.
+    let again = [
+        "encrypt",
+        "--key",
+        "synthea",
+        "--context",
+        "dataset=sample",
+        "--in",
+        &s(&sample),
+        "--out",
+        &s(&enc),
+    ];
+    let err = cli(&server, &again).await.expect_err("outputs exist");
+    assert!(format!("{err:#}").contains("pass --force"), "{err:#}");
+    let mut forced = again.to_vec();
+    forced.push("--force");
+    cli(&server, &forced).await.expect("--force overwrites");
+
     // Wrong context: the command fails and writes nothing.
     let single = work.path().join("patients.csv");
     let err = cli(

@@ -148,3 +148,16 @@ async fn reflection_lists_the_api() {
         "{names:?}"
     );
 }
+
+/// Regression: this build has no TLS, so an https:// endpoint must be refused rather than
+/// silently spoken to in cleartext.
+#[tokio::test]
+async fn https_endpoints_are_refused_until_tls_exists() {
+    let (_db, server) = sqlite_server().await;
+    let https = format!("https://{}", server.addr);
+    match sdk::KmsClient::connect(&https).await {
+        Err(sdk::Error::Connect { reason, .. }) => assert!(reason.contains("http://"), "{reason}"),
+        Err(other) => panic!("wrong error {other:?}"),
+        Ok(_) => panic!("https endpoint accepted without TLS"),
+    }
+}

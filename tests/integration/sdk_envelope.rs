@@ -1,6 +1,8 @@
 //! SDK envelope encryption against a real server: sizes around the frame boundary, ~10 MB,
 //! tampering of every kind, data-key caching, and atomic file output.
 
+use std::ops::ControlFlow;
+
 use sdk::{CachePolicy, Envelope};
 
 use crate::support::*;
@@ -158,7 +160,7 @@ async fn files_are_written_atomically_and_tampered_files_leave_nothing() {
     let out = dir.path().join("patients.out.csv");
     let context = ctx(&[("file", "patients")]);
     let summary = envelope
-        .encrypt_file(&key, &context, &src, &enc, |_| {})
+        .encrypt_file(&key, &context, &src, &enc, |_| ControlFlow::Continue(()))
         .await
         .expect("encrypt file");
     assert_eq!(
@@ -166,7 +168,7 @@ async fn files_are_written_atomically_and_tampered_files_leave_nothing() {
         std::fs::metadata(&src).expect("meta").len()
     );
     envelope
-        .decrypt_file(&context, &enc, &out, |_| {})
+        .decrypt_file(&context, &enc, &out, |_| ControlFlow::Continue(()))
         .await
         .expect("decrypt file");
     assert_eq!(
@@ -180,7 +182,9 @@ async fn files_are_written_atomically_and_tampered_files_leave_nothing() {
     std::fs::write(&enc, &bytes).expect("tamper");
     let target = dir.path().join("never.csv");
     assert!(matches!(
-        envelope.decrypt_file(&context, &enc, &target, |_| {}).await,
+        envelope
+            .decrypt_file(&context, &enc, &target, |_| ControlFlow::Continue(()))
+            .await,
         Err(sdk::Error::InvalidCiphertext)
     ));
     assert!(!target.exists(), "no output for a tampered file");
@@ -190,4 +194,46 @@ async fn files_are_written_atomically_and_tampered_files_leave_nothing() {
         .filter(|e| e.file_name().to_string_lossy().starts_with(".kms-partial-"))
         .collect();
     assert!(leftovers.is_empty(), "temporary files left behind");
+}
+
+/// Regression: an interrupted decryption (Ctrl-C in the CLI cancels through the progress
+/// callback) must not leave the partial plaintext behind in a temporary file.
+#[tokio::test]
+async fn a_cancelled_decryption_leaves_no_plaintext() {
+    let (_db, server) = sqlite_server().await;
+    let (envelope, key) = envelope_for(&server, CachePolicy::default()).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let src = dir.path().join("big.csv");
+    std::fs::write(&src, "0,John Doe,SSN 123-45-0000\n".repeat(100_000)).expect("write");
+    let enc = dir.path().join("big.csv.kms");
+    let context = ctx(&[]);
+    envelope
+        .encrypt_file(&key, &context, &src, &enc, |_| ControlFlow::Continue(()))
+        .await
+        .expect("encrypt");
+    let out = dir.path().join("out").join("big.csv");
+    std::fs::create_dir_all(out.parent().expect("parent")).expect("mkdir");
+    let result = envelope
+        .decrypt_file(&context, &enc, &out, |done| {
+            if done > 200_000 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .await;
+    assert!(matches!(result, Err(sdk::Error::Cancelled)), "{result:?}");
+    let left: Vec<_> = std::fs::read_dir(out.parent().expect("parent"))
+        .expect("dir")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let result = envelope
+        .encrypt_file(&key, &context, &src, &dir.path().join("again.kms"), |_| {
+            ControlFlow::Break(())
+        })
+        .await;
+    assert!(matches!(result, Err(sdk::Error::Cancelled)));
+    assert!(!dir.path().join("again.kms").exists());
 }
