@@ -125,6 +125,19 @@ pub enum KeyCommand {
         #[arg(long, default_value_t = 0)]
         usage_limit: u64,
     },
+    /// Schedule a key for destruction after a waiting period; it behaves as disabled meanwhile.
+    ScheduleDeletion {
+        /// Key id or alias.
+        key: String,
+        /// Waiting period in days (7-365; default 30).
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
+    /// Cancel a pending deletion; the key becomes disabled.
+    CancelDeletion {
+        /// Key id or alias.
+        key: String,
+    },
     /// Retire every version below VERSION (their data no longer decrypts until lowered again).
     SetMinVersion {
         /// Key id or alias.
@@ -252,6 +265,14 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             let key = client
                 .set_rotation_policy(&key, period_seconds, usage_limit)
                 .await?;
+            emit(out, json, key_json(&key), || key_text(&key))
+        }
+        Command::Key(KeyCommand::ScheduleDeletion { key, days }) => {
+            let key = client.schedule_key_deletion(&key, days).await?;
+            emit(out, json, key_json(&key), || key_text(&key))
+        }
+        Command::Key(KeyCommand::CancelDeletion { key }) => {
+            let key = client.cancel_key_deletion(&key).await?;
             emit(out, json, key_json(&key), || key_text(&key))
         }
         Command::Key(KeyCommand::SetMinVersion { key, version }) => {
@@ -385,6 +406,7 @@ fn key_json(k: &KeyInfo) -> serde_json::Value {
         "min_decryption_version": k.min_decryption_version,
         "rotation_period_seconds": k.rotation_period_seconds,
         "usage_limit": k.usage_limit,
+        "deletion_due_at": k.deletion_due_at,
         "algorithm": k.algorithm,
         "versions": k.versions.iter().map(|v| json!({"version": v.version, "created_at": v.created_at, "state": v.state, "usage": v.usage})).collect::<Vec<_>>(),
     })
@@ -401,6 +423,9 @@ fn key_text(k: &KeyInfo) -> String {
         k.created_at
     );
     text.push_str(&format!("\nusage limit     {} per version", k.usage_limit));
+    if let Some(due) = k.deletion_due_at {
+        text.push_str(&format!("\ndeletion due at {due}"));
+    }
     if k.rotation_period_seconds > 0 {
         text.push_str(&format!(
             "\nrotation period {} s",

@@ -29,6 +29,9 @@ pub enum KmsError {
         /// The limit, in bytes.
         max: usize,
     },
+    /// The key was destroyed: its material is gone, only its metadata remains.
+    #[error("key destroyed")]
+    KeyDestroyed,
     /// The key exists but its state forbids the operation.
     #[error("key is {state}")]
     KeyNotUsable {

@@ -18,6 +18,7 @@ use crate::store::{KeyRecord, KeyState as StoredState};
 pub fn to_status(e: &KmsError) -> Status {
     match e {
         KmsError::KeyNotFound => Status::not_found("key not found"),
+        KmsError::KeyDestroyed => Status::not_found("key destroyed"),
         KmsError::AliasExists => Status::already_exists("alias already exists"),
         KmsError::InvalidArgument { field, reason } => {
             Status::invalid_argument(format!("invalid {field}: {reason}"))
@@ -72,12 +73,15 @@ fn metadata(record: KeyRecord, usage_limit: u64) -> KeyMetadata {
         state: match record.state {
             StoredState::Enabled => KeyState::Enabled,
             StoredState::Disabled => KeyState::Disabled,
+            StoredState::PendingDeletion => KeyState::PendingDeletion,
+            StoredState::Destroyed => KeyState::Destroyed,
         } as i32,
         created_at: record.created_at,
         primary_version: record.primary_version,
         algorithm: "AES_256_GCM".to_string(),
         min_decryption_version: record.min_decryption_version,
         rotation_period_seconds: record.rotation_period_secs,
+        deletion_due_at: record.deletion_due_at.unwrap_or_default(),
         usage_limit,
         versions: record
             .versions
@@ -286,6 +290,31 @@ impl KeyManagement for GrpcService {
             .rotate_key(&request.into_inner().key)
             .await
             .map_err(|e| fail("RotateKey", e))?;
+        Ok(Response::new(self.metadata(record)))
+    }
+
+    async fn schedule_key_deletion(
+        &self,
+        request: Request<ScheduleKeyDeletionRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let r = request.into_inner();
+        let record = self
+            .service
+            .schedule_key_deletion(&r.key, r.pending_window_days)
+            .await
+            .map_err(|e| fail("ScheduleKeyDeletion", e))?;
+        Ok(Response::new(self.metadata(record)))
+    }
+
+    async fn cancel_key_deletion(
+        &self,
+        request: Request<KeyRequest>,
+    ) -> Result<Response<KeyMetadata>, Status> {
+        let record = self
+            .service
+            .cancel_key_deletion(&request.into_inner().key)
+            .await
+            .map_err(|e| fail("CancelKeyDeletion", e))?;
         Ok(Response::new(self.metadata(record)))
     }
 

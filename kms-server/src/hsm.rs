@@ -30,6 +30,18 @@ use zeroize::Zeroizing;
 
 use crate::blob::{NONCE_LEN, TAG_LEN};
 
+/// Serializes the calls that create or destroy objects (`C_GenerateKey`, `C_CreateObject`,
+/// `C_DestroyObject`) across the whole process. SoftHSM2's file object store fails such calls
+/// intermittently with `CKR_GENERAL_ERROR` or `CKR_TEMPLATE_INCONSISTENT` when they run on
+/// several threads at once (SoftHSMv2 issue #573; Parsec serialized its PKCS#11 provider for the
+/// same reason), which we saw as rare INTERNAL errors from CreateKey and RotateKey. These
+/// calls are rare, so one lock costs nothing; encryption and decryption stay parallel.
+static OBJECT_MANAGEMENT: Mutex<()> = Mutex::new(());
+
+fn object_management() -> std::sync::MutexGuard<'static, ()> {
+    OBJECT_MANAGEMENT.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// How many times an operation is retried on a fresh session after a session fault.
 pub const MAX_RETRIES: usize = 2;
 /// Length of a data key, in bytes.
@@ -184,7 +196,10 @@ impl Hsm {
                 Attribute::Id(key.object_id()),
                 Attribute::Label(key.object_label().into_bytes()),
             ];
-            let handle = session.generate_key(&Mechanism::AesKeyGen, &template)?;
+            let handle = {
+                let _serialized = object_management();
+                session.generate_key(&Mechanism::AesKeyGen, &template)?
+            };
             inner.cache(key, handle);
             Ok(handle)
         })
@@ -199,8 +214,67 @@ impl Hsm {
         handle: ObjectHandle,
     ) -> Result<(), HsmError> {
         self.run(move |inner, session| {
-            session.destroy_object(handle)?;
+            {
+                let _serialized = object_management();
+                session.destroy_object(handle)?;
+            }
             inner.forget(key);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Destroys every object of a key: each version's object by `CKA_ID`, and anything else
+    /// labelled as one of its versions (orphans of interrupted rotations). Then looks again
+    /// and fails unless nothing is left. Idempotent.
+    pub async fn destroy_key(
+        &self,
+        versions: Vec<KeyRef>,
+        label_versions: u32,
+    ) -> Result<(), HsmError> {
+        self.run(move |inner, session| {
+            let Some(key_id) = versions.first().map(|v| v.key_id) else {
+                return Ok(());
+            };
+            let mut templates: Vec<Vec<Attribute>> = versions
+                .iter()
+                .map(|v| vec![Attribute::Id(v.object_id())])
+                .collect();
+            for version in 1..=label_versions {
+                let label = KeyRef {
+                    key_id,
+                    version,
+                    tag: 0,
+                }
+                .object_label()
+                .into_bytes();
+                templates.push(vec![Attribute::Label(label)]);
+            }
+            {
+                let _serialized = object_management();
+                for template in &templates {
+                    for handle in session.find_objects(template)? {
+                        session.destroy_object(handle)?;
+                    }
+                }
+            }
+            for v in &versions {
+                inner.forget(*v);
+            }
+            for template in &templates {
+                if !session.find_objects(template)?.is_empty() {
+                    return Err(HsmError::Other(
+                        "key objects still present after destruction".into(),
+                    )
+                    .into());
+                }
+            }
+            // A logged-out session would find nothing and so "verify" nothing.
+            if !logged_in(session) {
+                return Err(
+                    CkError::Pkcs11(RvError::UserNotLoggedIn, Function::FindObjects).into(),
+                );
+            }
             Ok(())
         })
         .await
@@ -479,6 +553,7 @@ impl Inner {
             Attribute::Decrypt(true),
             Attribute::Value(v.key.to_vec()),
         ];
+        let _serialized = object_management();
         let key = session.create_object(&template).map_err(classify)?;
         let outcome = (|| {
             let mut iv = v.iv;

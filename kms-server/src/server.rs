@@ -127,8 +127,9 @@ impl Ready {
     }
 }
 
-/// Rotates keys whose period is due, every `interval`. Failures are logged and retried at the
-/// next tick; several servers may run this at once (see [`KeyService::rotate_due`]).
+/// Every `interval`: rotates keys whose period is due and destroys keys whose pending deletion
+/// is due. Failures are logged and retried at the next tick; several servers may run this at
+/// once (see [`KeyService::rotate_due`] and [`KeyService::destroy_due`]).
 async fn rotation_scheduler(service: Arc<KeyService>, interval: std::time::Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -140,6 +141,9 @@ async fn rotation_scheduler(service: Arc<KeyService>, interval: std::time::Durat
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "scheduled rotation check failed"),
+        }
+        if let Err(e) = service.destroy_due().await {
+            tracing::warn!(error = %e, "scheduled deletion check failed");
         }
     }
 }

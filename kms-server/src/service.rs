@@ -187,6 +187,7 @@ impl KeyService {
             min_decryption_version: 1,
             rotation_period_secs: 0,
             usage_limit: 0,
+            deletion_due_at: None,
             versions: vec![VersionRecord {
                 version: 1,
                 created_at,
@@ -388,7 +389,7 @@ impl KeyService {
     pub async fn set_state(&self, key: &str, state: KeyState) -> Result<KeyRecord, KmsError> {
         let record = self.resolve(key).await?;
         if !self.store.set_state(record.key_id, state).await? {
-            return Err(KmsError::KeyNotFound);
+            return Err(state_refusal(&self.reload(record.key_id).await?));
         }
         tracing::info!(key_id = %record.key_id, state = state.as_str(), "key state changed");
         self.reload(record.key_id).await
@@ -473,6 +474,86 @@ impl KeyService {
             match page.next {
                 Some(next) => after = next,
                 None => return Ok(rotated),
+            }
+        }
+    }
+
+    /// Schedules a key for destruction after `days` (0: 30; else 7 ..= 365) on the service's
+    /// clock. Until then the key behaves as disabled.
+    pub async fn schedule_key_deletion(&self, key: &str, days: u32) -> Result<KeyRecord, KmsError> {
+        let days = match days {
+            0 => 30,
+            7..=365 => days,
+            _ => {
+                return Err(KmsError::InvalidArgument {
+                    field: "pending_window_days",
+                    reason: "0 (30 days) or 7-365",
+                })
+            }
+        };
+        let record = self.resolve(key).await?;
+        let due_at = self
+            .clock
+            .now_unix()
+            .saturating_add(i64::from(days) * 86_400);
+        if !self.store.schedule_deletion(record.key_id, due_at).await? {
+            return Err(state_refusal(&self.reload(record.key_id).await?));
+        }
+        tracing::warn!(key_id = %record.key_id, due_at, "key scheduled for deletion");
+        self.reload(record.key_id).await
+    }
+
+    /// Cancels a pending deletion; the key becomes disabled.
+    pub async fn cancel_key_deletion(&self, key: &str) -> Result<KeyRecord, KmsError> {
+        let record = self.resolve(key).await?;
+        if !self.store.cancel_deletion(record.key_id).await? {
+            let current = self.reload(record.key_id).await?;
+            return Err(match current.state {
+                KeyState::Destroyed => KmsError::KeyDestroyed,
+                _ => KmsError::InvalidArgument {
+                    field: "key",
+                    reason: "not pending deletion",
+                },
+            });
+        }
+        tracing::warn!(key_id = %record.key_id, "key deletion cancelled");
+        self.reload(record.key_id).await
+    }
+
+    /// Destroys every key whose pending deletion is due on the service's clock: all its HSM
+    /// objects are destroyed and looked for again, then the key becomes a tombstone. Safe in
+    /// several processes at once (destruction is idempotent; the state change is conditional).
+    /// Returns the keys this call marked destroyed.
+    pub async fn destroy_due(&self) -> Result<Vec<Uuid>, KmsError> {
+        let now = self.clock.now_unix();
+        let mut destroyed = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.store.list_keys(after, MAX_PAGE_SIZE).await?;
+            for key in &page.keys {
+                if key.state != KeyState::PendingDeletion
+                    || key.deletion_due_at.is_none_or(|due| due > now)
+                {
+                    continue;
+                }
+                let refs: Vec<KeyRef> = key
+                    .versions
+                    .iter()
+                    .filter_map(|v| key.key_ref(v.version))
+                    .collect();
+                self.hsm
+                    .destroy_key(refs, key.primary_version.saturating_add(1))
+                    .await
+                    .map_err(hsm_error)?;
+                if self.store.mark_destroyed(key.key_id, now).await? {
+                    tracing::warn!(key_id = %key.key_id, "key destroyed");
+                    destroyed.push(key.key_id);
+                }
+                self.reload(key.key_id).await?;
+            }
+            match page.next {
+                Some(next) => after = next,
+                None => return Ok(destroyed),
             }
         }
     }
@@ -676,6 +757,19 @@ impl KeyService {
     }
 }
 
+/// Why a state change was refused, given the key's current state.
+fn state_refusal(current: &KeyRecord) -> KmsError {
+    match current.state {
+        KeyState::Destroyed => KmsError::KeyDestroyed,
+        KeyState::PendingDeletion => KmsError::KeyNotUsable {
+            state: "pending deletion",
+        },
+        _ => KmsError::Internal {
+            what: "state change refused",
+        },
+    }
+}
+
 /// The HSM object of the key's primary version.
 fn primary_of(record: &KeyRecord) -> Result<KeyRef, KmsError> {
     record
@@ -694,6 +788,10 @@ fn ensure_usable(record: &KeyRecord) -> Result<(), KmsError> {
     match record.state {
         KeyState::Enabled => Ok(()),
         KeyState::Disabled => Err(KmsError::KeyNotUsable { state: "disabled" }),
+        KeyState::PendingDeletion => Err(KmsError::KeyNotUsable {
+            state: "pending deletion",
+        }),
+        KeyState::Destroyed => Err(KmsError::KeyDestroyed),
     }
 }
 

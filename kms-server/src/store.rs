@@ -48,6 +48,10 @@ pub enum KeyState {
     Enabled,
     /// Usable for nothing but description.
     Disabled,
+    /// Scheduled for destruction; behaves as disabled; can be cancelled (back to disabled).
+    PendingDeletion,
+    /// Its HSM objects are destroyed; only the metadata remains, as a tombstone.
+    Destroyed,
 }
 
 impl KeyState {
@@ -56,6 +60,8 @@ impl KeyState {
         match self {
             KeyState::Enabled => "enabled",
             KeyState::Disabled => "disabled",
+            KeyState::PendingDeletion => "pending_deletion",
+            KeyState::Destroyed => "destroyed",
         }
     }
 }
@@ -66,6 +72,8 @@ impl FromStr for KeyState {
         match s {
             "enabled" => Ok(KeyState::Enabled),
             "disabled" => Ok(KeyState::Disabled),
+            "pending_deletion" => Ok(KeyState::PendingDeletion),
+            "destroyed" => Ok(KeyState::Destroyed),
             _ => Err(KmsError::Internal {
                 what: "unknown key state in store",
             }),
@@ -92,6 +100,8 @@ pub struct KeyRecord {
     pub primary_version: u32,
     /// Versions below this one are retired.
     pub min_decryption_version: u32,
+    /// When a pending deletion falls due (seconds since the Unix epoch).
+    pub deletion_due_at: Option<i64>,
     /// Rotate when the primary version is this old, in seconds (0: no period).
     pub rotation_period_secs: u64,
     /// Most encryptions per version (0: the server's maximum).
@@ -293,14 +303,17 @@ impl Store {
         Ok(true)
     }
 
-    /// Sets a key's state. Returns whether the key exists.
+    /// Sets a key's state between enabled and disabled. Returns whether the key was in one of
+    /// those two states.
     pub async fn set_state(&self, key_id: Uuid, state: KeyState) -> Result<bool, KmsError> {
-        let updated = sqlx::query("UPDATE kms_keys SET state = $1 WHERE key_id = $2")
-            .bind(state.as_str())
-            .bind(key_id.to_string())
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?;
+        let updated = sqlx::query(
+            "UPDATE kms_keys SET state = $1 WHERE key_id = $2 AND state IN ('enabled', 'disabled')",
+        )
+        .bind(state.as_str())
+        .bind(key_id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
         Ok(updated.rows_affected() == 1)
     }
 
@@ -391,6 +404,49 @@ impl Store {
         Ok(updated.rows_affected() == 1)
     }
 
+    /// Schedules an enabled or disabled key for destruction at `due_at`. Returns whether it
+    /// was in one of those states.
+    pub async fn schedule_deletion(&self, key_id: Uuid, due_at: i64) -> Result<bool, KmsError> {
+        let updated = sqlx::query(
+            "UPDATE kms_keys SET state = 'pending_deletion', deletion_due_at = $1
+              WHERE key_id = $2 AND state IN ('enabled', 'disabled')",
+        )
+        .bind(due_at)
+        .bind(key_id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    /// Cancels a pending deletion: the key goes back to disabled. Returns whether it was pending.
+    pub async fn cancel_deletion(&self, key_id: Uuid) -> Result<bool, KmsError> {
+        let updated = sqlx::query(
+            "UPDATE kms_keys SET state = 'disabled', deletion_due_at = NULL
+              WHERE key_id = $1 AND state = 'pending_deletion'",
+        )
+        .bind(key_id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    /// Marks a pending key whose deletion is due at `now` as destroyed (after its HSM objects
+    /// were destroyed). Returns whether this call marked it.
+    pub async fn mark_destroyed(&self, key_id: Uuid, now: i64) -> Result<bool, KmsError> {
+        let updated = sqlx::query(
+            "UPDATE kms_keys SET state = 'destroyed'
+              WHERE key_id = $1 AND state = 'pending_deletion' AND deletion_due_at <= $2",
+        )
+        .bind(key_id.to_string())
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(updated.rows_affected() == 1)
+    }
+
     /// Up to `limit` keys created after position `after`, in creation order.
     pub async fn list_keys(&self, after: i64, limit: u32) -> Result<KeyPage, KmsError> {
         let rows = sqlx::query(&format!(
@@ -439,7 +495,7 @@ async fn insert_version(
 }
 
 const SELECT_KEY: &str =
-    "SELECT seq, key_id, alias, description, tags, state, created_at, primary_version, min_decryption_version, rotation_period_secs, usage_limit FROM kms_keys";
+    "SELECT seq, key_id, alias, description, tags, state, created_at, primary_version, min_decryption_version, rotation_period_secs, usage_limit, deletion_due_at FROM kms_keys";
 
 fn key_from_row(row: &AnyRow) -> Result<KeyRecord, KmsError> {
     let corrupt = |_| KmsError::Internal {
@@ -470,6 +526,7 @@ fn key_from_row(row: &AnyRow) -> Result<KeyRecord, KmsError> {
         .map_err(corrupt)?,
         usage_limit: u64::try_from(row.try_get::<i64, _>("usage_limit").map_err(db_error)?)
             .map_err(corrupt)?,
+        deletion_due_at: row.try_get("deletion_due_at").map_err(db_error)?,
         versions: Vec::new(),
     })
 }
@@ -536,6 +593,7 @@ mod tests {
             min_decryption_version: 1,
             rotation_period_secs: 0,
             usage_limit: 0,
+            deletion_due_at: None,
             versions: vec![VersionRecord {
                 version: 1,
                 created_at: 0,

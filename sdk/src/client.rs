@@ -53,6 +53,8 @@ pub struct KeyInfo {
     pub rotation_period_seconds: u64,
     /// Encryptions allowed per version.
     pub usage_limit: u64,
+    /// When a pending deletion falls due (seconds since the Unix epoch).
+    pub deletion_due_at: Option<i64>,
 }
 
 /// One version of a key.
@@ -393,6 +395,32 @@ impl KmsClient {
         ))
     }
 
+    /// Schedules a key for destruction after `days` (0: 30; else 7-365).
+    pub async fn schedule_key_deletion(&self, key: &str, days: u32) -> Result<KeyInfo, Error> {
+        let request = pb::ScheduleKeyDeletionRequest {
+            key: key.to_string(),
+            pending_window_days: days,
+        };
+        Ok(key_info(
+            self.rpc()
+                .schedule_key_deletion(request)
+                .await?
+                .into_inner(),
+        ))
+    }
+
+    /// Cancels a pending deletion; the key becomes disabled.
+    pub async fn cancel_key_deletion(&self, key: &str) -> Result<KeyInfo, Error> {
+        Ok(key_info(
+            self.rpc()
+                .cancel_key_deletion(pb::KeyRequest {
+                    key: key.to_string(),
+                })
+                .await?
+                .into_inner(),
+        ))
+    }
+
     /// A no-op round trip.
     pub async fn ping(&self) -> Result<(), Error> {
         self.rpc().ping(pb::PingRequest {}).await?;
@@ -411,6 +439,8 @@ fn key_info(m: pb::KeyMetadata) -> KeyInfo {
     let state = match pb::KeyState::try_from(m.state) {
         Ok(pb::KeyState::Enabled) => "enabled",
         Ok(pb::KeyState::Disabled) => "disabled",
+        Ok(pb::KeyState::PendingDeletion) => "pending_deletion",
+        Ok(pb::KeyState::Destroyed) => "destroyed",
         _ => "unknown",
     };
     KeyInfo {
@@ -435,5 +465,6 @@ fn key_info(m: pb::KeyMetadata) -> KeyInfo {
             .collect(),
         rotation_period_seconds: m.rotation_period_seconds,
         usage_limit: m.usage_limit,
+        deletion_due_at: Some(m.deletion_due_at).filter(|t| *t != 0),
     }
 }

@@ -319,3 +319,143 @@ on_both_stores!(
     concurrent_rotations_on,
     concurrent_rotations_stay_consistent
 );
+
+/// Scheduled deletion on a moved clock: refused crypto while pending, cancellable, and after
+/// the waiting period every HSM object is destroyed (looked for again), the data becomes
+/// unreadable, and the key stays describable as a tombstone.
+async fn scheduled_deletion_destroys_the_key(db: TestDb) {
+    let clock = softhsm_test::ManualClock::new(1_800_000_000);
+    let (server, service) = TestServer::start_custom(
+        &db,
+        clock.clone(),
+        kms_server::config::RotationParams::default(),
+    )
+    .await
+    .expect("server");
+    let client = server.client().await.expect("client");
+    let key = client
+        .create_key(sdk::NewKey {
+            alias: Some("doomed".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("key");
+    client.rotate_key("doomed").await.expect("version 2");
+    let context = ctx(&[]);
+    let blob = client
+        .encrypt("doomed", b"soon gone", &context)
+        .await
+        .expect("encrypt")
+        .blob;
+
+    for days in [1, 6, 366] {
+        let err = client
+            .schedule_key_deletion("doomed", days)
+            .await
+            .expect_err("window out of range");
+        assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{days}");
+    }
+    let pending = client
+        .schedule_key_deletion("doomed", 7)
+        .await
+        .expect("schedule");
+    assert_eq!(pending.state, "pending_deletion");
+    assert_eq!(pending.deletion_due_at, Some(1_800_000_000 + 7 * 86_400));
+    let refused = (tonic::Code::FailedPrecondition, "key is pending deletion");
+    assert_code(
+        client.decrypt(&blob, &context, None).await,
+        refused.0,
+        refused.1,
+        "decrypt while pending",
+    );
+    assert_code(
+        client.generate_data_key("doomed", &context).await,
+        refused.0,
+        refused.1,
+        "data key while pending",
+    );
+    assert_code(
+        client.enable_key("doomed").await,
+        refused.0,
+        refused.1,
+        "enable while pending",
+    );
+
+    assert_eq!(
+        client
+            .cancel_key_deletion("doomed")
+            .await
+            .expect("cancel")
+            .state,
+        "disabled"
+    );
+    client
+        .enable_key("doomed")
+        .await
+        .expect("enable after cancel");
+    assert!(client.decrypt(&blob, &context, None).await.is_ok());
+    client
+        .schedule_key_deletion("doomed", 7)
+        .await
+        .expect("schedule again");
+
+    clock.advance(6 * 86_400);
+    assert!(
+        service.destroy_due().await.expect("check").is_empty(),
+        "not due yet"
+    );
+    assert_eq!(
+        objects_labelled(&key.key_id, 1) + objects_labelled(&key.key_id, 2),
+        2
+    );
+    clock.advance(86_400);
+    assert_eq!(
+        service.destroy_due().await.expect("check"),
+        vec![uuid::Uuid::parse_str(&key.key_id).expect("uuid")]
+    );
+    assert!(
+        service.destroy_due().await.expect("check again").is_empty(),
+        "destroyed once"
+    );
+    for version in 1..=3 {
+        assert_eq!(
+            objects_labelled(&key.key_id, version),
+            0,
+            "HSM object of version {version} still present"
+        );
+    }
+
+    let gone = (tonic::Code::NotFound, "key destroyed");
+    assert_code(
+        client.decrypt(&blob, &context, None).await,
+        gone.0,
+        gone.1,
+        "decrypt after destruction",
+    );
+    assert_code(
+        client.generate_data_key("doomed", &context).await,
+        gone.0,
+        gone.1,
+        "data key after destruction",
+    );
+    assert_code(
+        client.enable_key("doomed").await,
+        gone.0,
+        gone.1,
+        "enable after destruction",
+    );
+    assert_code(
+        client.cancel_key_deletion("doomed").await,
+        gone.0,
+        gone.1,
+        "cancel after destruction",
+    );
+    let tombstone = client
+        .describe_key(&key.key_id)
+        .await
+        .expect("still describable");
+    assert_eq!(tombstone.state, "destroyed");
+    assert_eq!(tombstone.versions.len(), 2);
+    server.stop().await.expect("stop");
+}
+on_both_stores!(scheduled_deletion_on, scheduled_deletion_destroys_the_key);
