@@ -67,6 +67,13 @@ pub enum Command {
     Encrypt(EncryptArgs),
     /// Decrypt a file, or every `.kms` file of a folder (recursively).
     Decrypt(DecryptArgs),
+    /// Move encrypted files (`.kms`, recursively in folders) to their key's primary version,
+    /// rewriting only the header. Resumable: files already on the primary are skipped.
+    Rewrap {
+        /// Files or folders.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Generate a data key (prints the plaintext key unless --no-plaintext).
     Datakey(DatakeyArgs),
     /// Check that the server answers.
@@ -138,6 +145,9 @@ pub enum KeyCommand {
         /// Key id or alias.
         key: String,
     },
+    /// Every key's rotation status: age of the primary version, period, next due date, usage
+    /// against the limit, versions still decrypting.
+    RotationReport,
     /// Retire every version below VERSION (their data no longer decrypts until lowered again).
     SetMinVersion {
         /// Key id or alias.
@@ -267,6 +277,8 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 .await?;
             emit(out, json, key_json(&key), || key_text(&key))
         }
+        Command::Key(KeyCommand::RotationReport) => rotation_report(&client, out, json).await,
+        Command::Rewrap { paths } => rewrap(&client, out, json, &paths).await,
         Command::Key(KeyCommand::ScheduleDeletion { key, days }) => {
             let key = client.schedule_key_deletion(&key, days).await?;
             emit(out, json, key_json(&key), || key_text(&key))
@@ -642,4 +654,213 @@ fn report(
             s.files, s.bytes, s.seconds, rate, calls
         )
     })
+}
+
+async fn all_keys(client: &KmsClient) -> anyhow::Result<Vec<KeyInfo>> {
+    let mut keys = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = client.list_keys(1000, token.as_deref()).await?;
+        keys.extend(page.keys);
+        match page.next_page_token {
+            Some(t) => token = Some(t),
+            None => return Ok(keys),
+        }
+    }
+}
+
+async fn rotation_report(
+    client: &KmsClient,
+    out: &mut dyn Write,
+    json: bool,
+) -> anyhow::Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let mut rows = Vec::new();
+    for key in all_keys(client).await? {
+        let primary = key
+            .versions
+            .iter()
+            .find(|v| v.version == key.primary_version);
+        let primary_created = primary.map(|v| v.created_at).unwrap_or(key.created_at);
+        let next_due = (key.rotation_period_seconds > 0)
+            .then(|| primary_created + key.rotation_period_seconds as i64);
+        let still_needed: Vec<u32> = key
+            .versions
+            .iter()
+            .filter(|v| v.version >= key.min_decryption_version && v.version != key.primary_version)
+            .map(|v| v.version)
+            .collect();
+        rows.push(json!({
+            "key_id": key.key_id,
+            "alias": key.alias,
+            "state": key.state,
+            "primary_version": key.primary_version,
+            "primary_age_seconds": now - primary_created,
+            "rotation_period_seconds": key.rotation_period_seconds,
+            "next_rotation_due_at": next_due,
+            "overdue": next_due.is_some_and(|due| due <= now),
+            "primary_usage": primary.map(|v| v.usage).unwrap_or(0),
+            "usage_limit": key.usage_limit,
+            "older_versions_still_decrypting": still_needed,
+        }));
+    }
+    let doc = json!({ "generated_at": now, "keys": rows });
+    emit(out, json, doc.clone(), || {
+        let mut text = format!(
+            "{:<36}  {:<16}  {:>3}  {:>9}  {:>10}  {:>12}  {:>21}  {}\n",
+            "KEY ID",
+            "STATE",
+            "VER",
+            "AGE DAYS",
+            "PERIOD D",
+            "NEXT DUE",
+            "USAGE / LIMIT",
+            "OLDER VERSIONS"
+        );
+        for r in &rows {
+            let days = |s: i64| format!("{:.1}", s as f64 / 86_400.0);
+            text.push_str(&format!(
+                "{:<36}  {:<16}  {:>3}  {:>9}  {:>10}  {:>12}  {:>21}  {}\n",
+                r["key_id"].as_str().unwrap_or_default(),
+                r["state"].as_str().unwrap_or_default(),
+                r["primary_version"],
+                days(r["primary_age_seconds"].as_i64().unwrap_or(0)),
+                match r["rotation_period_seconds"].as_u64() {
+                    Some(0) | None => "-".to_string(),
+                    Some(p) => days(p as i64),
+                },
+                match r["next_rotation_due_at"].as_i64() {
+                    Some(due) if due <= now => "OVERDUE".to_string(),
+                    Some(due) => format!("in {} d", days(due - now)),
+                    None => "-".to_string(),
+                },
+                format!("{} / {}", r["primary_usage"], r["usage_limit"]),
+                r["older_versions_still_decrypting"].to_string(),
+            ));
+        }
+        text.push_str(&format!("{} key(s)", rows.len()));
+        text
+    })
+}
+
+async fn rewrap(
+    client: &KmsClient,
+    out: &mut dyn Write,
+    json: bool,
+    paths: &[PathBuf],
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut files = Vec::new();
+    for path in paths {
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+        if meta.is_dir() {
+            let mut skipped = Vec::new();
+            collect(path, &mut files, &mut skipped)?;
+        } else {
+            files.push(path.clone());
+        }
+    }
+    files.retain(|f| f.to_string_lossy().ends_with(ENCRYPTED_SUFFIX));
+    files.sort();
+    files.dedup();
+    // Versions before, and the primary of every key involved.
+    let read_version = |path: &Path| -> anyhow::Result<(String, Option<u32>)> {
+        let header = sdk::envelope::Header::read_from(&mut std::io::BufReader::new(
+            std::fs::File::open(path)?,
+        ))
+        .with_context(|| format!("{}", path.display()))?;
+        Ok((header.key_id.clone(), header.wrapped_key_version()))
+    };
+    let mut before = BTreeMap::<String, u64>::new();
+    let mut primaries = BTreeMap::<String, u32>::new();
+    let mut todo = Vec::new();
+    let mut failures = Vec::new();
+    for file in &files {
+        match read_version(file) {
+            Ok((key_id, version)) => {
+                *before.entry(version_label(version)).or_default() += 1;
+                if !primaries.contains_key(&key_id) {
+                    primaries.insert(
+                        key_id.clone(),
+                        client.describe_key(&key_id).await?.primary_version,
+                    );
+                }
+                if version != primaries.get(&key_id).copied() {
+                    todo.push(file.clone());
+                }
+            }
+            Err(e) => failures.push(format!("{e:#}")),
+        }
+    }
+    let envelope = Envelope::new(client.clone(), CachePolicy::disabled());
+    let bar = if json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(todo.len() as u64)
+    };
+    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} files {per_sec}") {
+        bar.set_style(style);
+    }
+    let mut rewrapped = 0u64;
+    for chunk in todo.chunks(100) {
+        if CANCELLED.load(Ordering::SeqCst) {
+            break;
+        }
+        for (path, outcome) in chunk.iter().zip(envelope.rewrap_files(chunk).await) {
+            match outcome {
+                Ok(_) => rewrapped += 1,
+                Err(e) => failures.push(format!("{}: {e}", path.display())),
+            }
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let mut after = BTreeMap::<String, u64>::new();
+    for file in &files {
+        if let Ok((_, version)) = read_version(file) {
+            *after.entry(version_label(version)).or_default() += 1;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let doc = json!({
+        "files": files.len(),
+        "rewrapped": rewrapped,
+        "already_on_primary": files.len() as u64 - todo.len() as u64,
+        "failed": failures.len(),
+        "failures": failures,
+        "versions_before": before,
+        "versions_after": after,
+        "seconds": seconds,
+        "kms_calls": client.calls_made(),
+    });
+    emit(out, json, doc, || {
+        let mut text = format!(
+            "{} file(s): {rewrapped} rewrapped, {} already on the primary version, {} failed, in {seconds:.3} s ({} KMS calls)\nversions before: {before:?}\nversions after:  {after:?}",
+            files.len(),
+            files.len() - todo.len(),
+            failures.len(),
+            client.calls_made()
+        );
+        for f in failures.iter().take(10) {
+            text.push_str(&format!("\nfailed: {f}"));
+        }
+        text
+    })?;
+    if CANCELLED.load(Ordering::SeqCst) {
+        bail!("interrupted; run the same command again to resume");
+    }
+    if !failures.is_empty() {
+        bail!("{} file(s) could not be rewrapped", failures.len());
+    }
+    Ok(())
+}
+
+fn version_label(version: Option<u32>) -> String {
+    version
+        .map(|v| format!("v{v}"))
+        .unwrap_or_else(|| "unknown".into())
 }

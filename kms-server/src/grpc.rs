@@ -46,6 +46,42 @@ impl GrpcService {
         GrpcService { service }
     }
 
+    async fn decrypt_one(&self, r: DecryptRequest) -> Result<DecryptResponse, KmsError> {
+        let opened = self
+            .service
+            .decrypt(
+                &r.ciphertext_blob,
+                &context(r.encryption_context),
+                Some(&r.key),
+            )
+            .await?;
+        Ok(DecryptResponse {
+            key_id: opened.key_id.to_string(),
+            key_version: opened.key_version,
+            plaintext: opened.plaintext.to_vec(),
+        })
+    }
+
+    async fn re_encrypt_one(&self, r: ReEncryptRequest) -> Result<ReEncryptResponse, KmsError> {
+        let out = self
+            .service
+            .re_encrypt(
+                &r.ciphertext_blob,
+                &context(r.source_encryption_context),
+                Some(&r.source_key),
+                &r.destination_key,
+                &context(r.destination_encryption_context),
+            )
+            .await?;
+        Ok(ReEncryptResponse {
+            source_key_id: out.source.key_id.to_string(),
+            source_key_version: out.source.version,
+            key_id: out.destination.key_id.to_string(),
+            key_version: out.destination.version,
+            ciphertext_blob: out.blob,
+        })
+    }
+
     fn metadata(&self, record: KeyRecord) -> KeyMetadata {
         let limit = self.service.usage_limit_of(&record);
         metadata(record, limit)
@@ -58,6 +94,35 @@ fn fail(rpc: &'static str, e: KmsError) -> Status {
         _ => tracing::debug!(rpc, error = %e, "request refused"),
     }
     to_status(&e)
+}
+
+/// Most items in one batch call.
+pub const MAX_BATCH: usize = 100;
+
+fn batch_items<T>(items: Vec<T>) -> Result<Vec<T>, KmsError> {
+    if items.is_empty() || items.len() > MAX_BATCH {
+        return Err(KmsError::InvalidArgument {
+            field: "items",
+            reason: "1 to 100 items per batch",
+        });
+    }
+    Ok(items)
+}
+
+fn ok_status() -> ItemStatus {
+    ItemStatus {
+        code: tonic::Code::Ok as i32,
+        message: String::new(),
+    }
+}
+
+/// A failed item's status, mapped by [`to_status`] like any single call.
+fn item_status(rpc: &'static str, e: KmsError) -> ItemStatus {
+    let status = fail(rpc, e);
+    ItemStatus {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+    }
 }
 
 fn context(map: HashMap<String, String>) -> Context {
@@ -211,46 +276,70 @@ impl KeyManagement for GrpcService {
         &self,
         request: Request<DecryptRequest>,
     ) -> Result<Response<DecryptResponse>, Status> {
-        let r = request.into_inner();
-        let opened = self
-            .service
-            .decrypt(
-                &r.ciphertext_blob,
-                &context(r.encryption_context),
-                Some(&r.key),
-            )
+        let response = self
+            .decrypt_one(request.into_inner())
             .await
             .map_err(|e| fail("Decrypt", e))?;
-        Ok(Response::new(DecryptResponse {
-            key_id: opened.key_id.to_string(),
-            key_version: opened.key_version,
-            plaintext: opened.plaintext.to_vec(),
-        }))
+        Ok(Response::new(response))
     }
 
     async fn re_encrypt(
         &self,
         request: Request<ReEncryptRequest>,
     ) -> Result<Response<ReEncryptResponse>, Status> {
-        let r = request.into_inner();
-        let out = self
-            .service
-            .re_encrypt(
-                &r.ciphertext_blob,
-                &context(r.source_encryption_context),
-                Some(&r.source_key),
-                &r.destination_key,
-                &context(r.destination_encryption_context),
-            )
+        let response = self
+            .re_encrypt_one(request.into_inner())
             .await
             .map_err(|e| fail("ReEncrypt", e))?;
-        Ok(Response::new(ReEncryptResponse {
-            source_key_id: out.source.key_id.to_string(),
-            source_key_version: out.source.version,
-            key_id: out.destination.key_id.to_string(),
-            key_version: out.destination.version,
-            ciphertext_blob: out.blob,
-        }))
+        Ok(Response::new(response))
+    }
+
+    async fn batch_decrypt(
+        &self,
+        request: Request<BatchDecryptRequest>,
+    ) -> Result<Response<BatchDecryptResponse>, Status> {
+        let items = batch_items(request.into_inner().items).map_err(|e| fail("BatchDecrypt", e))?;
+        let outcomes =
+            futures::future::join_all(items.into_iter().map(|item| self.decrypt_one(item))).await;
+        let results = outcomes
+            .into_iter()
+            .map(|outcome| match outcome {
+                Ok(response) => DecryptResult {
+                    status: Some(ok_status()),
+                    response: Some(response),
+                },
+                Err(e) => DecryptResult {
+                    status: Some(item_status("BatchDecrypt", e)),
+                    response: None,
+                },
+            })
+            .collect();
+        Ok(Response::new(BatchDecryptResponse { results }))
+    }
+
+    async fn batch_re_encrypt(
+        &self,
+        request: Request<BatchReEncryptRequest>,
+    ) -> Result<Response<BatchReEncryptResponse>, Status> {
+        let items =
+            batch_items(request.into_inner().items).map_err(|e| fail("BatchReEncrypt", e))?;
+        let outcomes =
+            futures::future::join_all(items.into_iter().map(|item| self.re_encrypt_one(item)))
+                .await;
+        let results = outcomes
+            .into_iter()
+            .map(|outcome| match outcome {
+                Ok(response) => ReEncryptResult {
+                    status: Some(ok_status()),
+                    response: Some(response),
+                },
+                Err(e) => ReEncryptResult {
+                    status: Some(item_status("BatchReEncrypt", e)),
+                    response: None,
+                },
+            })
+            .collect();
+        Ok(Response::new(BatchReEncryptResponse { results }))
     }
 
     async fn ping(&self, _request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {

@@ -132,6 +132,19 @@ impl std::fmt::Debug for Opened {
     }
 }
 
+/// One item of [`KmsClient::batch_re_encrypt`].
+#[derive(Debug, Clone)]
+pub struct ReEncryptItem {
+    /// The blob to move.
+    pub blob: Vec<u8>,
+    /// The context it is bound to.
+    pub source_context: Context,
+    /// The key to move it to (id or alias).
+    pub destination_key: String,
+    /// The context to bind it to.
+    pub destination_context: Context,
+}
+
 /// The client. Cloning is cheap and shares the connection and the call counter.
 #[derive(Clone)]
 pub struct KmsClient {
@@ -421,11 +434,105 @@ impl KmsClient {
         ))
     }
 
+    /// Decrypts up to 100 blobs in one call; one result per item, in order.
+    pub async fn batch_decrypt(
+        &self,
+        items: &[(Vec<u8>, Context)],
+    ) -> Result<Vec<Result<Opened, Error>>, Error> {
+        let request = pb::BatchDecryptRequest {
+            items: items
+                .iter()
+                .map(|(blob, context)| pb::DecryptRequest {
+                    ciphertext_blob: blob.clone(),
+                    encryption_context: to_map(context),
+                    key: String::new(),
+                })
+                .collect(),
+        };
+        let results = self
+            .rpc()
+            .batch_decrypt(request)
+            .await?
+            .into_inner()
+            .results;
+        if results.len() != items.len() {
+            return Err(Error::Protocol(
+                "batch answered a different number of items",
+            ));
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| match (item_error(r.status), r.response) {
+                (None, Some(d)) => Ok(Opened {
+                    key_id: d.key_id,
+                    key_version: d.key_version,
+                    plaintext: Zeroizing::new(d.plaintext),
+                }),
+                (Some(e), _) => Err(e),
+                (None, None) => Err(Error::Protocol("batch item without status or response")),
+            })
+            .collect())
+    }
+
+    /// Re-encrypts up to 100 blobs in one call; one result per item, in order.
+    pub async fn batch_re_encrypt(
+        &self,
+        items: &[ReEncryptItem],
+    ) -> Result<Vec<Result<Sealed, Error>>, Error> {
+        let request = pb::BatchReEncryptRequest {
+            items: items
+                .iter()
+                .map(|i| pb::ReEncryptRequest {
+                    ciphertext_blob: i.blob.clone(),
+                    source_encryption_context: to_map(&i.source_context),
+                    source_key: String::new(),
+                    destination_key: i.destination_key.clone(),
+                    destination_encryption_context: to_map(&i.destination_context),
+                })
+                .collect(),
+        };
+        let results = self
+            .rpc()
+            .batch_re_encrypt(request)
+            .await?
+            .into_inner()
+            .results;
+        if results.len() != items.len() {
+            return Err(Error::Protocol(
+                "batch answered a different number of items",
+            ));
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| match (item_error(r.status), r.response) {
+                (None, Some(s)) => Ok(Sealed {
+                    key_id: s.key_id,
+                    key_version: s.key_version,
+                    blob: s.ciphertext_blob,
+                }),
+                (Some(e), _) => Err(e),
+                (None, None) => Err(Error::Protocol("batch item without status or response")),
+            })
+            .collect())
+    }
+
     /// A no-op round trip.
     pub async fn ping(&self) -> Result<(), Error> {
         self.rpc().ping(pb::PingRequest {}).await?;
         Ok(())
     }
+}
+
+/// The error of a batch item, or `None` when it succeeded.
+fn item_error(status: Option<pb::ItemStatus>) -> Option<Error> {
+    let status = status?;
+    if status.code == 0 {
+        return None;
+    }
+    Some(Error::Rpc {
+        code: tonic::Code::from_i32(status.code),
+        message: status.message,
+    })
 }
 
 fn to_map(context: &Context) -> std::collections::HashMap<String, String> {

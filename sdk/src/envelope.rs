@@ -174,6 +174,14 @@ impl Header {
         })
     }
 
+    /// The master key version of the wrapped data key, read from the server's blob format
+    /// (`docs/formats.md`: bytes 19..23 of a version-1 blob), if it is one.
+    pub fn wrapped_key_version(&self) -> Option<u32> {
+        let b = &self.wrapped_dek;
+        (b.len() >= 23 && b[..3] == *b"KW\x01")
+            .then(|| u32::from_be_bytes([b[19], b[20], b[21], b[22]]))
+    }
+
     /// The header's bytes as written.
     pub fn encoded(&self) -> &[u8] {
         &self.encoded

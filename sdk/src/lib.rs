@@ -19,7 +19,8 @@ mod files;
 
 pub use cache::{CachePolicy, DataKeyCache};
 pub use client::{
-    Context, DataKey, KeyInfo, KeyPage, KmsClient, NewKey, Opened, Sealed, VersionInfo,
+    Context, DataKey, KeyInfo, KeyPage, KmsClient, NewKey, Opened, ReEncryptItem, Sealed,
+    VersionInfo,
 };
 pub use error::Error;
-pub use files::{Envelope, FileSummary};
+pub use files::{Envelope, FileSummary, Rewrapped};

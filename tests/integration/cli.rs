@@ -83,6 +83,44 @@ async fn key_commands_in_both_output_formats() {
     let rotated = cli_json(&server, &["key", "rotate", "cli-key"]).await;
     assert_eq!(rotated["primary_version"], 2);
     assert_eq!(rotated["versions"][1]["state"], "primary");
+    let policy = cli_json(
+        &server,
+        &[
+            "key",
+            "rotation-policy",
+            "cli-key",
+            "--period-seconds",
+            "7200",
+            "--usage-limit",
+            "5000",
+        ],
+    )
+    .await;
+    assert_eq!(
+        (
+            policy["rotation_period_seconds"].as_u64(),
+            policy["usage_limit"].as_u64()
+        ),
+        (Some(7200), Some(5000))
+    );
+    let report = cli_json(&server, &["key", "rotation-report"]).await;
+    let row = report["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["alias"] == "cli-key")
+        .expect("row")
+        .clone();
+    assert_eq!(
+        row["older_versions_still_decrypting"],
+        serde_json::json!([1])
+    );
+    assert_eq!(row["overdue"], false);
+    assert!(row["next_rotation_due_at"].as_i64().is_some());
+    assert!(cli(&server, &["key", "rotation-report"])
+        .await
+        .expect("human report")
+        .contains("key(s)"));
     let retired = cli_json(&server, &["key", "set-min-version", "cli-key", "2"]).await;
     assert_eq!(retired["versions"][0]["state"], "retired");
     assert_eq!(

@@ -13,6 +13,7 @@ mod keys;
 mod lifecycle;
 mod limits;
 mod restart;
+mod rewrap;
 mod rotation;
 mod sdk_envelope;
 mod wycheproof;
