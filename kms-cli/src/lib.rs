@@ -738,7 +738,7 @@ async fn rotation_report(
                     None => "-".to_string(),
                 },
                 format!("{} / {}", r["primary_usage"], r["usage_limit"]),
-                r["older_versions_still_decrypting"].to_string(),
+                r["older_versions_still_decrypting"],
             ));
         }
         text.push_str(&format!("{} key(s)", rows.len()));
