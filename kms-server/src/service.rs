@@ -579,6 +579,9 @@ impl KeyService {
             });
         }
         let record = self.resolve(key).await?;
+        if record.state == KeyState::Destroyed {
+            return Err(KmsError::KeyDestroyed);
+        }
         if !self
             .store
             .set_rotation_policy(record.key_id, period_secs, usage_limit)
@@ -660,6 +663,9 @@ impl KeyService {
         version: u32,
     ) -> Result<KeyRecord, KmsError> {
         let record = self.resolve(key).await?;
+        if record.state == KeyState::Destroyed {
+            return Err(KmsError::KeyDestroyed);
+        }
         let out_of_range = KmsError::InvalidArgument {
             field: "min_decryption_version",
             reason: "must be 1 ..= the primary version",
