@@ -17,45 +17,7 @@ echo "==> building (release)"
 cargo build --release --quiet -p kms-server -p kms-cli
 BIN="$PWD/target/release"
 
-echo "==> fresh SoftHSM2 token and SQLite database in $STATE"
-rm -rf "$STATE"
-mkdir -p "$STATE/tokens"
-chmod 700 "$STATE"
-export SOFTHSM2_CONF="$STATE/softhsm2.conf"
-printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n' \
-  "$STATE/tokens" > "$SOFTHSM2_CONF"
-# Random PINs, readable by the owner only; the server reads the user PIN from its file.
-umask 077
-head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$STATE/user.pin"
-head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$STATE/so.pin"
-softhsm2-util --init-token --free --label kms-demo \
-  --so-pin "$(cat "$STATE/so.pin")" --pin "$(cat "$STATE/user.pin")" > /dev/null
-umask 022
-
-PORT="$(free_port)"
-export KMS_ENDPOINT="http://127.0.0.1:$PORT"
-cat > "$STATE/kms.toml" <<TOML
-listen = "127.0.0.1:$PORT"
-
-[hsm]
-module = "$(softhsm_module)"
-token_label = "kms-demo"
-pin_file = "$STATE/user.pin"
-
-[store]
-url = "sqlite://$STATE/kms.db"
-TOML
-
-echo "==> starting kms-server on 127.0.0.1:$PORT"
-"$BIN/kms-server" --config "$STATE/kms.toml" > "$STATE/server.log" 2>&1 &
-SERVER_PID=$!
-trap 'kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
-  if "$BIN/kms-cli" ping > /dev/null 2>&1; then break; fi
-  if ! kill -0 "$SERVER_PID" 2>/dev/null; then echo "server exited:"; cat "$STATE/server.log"; exit 1; fi
-  sleep 0.1
-done
-"$BIN/kms-cli" ping > /dev/null
+start_kms_server "$STATE"
 
 echo "==> creating master key 'synthea-demo' inside the HSM"
 "$BIN/kms-cli" key create --alias synthea-demo --description "demo: Synthea sample" --tag purpose=demo

@@ -25,3 +25,52 @@ softhsm_module() {
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
+
+# Starts kms-server (release build in ./target/release) on a fresh SoftHSM2 token with random
+# PINs and a fresh SQLite database, all in folder $1 (recreated), on a free loopback port.
+# Exports SOFTHSM2_CONF, KMS_ENDPOINT, SERVER_PID and BIN; stops the server on exit.
+start_kms_server() {
+  local state="$1"
+  BIN="$PWD/target/release"
+  echo "==> fresh SoftHSM2 token and SQLite database in $state"
+  rm -rf "$state"
+  mkdir -p "$state/tokens"
+  chmod 700 "$state"
+  export SOFTHSM2_CONF="$state/softhsm2.conf"
+  printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n' \
+    "$state/tokens" > "$SOFTHSM2_CONF"
+  # Random PINs, readable by the owner only; the server reads the user PIN from its file.
+  (
+    umask 077
+    head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$state/user.pin"
+    head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$state/so.pin"
+  )
+  softhsm2-util --init-token --free --label kms-demo \
+    --so-pin "$(cat "$state/so.pin")" --pin "$(cat "$state/user.pin")" > /dev/null
+
+  local port
+  port="$(free_port)"
+  export KMS_ENDPOINT="http://127.0.0.1:$port"
+  cat > "$state/kms.toml" <<TOML
+listen = "127.0.0.1:$port"
+
+[hsm]
+module = "$(softhsm_module)"
+token_label = "kms-demo"
+pin_file = "$state/user.pin"
+
+[store]
+url = "sqlite://$state/kms.db"
+TOML
+
+  echo "==> starting kms-server on 127.0.0.1:$port"
+  "$BIN/kms-server" --config "$state/kms.toml" > "$state/server.log" 2>&1 &
+  SERVER_PID=$!
+  trap 'kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true' EXIT
+  for _ in $(seq 1 100); do
+    if "$BIN/kms-cli" ping > /dev/null 2>&1; then return 0; fi
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then echo "server exited:"; cat "$state/server.log"; exit 1; fi
+    sleep 0.1
+  done
+  "$BIN/kms-cli" ping > /dev/null
+}

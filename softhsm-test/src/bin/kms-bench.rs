@@ -323,6 +323,32 @@ fn run(
         None
     };
 
+    // Rotation under load: GenerateDataKey at the scaling concurrency on one key, first
+    // undisturbed, then while another connection rotates that key every 250 ms.
+    eprintln!("GenerateDataKey with and without rotations every 250 ms");
+    let rotation = {
+        let clients = rt.block_on(connect_many(&endpoint, 1))?;
+        let one_key = [key_id.clone()];
+        let quiet = rt.block_on(gdk_round_robin(&clients, &one_key, &ctx, warmup, measure))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let rotator = {
+            let (client, key, stop) = (clients[0].clone(), key_id.clone(), Arc::clone(&stop));
+            rt.spawn(async move {
+                let mut rotations = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    client.rotate_key(&key).await?;
+                    rotations += 1;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                anyhow::Ok(rotations)
+            })
+        };
+        let rotating = rt.block_on(gdk_round_robin(&clients, &one_key, &ctx, warmup, measure))?;
+        stop.store(true, Ordering::Relaxed);
+        let rotations = rt.block_on(rotator).context("rotator panicked")??;
+        (quiet, rotating, rotations)
+    };
+
     let rss_max_kib = rss.stop();
     let hwm_kib = proc_status_kib(pid, "VmHWM:").context("read VmHWM of the server")?;
     let rss_end_kib = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
@@ -343,6 +369,16 @@ fn run(
         memory,
     };
     print!("{}", report.markdown());
+    let (quiet, rotating, rotations) = rotation;
+    let p99_ratio = rotating.p99() as f64 / quiet.p99().max(1) as f64;
+    println!("\n## Rotation under load\n");
+    println!(
+        "GenerateDataKey at concurrency {SCALING_CONCURRENCY} on one key; the second run rotates that key every 250 ms ({rotations} rotations). Target: p99 within 1.5x.\n"
+    );
+    println!("| run | calls/s | p50 µs | p99 µs |\n|---|---:|---:|---:|");
+    println!("| no rotation | {:.0} | {} | {} |", quiet.per_sec(), quiet.p50(), quiet.p99());
+    println!("| rotating | {:.0} | {} | {} |", rotating.per_sec(), rotating.p50(), rotating.p99());
+    println!("\np99 ratio rotating / quiet: {p99_ratio:.2} ({})", if p99_ratio <= 1.5 { "PASS" } else { "FAIL" });
     if let Some(path) = &args.json {
         std::fs::write(path, report.json()).with_context(|| format!("write {}", path.display()))?;
         eprintln!("JSON written to {}", path.display());
