@@ -153,6 +153,30 @@ pub fn init_token(pkcs11: &Pkcs11, label: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A session on the run's token, logged in as its user: for tests that look into the token.
+pub fn user_session() -> anyhow::Result<cryptoki::session::Session> {
+    let pkcs11 = pkcs11();
+    let label = &token().label;
+    let slot = pkcs11
+        .get_slots_with_initialized_token()?
+        .into_iter()
+        .find(|s| {
+            pkcs11
+                .get_token_info(*s)
+                .map(|t| t.label().trim_end() == label)
+                .unwrap_or(false)
+        })
+        .context("the run's token is not there")?;
+    let session = pkcs11.open_rw_session(slot)?;
+    match session.login(UserType::User, Some(&AuthPin::from(USER_PIN))) {
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
+            Ok(session)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// HSM parameters for the test token.
 pub fn hsm_params(pool_size: usize) -> HsmParams {
     HsmParams {

@@ -22,18 +22,7 @@ async fn master_keys_are_sensitive_and_never_readable() {
         .await
         .expect("key");
 
-    let pkcs11 = softhsm_test::pkcs11();
-    let slot = pkcs11
-        .get_slots_with_initialized_token()
-        .expect("slots")
-        .into_iter()
-        .find(|s| {
-            pkcs11.get_token_info(*s).expect("info").label().trim_end()
-                == softhsm_test::token().label
-        })
-        .expect("token by label");
-    let session = pkcs11.open_rw_session(slot).expect("session");
-    let _ = session.login(UserType::User, Some(&AuthPin::from(softhsm_test::USER_PIN)));
+    let session = softhsm_test::user_session().expect("session");
     let found = session
         .find_objects(&[Attribute::Label(label_of(&key.key_id))])
         .expect("find");

@@ -2,8 +2,6 @@
 //! stores, with the HSM objects checked in the token.
 
 use cryptoki::object::Attribute;
-use cryptoki::session::UserType;
-use cryptoki::types::AuthPin;
 
 use crate::support::*;
 
@@ -20,18 +18,7 @@ fn assert_code<T>(result: Result<T, sdk::Error>, code: tonic::Code, message: &st
 
 /// How many objects in the test token carry the label of `key_id` version `version`.
 fn objects_labelled(key_id: &str, version: u32) -> usize {
-    let pkcs11 = softhsm_test::pkcs11();
-    let slot = pkcs11
-        .get_slots_with_initialized_token()
-        .expect("slots")
-        .into_iter()
-        .find(|s| {
-            pkcs11.get_token_info(*s).expect("info").label().trim_end()
-                == softhsm_test::token().label
-        })
-        .expect("token");
-    let session = pkcs11.open_ro_session(slot).expect("session");
-    let _ = session.login(UserType::User, Some(&AuthPin::from(softhsm_test::USER_PIN)));
+    let session = softhsm_test::user_session().expect("session");
     let label = format!("kms:{key_id}:v{version}").into_bytes();
     session
         .find_objects(&[Attribute::Label(label)])

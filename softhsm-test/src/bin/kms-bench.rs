@@ -376,9 +376,22 @@ fn run(
         "GenerateDataKey at concurrency {SCALING_CONCURRENCY} on one key; the second run rotates that key every 250 ms ({rotations} rotations). Target: p99 within 1.5x.\n"
     );
     println!("| run | calls/s | p50 µs | p99 µs |\n|---|---:|---:|---:|");
-    println!("| no rotation | {:.0} | {} | {} |", quiet.per_sec(), quiet.p50(), quiet.p99());
-    println!("| rotating | {:.0} | {} | {} |", rotating.per_sec(), rotating.p50(), rotating.p99());
-    println!("\np99 ratio rotating / quiet: {p99_ratio:.2} ({})", if p99_ratio <= 1.5 { "PASS" } else { "FAIL" });
+    println!(
+        "| no rotation | {:.0} | {} | {} |",
+        quiet.per_sec(),
+        quiet.p50(),
+        quiet.p99()
+    );
+    println!(
+        "| rotating | {:.0} | {} | {} |",
+        rotating.per_sec(),
+        rotating.p50(),
+        rotating.p99()
+    );
+    println!(
+        "\np99 ratio rotating / quiet: {p99_ratio:.2} ({})",
+        if p99_ratio <= 1.5 { "PASS" } else { "FAIL" }
+    );
     if let Some(path) = &args.json {
         std::fs::write(path, report.json()).with_context(|| format!("write {}", path.display()))?;
         eprintln!("JSON written to {}", path.display());
