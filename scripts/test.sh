@@ -25,6 +25,10 @@ else
   echo "==> PostgreSQL tests: SKIPPED (no server at 127.0.0.1:5432 and KMS_TEST_POSTGRES_URL unset)"
 fi
 
+# Each test process keeps its throw-away SoftHSM2 token folder until it exits (the PKCS#11
+# library holds it open); remove those of earlier runs.
+find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'kms-softhsm-*' -mmin +60 -exec rm -rf {} + 2> /dev/null || true
+
 cargo test --workspace --all-targets "$@"
 
 if [ -z "${KMS_TEST_POSTGRES_URL:-}" ]; then
