@@ -30,16 +30,39 @@ use zeroize::Zeroizing;
 
 use crate::blob::{NONCE_LEN, TAG_LEN};
 
-/// Serializes the calls that create or destroy objects (`C_GenerateKey`, `C_CreateObject`,
-/// `C_DestroyObject`) across the whole process. SoftHSM2's file object store fails such calls
-/// intermittently with `CKR_GENERAL_ERROR` or `CKR_TEMPLATE_INCONSISTENT` when they run on
-/// several threads at once (SoftHSMv2 issue #573; Parsec serialized its PKCS#11 provider for the
-/// same reason), which we saw as rare INTERNAL errors from CreateKey and RotateKey. These
-/// calls are rare, so one lock costs nothing; encryption and decryption stay parallel.
-static OBJECT_MANAGEMENT: Mutex<()> = Mutex::new(());
+/// Guards the token's object store within this process. Calls that create or destroy
+/// objects (`C_GenerateKey`, `C_CreateObject`, `C_DestroyObject`) hold it exclusively; every
+/// other call holds it shared, so encryption and decryption stay parallel with each other.
+/// SoftHSM2's file object store fails object creation intermittently with `CKR_GENERAL_ERROR`
+/// or `CKR_TEMPLATE_INCONSISTENT` when other threads use the token at the same time (SoftHSMv2
+/// issue #573; Parsec serialized its PKCS#11 provider for the same reason); we saw it as rare
+/// INTERNAL errors from CreateKey and RotateKey. Object management is rare, so the exclusive
+/// lock costs nothing measurable.
+static TOKEN_OBJECTS: RwLock<()> = RwLock::new(());
 
-fn object_management() -> std::sync::MutexGuard<'static, ()> {
-    OBJECT_MANAGEMENT.lock().unwrap_or_else(|p| p.into_inner())
+/// How an operation uses the token's object store.
+#[derive(Clone, Copy)]
+enum Access {
+    /// Reads objects (crypto, lookups).
+    Shared,
+    /// Creates or destroys objects.
+    Exclusive,
+}
+
+/// A held [`TOKEN_OBJECTS`] guard of either kind.
+#[allow(dead_code)] // held for its drop only
+enum Held {
+    Shared(std::sync::RwLockReadGuard<'static, ()>),
+    Exclusive(std::sync::RwLockWriteGuard<'static, ()>),
+}
+
+fn hold(access: Access) -> Held {
+    match access {
+        Access::Shared => Held::Shared(TOKEN_OBJECTS.read().unwrap_or_else(|p| p.into_inner())),
+        Access::Exclusive => {
+            Held::Exclusive(TOKEN_OBJECTS.write().unwrap_or_else(|p| p.into_inner()))
+        }
+    }
 }
 
 /// How many times an operation is retried on a fresh session after a session fault.
@@ -174,7 +197,7 @@ impl Hsm {
 
     /// Generates a new master key version inside the token; returns its object handle.
     pub async fn generate_master_key(&self, key: KeyRef) -> Result<ObjectHandle, HsmError> {
-        self.run(move |inner, session| {
+        self.run_exclusive(move |inner, session| {
             let template = [
                 Attribute::Class(ObjectClass::SECRET_KEY),
                 Attribute::KeyType(KeyType::AES),
@@ -196,9 +219,22 @@ impl Hsm {
                 Attribute::Id(key.object_id()),
                 Attribute::Label(key.object_label().into_bytes()),
             ];
-            let handle = {
-                let _serialized = object_management();
-                session.generate_key(&Mechanism::AesKeyGen, &template)?
+            // Even exclusive, SoftHSM2 has been seen to fail a creation now and then (other
+            // processes may share the token): retry a few times before giving up.
+            let mut tries = 0;
+            let handle = loop {
+                match session.generate_key(&Mechanism::AesKeyGen, &template) {
+                    Err(CkError::Pkcs11(
+                        RvError::GeneralError
+                        | RvError::TemplateInconsistent
+                        | RvError::FunctionFailed,
+                        _,
+                    )) if tries < 3 => {
+                        tries += 1;
+                        tracing::warn!(tries, "HSM key generation failed; retrying");
+                    }
+                    other => break other?,
+                }
             };
             inner.cache(key, handle);
             Ok(handle)
@@ -213,11 +249,8 @@ impl Hsm {
         key: KeyRef,
         handle: ObjectHandle,
     ) -> Result<(), HsmError> {
-        self.run(move |inner, session| {
-            {
-                let _serialized = object_management();
-                session.destroy_object(handle)?;
-            }
+        self.run_exclusive(move |inner, session| {
+            session.destroy_object(handle)?;
             inner.forget(key);
             Ok(())
         })
@@ -232,7 +265,7 @@ impl Hsm {
         versions: Vec<KeyRef>,
         label_versions: u32,
     ) -> Result<(), HsmError> {
-        self.run(move |inner, session| {
+        self.run_exclusive(move |inner, session| {
             let Some(key_id) = versions.first().map(|v| v.key_id) else {
                 return Ok(());
             };
@@ -250,12 +283,9 @@ impl Hsm {
                 .into_bytes();
                 templates.push(vec![Attribute::Label(label)]);
             }
-            {
-                let _serialized = object_management();
-                for template in &templates {
-                    for handle in session.find_objects(template)? {
-                        session.destroy_object(handle)?;
-                    }
+            for template in &templates {
+                for handle in session.find_objects(template)? {
+                    session.destroy_object(handle)?;
                 }
             }
             for v in &versions {
@@ -342,12 +372,30 @@ impl Hsm {
     /// encrypt must give the expected bytes, decrypt must invert it, and a flipped tag bit must
     /// be refused. The server refuses to serve when this fails.
     pub async fn self_test(&self) -> Result<(), HsmError> {
-        self.run(|inner, session| Ok(inner.known_answer_test(session)))
+        self.run_exclusive(|inner, session| Ok(inner.known_answer_test(session)))
             .await?
     }
 
-    /// Runs `op` on a pooled session off the async runtime, recovering from session faults.
+    /// Runs `op` (which only reads objects) on a pooled session off the async runtime,
+    /// recovering from session faults.
     async fn run<T, F>(&self, op: F) -> Result<T, HsmError>
+    where
+        T: Send + 'static,
+        F: Fn(&Inner, &Session) -> Result<T, OpError> + Send + 'static,
+    {
+        self.run_with(Access::Shared, op).await
+    }
+
+    /// Like [`Hsm::run`], for an `op` that creates or destroys objects.
+    async fn run_exclusive<T, F>(&self, op: F) -> Result<T, HsmError>
+    where
+        T: Send + 'static,
+        F: Fn(&Inner, &Session) -> Result<T, OpError> + Send + 'static,
+    {
+        self.run_with(Access::Exclusive, op).await
+    }
+
+    async fn run_with<T, F>(&self, access: Access, op: F) -> Result<T, HsmError>
     where
         T: Send + 'static,
         F: Fn(&Inner, &Session) -> Result<T, OpError> + Send + 'static,
@@ -359,7 +407,7 @@ impl Hsm {
             .await
             .map_err(|_| HsmError::Unavailable(RvError::DeviceRemoved))?;
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.with_session(op))
+        tokio::task::spawn_blocking(move || inner.with_session(access, op))
             .await
             .map_err(|_| HsmError::Other("HSM worker panicked".into()))?
     }
@@ -386,6 +434,7 @@ impl From<HsmError> for OpError {
 impl Inner {
     fn with_session<T>(
         &self,
+        access: Access,
         op: impl Fn(&Inner, &Session) -> Result<T, OpError>,
     ) -> Result<T, HsmError> {
         let mut session = match self.take_idle() {
@@ -394,7 +443,11 @@ impl Inner {
         };
         let mut attempt = 0;
         loop {
-            match op(self, &session) {
+            let outcome = {
+                let _held = hold(access);
+                op(self, &session)
+            };
+            match outcome {
                 Ok(value) => {
                     self.release(session);
                     return Ok(value);
@@ -553,7 +606,6 @@ impl Inner {
             Attribute::Decrypt(true),
             Attribute::Value(v.key.to_vec()),
         ];
-        let _serialized = object_management();
         let key = session.create_object(&template).map_err(classify)?;
         let outcome = (|| {
             let mut iv = v.iv;
