@@ -172,8 +172,9 @@ pub struct EncryptArgs {
     /// Output file, or folder (created) when the input is a folder.
     #[arg(long = "out")]
     pub out_path: PathBuf,
-    /// Plaintext bytes per frame.
-    #[arg(long, default_value_t = sdk::envelope::DEFAULT_FRAME_SIZE)]
+    /// Plaintext bytes per frame (1 byte to 16 MiB).
+    #[arg(long, default_value_t = sdk::envelope::DEFAULT_FRAME_SIZE,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(sdk::envelope::MAX_FRAME_SIZE)))]
     pub frame_size: u32,
     /// Overwrite output files that already exist.
     #[arg(long)]

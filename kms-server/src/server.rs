@@ -26,13 +26,13 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// HSM could not be opened, or its self-test failed.
-    #[error("HSM: {0}")]
+    #[error("HSM")]
     Hsm(#[from] HsmError),
     /// Store could not be opened.
-    #[error("store: {0}")]
+    #[error("store")]
     Store(#[from] StoreError),
     /// Listener problem.
-    #[error("listener: {0}")]
+    #[error("listener")]
     Io(#[from] std::io::Error),
 }
 

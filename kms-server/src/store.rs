@@ -562,10 +562,10 @@ pub enum StoreError {
     #[error("database URL must start with sqlite: or postgres:")]
     UnsupportedUrl,
     /// The database could not be reached.
-    #[error("cannot connect to the database: {0}")]
+    #[error("cannot connect to the database")]
     Connect(#[source] sqlx::Error),
     /// A migration failed.
-    #[error("database migration failed: {0}")]
+    #[error("database migration failed")]
     Migrate(#[source] sqlx::migrate::MigrateError),
 }
 

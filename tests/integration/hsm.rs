@@ -198,14 +198,16 @@ async fn start_up_fails_on_unknown_token_or_wrong_pin() {
         .await
         .err()
         .expect("unknown label");
-    assert!(err.to_string().contains("no token labelled"), "{err}");
+    let err = format!("{:#}", anyhow::Error::from(err));
+    assert!(err.contains("no token labelled"), "{err}");
     let (_private, _) = private_token("wrong-pin");
     let err = open(_private.clone(), "wrong-pin-9999")
         .await
         .err()
         .expect("wrong pin");
-    assert!(err.to_string().contains("login refused"), "{err}");
-    assert!(!err.to_string().contains("wrong-pin-9999"));
+    let err = format!("{:#}", anyhow::Error::from(err));
+    assert!(err.contains("login refused"), "{err}");
+    assert!(!err.contains("wrong-pin-9999"), "{err}");
 }
 
 /// A token of this test's own (so faults injected into it cannot disturb other tests).
