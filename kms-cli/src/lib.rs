@@ -125,12 +125,14 @@ pub enum KeyCommand {
     RotationPolicy {
         /// Key id or alias.
         key: String,
-        /// Rotate when the primary version is this old (0: never; else at least 3600).
-        #[arg(long, default_value_t = 0)]
-        period_seconds: u64,
+        /// Rotate when the primary version is this old (0: never; else at least 3600). Kept
+        /// as it is when not given.
+        #[arg(long)]
+        period_seconds: Option<u64>,
         /// Encryptions per version before an automatic rotation (0: the server's maximum).
-        #[arg(long, default_value_t = 0)]
-        usage_limit: u64,
+        /// Kept as it is when not given.
+        #[arg(long)]
+        usage_limit: Option<u64>,
     },
     /// Schedule a key for destruction after a waiting period; it behaves as disabled meanwhile.
     ScheduleDeletion {
@@ -273,8 +275,16 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             period_seconds,
             usage_limit,
         }) => {
+            if period_seconds.is_none() && usage_limit.is_none() {
+                bail!("give --period-seconds, --usage-limit or both");
+            }
+            let current = client.describe_key(&key).await?;
             let key = client
-                .set_rotation_policy(&key, period_seconds, usage_limit)
+                .set_rotation_policy(
+                    &key,
+                    period_seconds.unwrap_or(current.rotation_period_seconds),
+                    usage_limit.unwrap_or(current.usage_limit),
+                )
                 .await?;
             emit(out, json, key_json(&key), || key_text(&key))
         }
@@ -616,13 +626,13 @@ where
             }),
         )
         .await;
-        let summary = result.with_context(|| {
-            format!(
-                "{} (file {} of {}; the files before it were written)",
+        let summary = result.with_context(|| match jobs.len() {
+            1 => job.src.display().to_string(),
+            n => format!(
+                "{} (file {} of {n}; the files before it were written)",
                 job.src.display(),
-                index + 1,
-                jobs.len()
-            )
+                index + 1
+            ),
         })?;
         bytes += summary.plaintext_bytes;
         done_before += job.len;
@@ -691,7 +701,11 @@ async fn rotation_report(
         let still_needed: Vec<u32> = key
             .versions
             .iter()
-            .filter(|v| v.version >= key.min_decryption_version && v.version != key.primary_version)
+            .filter(|v| {
+                key.state != "destroyed"
+                    && v.version >= key.min_decryption_version
+                    && v.version != key.primary_version
+            })
             .map(|v| v.version)
             .collect();
         rows.push(json!({
@@ -703,7 +717,7 @@ async fn rotation_report(
             "rotation_period_seconds": key.rotation_period_seconds,
             "next_rotation_due_at": next_due,
             "overdue": next_due.is_some_and(|due| due <= now),
-            "primary_usage": primary.map(|v| v.usage).unwrap_or(0),
+            "primary_usage_reserved": primary.map(|v| v.usage).unwrap_or(0),
             "usage_limit": key.usage_limit,
             "older_versions_still_decrypting": still_needed,
         }));
@@ -718,7 +732,7 @@ async fn rotation_report(
             "AGE DAYS",
             "PERIOD D",
             "NEXT DUE",
-            "USAGE / LIMIT",
+            "RESERVED / LIMIT",
             "OLDER VERSIONS"
         );
         for r in &rows {
@@ -738,7 +752,7 @@ async fn rotation_report(
                     Some(due) => format!("in {} d", days(due - now)),
                     None => "-".to_string(),
                 },
-                format!("{} / {}", r["primary_usage"], r["usage_limit"]),
+                format!("{} / {}", r["primary_usage_reserved"], r["usage_limit"]),
                 r["older_versions_still_decrypting"],
             ));
         }
@@ -777,21 +791,37 @@ async fn rewrap(
         Ok((header.key_id.clone(), header.wrapped_key_version()))
     };
     let mut before = BTreeMap::<String, u64>::new();
-    let mut primaries = BTreeMap::<String, u32>::new();
+    // The primary version of every key involved, or why the key cannot be used.
+    let mut primaries = BTreeMap::<String, Result<u32, String>>::new();
     let mut todo = Vec::new();
+    let mut already = 0u64;
     let mut failures = Vec::new();
     for file in &files {
         match read_version(file) {
             Ok((key_id, version)) => {
                 *before.entry(version_label(version)).or_default() += 1;
                 if !primaries.contains_key(&key_id) {
-                    primaries.insert(
-                        key_id.clone(),
-                        client.describe_key(&key_id).await?.primary_version,
-                    );
+                    let primary = match client.describe_key(&key_id).await {
+                        Ok(key) => Ok(key.primary_version),
+                        // The key id comes from the file: an unknown or malformed one means a
+                        // damaged file, reported like any other.
+                        Err(sdk::Error::Rpc {
+                            code: sdk::Code::NotFound,
+                            message,
+                        }) if message == "key not found" => Err("invalid ciphertext".to_string()),
+                        Err(sdk::Error::Rpc {
+                            code: sdk::Code::InvalidArgument,
+                            ..
+                        }) => Err("invalid ciphertext".to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    primaries.insert(key_id.clone(), primary);
                 }
-                if version != primaries.get(&key_id).copied() {
-                    todo.push(file.clone());
+                match primaries.get(&key_id) {
+                    Some(Ok(primary)) if version == Some(*primary) => already += 1,
+                    Some(Ok(_)) => todo.push(file.clone()),
+                    Some(Err(reason)) => failures.push(format!("{}: {reason}", file.display())),
+                    None => failures.push(format!("{}: key lookup missing", file.display())),
                 }
             }
             Err(e) => failures.push(format!("{e:#}")),
@@ -807,8 +837,10 @@ async fn rewrap(
         bar.set_style(style);
     }
     let mut rewrapped = 0u64;
+    let mut interrupted = false;
     for chunk in todo.chunks(100) {
         if CANCELLED.load(Ordering::SeqCst) {
+            interrupted = true;
             break;
         }
         for (path, outcome) in chunk.iter().zip(envelope.rewrap_files(chunk).await) {
@@ -830,7 +862,7 @@ async fn rewrap(
     let doc = json!({
         "files": files.len(),
         "rewrapped": rewrapped,
-        "already_on_primary": files.len() as u64 - todo.len() as u64,
+        "already_on_primary": already,
         "failed": failures.len(),
         "failures": failures,
         "versions_before": before,
@@ -842,7 +874,7 @@ async fn rewrap(
         let mut text = format!(
             "{} file(s): {rewrapped} rewrapped, {} already on the primary version, {} failed, in {seconds:.3} s ({} KMS calls)\nversions before: {before:?}\nversions after:  {after:?}",
             files.len(),
-            files.len() - todo.len(),
+            already,
             failures.len(),
             client.calls_made()
         );
@@ -851,7 +883,7 @@ async fn rewrap(
         }
         text
     })?;
-    if CANCELLED.load(Ordering::SeqCst) {
+    if interrupted {
         bail!("interrupted; run the same command again to resume");
     }
     if !failures.is_empty() {

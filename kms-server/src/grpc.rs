@@ -155,7 +155,9 @@ fn metadata(record: KeyRecord, usage_limit: u64) -> KeyMetadata {
                 version: v.version,
                 created_at: v.created_at,
                 usage: v.usage_reserved,
-                state: if v.version == record.primary_version {
+                state: if record.state == StoredState::Destroyed {
+                    "destroyed"
+                } else if v.version == record.primary_version {
                     "primary"
                 } else if v.version < record.min_decryption_version {
                     "retired"

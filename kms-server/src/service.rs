@@ -22,6 +22,9 @@ pub const MAX_PAGE_SIZE: u32 = 1000;
 /// `ListKeys` page size when the caller gives none.
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 
+/// Longest rotation period accepted: 100 years, in seconds.
+pub const MAX_ROTATION_PERIOD_SECS: u64 = 100 * 365 * 86_400;
+
 /// An encryption context: a string map bound to a blob as authenticated data.
 pub type Context = BTreeMap<String, String>;
 
@@ -570,6 +573,12 @@ impl KeyService {
             return Err(KmsError::InvalidArgument {
                 field: "rotation_period_seconds",
                 reason: "0 or at least 3600",
+            });
+        }
+        if period_secs > MAX_ROTATION_PERIOD_SECS {
+            return Err(KmsError::InvalidArgument {
+                field: "rotation_period_seconds",
+                reason: "at most 100 years",
             });
         }
         if usage_limit > self.usage_policy.max_per_version {

@@ -118,11 +118,16 @@ impl Envelope {
             .await
         {
             Ok(opened) => opened,
-            // The blob and key id come from the message: a refusal means the message is bad.
+            // The blob and key id come from the message: an unknown key id or a refused blob
+            // means the message is bad. A destroyed key is reported as such.
             Err(Error::Rpc {
-                code: tonic::Code::InvalidArgument | tonic::Code::NotFound,
+                code: tonic::Code::InvalidArgument,
                 ..
             }) => return Err(Error::InvalidCiphertext),
+            Err(Error::Rpc {
+                code: tonic::Code::NotFound,
+                message,
+            }) if message == "key not found" => return Err(Error::InvalidCiphertext),
             Err(e) => return Err(e),
         };
         let mut key = Zeroizing::new([0u8; 32]);
@@ -309,9 +314,11 @@ fn replace_header(
 ) -> Result<(), Error> {
     let rewritten = header.with_wrapped_dek(key_id, wrapped_dek)?;
     let mut original = BufReader::new(File::open(path)?);
-    // Skip the old header (re-read, so a file changed meanwhile is refused, not corrupted).
+    // Skip the old header (re-read, so a file changed meanwhile is left alone, not corrupted).
     if Header::read_from(&mut original)? != *header {
-        return Err(Error::InvalidCiphertext);
+        return Err(Error::Io(std::io::Error::other(
+            "the file changed while being rewrapped (another rewrap?); run again",
+        )));
     }
     write_atomically(path, |out| {
         out.write_all(rewritten.encoded())?;

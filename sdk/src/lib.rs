@@ -24,3 +24,5 @@ pub use client::{
 };
 pub use error::Error;
 pub use files::{Envelope, FileSummary, Rewrapped};
+/// gRPC status codes, as carried by [`Error::Rpc`].
+pub use tonic::Code;

@@ -329,6 +329,11 @@ async fn scheduled_deletion_destroys_the_key(db: TestDb) {
         .expect("key");
     client.rotate_key("doomed").await.expect("version 2");
     let context = ctx(&[]);
+    let envelope = sdk::Envelope::new(client.clone(), sdk::CachePolicy::disabled());
+    let message = envelope
+        .encrypt("doomed", &context, b"file body")
+        .await
+        .expect("envelope");
     let blob = client
         .encrypt("doomed", b"soon gone", &context)
         .await
@@ -437,12 +442,28 @@ async fn scheduled_deletion_destroys_the_key(db: TestDb) {
         gone.1,
         "cancel after destruction",
     );
+    // Regression: the SDK reported a destroyed key as a damaged message.
+    match envelope.decrypt(&context, &message).await {
+        Err(sdk::Error::Rpc {
+            code: tonic::Code::NotFound,
+            message,
+        }) => assert_eq!(message, "key destroyed"),
+        other => panic!(
+            "expected NOT_FOUND key destroyed, got {:?}",
+            other.map(|_| ())
+        ),
+    }
     let tombstone = client
         .describe_key(&key.key_id)
         .await
         .expect("still describable");
     assert_eq!(tombstone.state, "destroyed");
     assert_eq!(tombstone.versions.len(), 2);
+    assert!(
+        tombstone.versions.iter().all(|v| v.state == "destroyed"),
+        "{:?}",
+        tombstone.versions
+    );
     server.stop().await.expect("stop");
 }
 on_both_stores!(scheduled_deletion_on, scheduled_deletion_destroys_the_key);

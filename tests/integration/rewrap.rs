@@ -248,3 +248,55 @@ async fn rewrap_of_synthea_files_resumes_and_leaves_bodies_untouched() {
         .to_string_lossy()
         .starts_with(".kms-partial-")));
 }
+
+/// Regression: one file whose key id is damaged failed the whole rewrap (and every re-run);
+/// it is now one failed file among rewrapped ones.
+#[tokio::test]
+async fn a_damaged_file_fails_alone_in_a_rewrap() {
+    let (_db, server) = sqlite_server().await;
+    let client = server.client().await.expect("client");
+    client
+        .create_key(sdk::NewKey {
+            alias: Some("rw".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("key");
+    let envelope = sdk::Envelope::new(client.clone(), sdk::CachePolicy::default());
+    let dir = tempfile::tempdir().expect("dir");
+    for name in ["a", "b", "c"] {
+        let message = envelope
+            .encrypt("rw", &ctx(&[]), name.as_bytes())
+            .await
+            .expect("encrypt");
+        std::fs::write(dir.path().join(format!("{name}.kms")), message).expect("write");
+    }
+    let damaged = dir.path().join("b.kms");
+    let mut bytes = std::fs::read(&damaged).expect("read");
+    bytes[10] ^= 1; // inside the key id text
+    std::fs::write(&damaged, bytes).expect("write");
+    client.rotate_key("rw").await.expect("rotate");
+    let argv = [
+        "kms-cli",
+        "--endpoint",
+        &server.endpoint(),
+        "--output",
+        "json",
+        "rewrap",
+        &dir.path().to_string_lossy(),
+    ];
+    let mut out = Vec::new();
+    let result = kms_cli::run(kms_cli::Cli::try_parse_from(argv).expect("args"), &mut out).await;
+    assert!(result.is_err(), "a failed file must make the command fail");
+    let summary: serde_json::Value = serde_json::from_slice(&out).expect("summary printed");
+    assert_eq!(summary["rewrapped"], 2, "{summary}");
+    assert_eq!(summary["failed"], 1, "{summary}");
+    assert_eq!(summary["already_on_primary"], 0, "{summary}");
+    assert!(
+        summary["failures"][0]
+            .as_str()
+            .expect("text")
+            .contains("invalid ciphertext"),
+        "{summary}"
+    );
+}
