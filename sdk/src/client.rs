@@ -339,36 +339,21 @@ impl KmsClient {
     /// Enables a key.
     pub async fn enable_key(&self, key: &str) -> Result<KeyInfo, Error> {
         Ok(key_info(
-            self.rpc()
-                .enable_key(pb::KeyRequest {
-                    key: key.to_string(),
-                })
-                .await?
-                .into_inner(),
+            self.rpc().enable_key(key_request(key)).await?.into_inner(),
         ))
     }
 
     /// Disables a key: it encrypts and decrypts nothing until enabled again.
     pub async fn disable_key(&self, key: &str) -> Result<KeyInfo, Error> {
         Ok(key_info(
-            self.rpc()
-                .disable_key(pb::KeyRequest {
-                    key: key.to_string(),
-                })
-                .await?
-                .into_inner(),
+            self.rpc().disable_key(key_request(key)).await?.into_inner(),
         ))
     }
 
     /// Creates a new primary version of a key.
     pub async fn rotate_key(&self, key: &str) -> Result<KeyInfo, Error> {
         Ok(key_info(
-            self.rpc()
-                .rotate_key(pb::KeyRequest {
-                    key: key.to_string(),
-                })
-                .await?
-                .into_inner(),
+            self.rpc().rotate_key(key_request(key)).await?.into_inner(),
         ))
     }
 
@@ -426,9 +411,7 @@ impl KmsClient {
     pub async fn cancel_key_deletion(&self, key: &str) -> Result<KeyInfo, Error> {
         Ok(key_info(
             self.rpc()
-                .cancel_key_deletion(pb::KeyRequest {
-                    key: key.to_string(),
-                })
+                .cancel_key_deletion(key_request(key))
                 .await?
                 .into_inner(),
         ))
@@ -533,6 +516,12 @@ fn item_error(status: Option<pb::ItemStatus>) -> Option<Error> {
         code: tonic::Code::from_i32(status.code),
         message: status.message,
     })
+}
+
+fn key_request(key: &str) -> pb::KeyRequest {
+    pb::KeyRequest {
+        key: key.to_string(),
+    }
 }
 
 fn to_map(context: &Context) -> std::collections::HashMap<String, String> {
