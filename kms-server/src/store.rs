@@ -194,6 +194,11 @@ impl Store {
         self.backend
     }
 
+    /// The connection pool, for the modules that keep their own tables (audit, authorization).
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
     /// Inserts a key and its first version in one transaction. A taken alias is
     /// [`KmsError::AliasExists`], decided by the unique constraint (so two concurrent creations
     /// of one alias give exactly one key).
@@ -534,7 +539,7 @@ fn key_from_row(row: &AnyRow) -> Result<KeyRecord, KmsError> {
 /// Maps a database error to the domain: unique violations on the alias are a conflict;
 /// everything about reaching the database is "unavailable"; the driver's message is logged
 /// (it carries no secrets: none are stored) but never returned to a caller.
-fn db_error(e: sqlx::Error) -> KmsError {
+pub(crate) fn db_error(e: sqlx::Error) -> KmsError {
     if let sqlx::Error::Database(db) = &e {
         if db.is_unique_violation() {
             return KmsError::AliasExists;
