@@ -17,6 +17,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sdk::{CachePolicy, Envelope, KeyInfo, KmsClient, NewKey};
 use serde_json::json;
 
+pub mod governance;
+
 /// Set by the binary's signal handler (Ctrl-C, SIGTERM): file operations stop at their next
 /// read and remove their temporary output, so an interrupted decryption leaves no plaintext.
 pub static CANCELLED: AtomicBool = AtomicBool::new(false);
@@ -78,6 +80,26 @@ pub enum Command {
     Datakey(DatakeyArgs),
     /// Check that the server answers.
     Ping,
+    /// Show the principal and roles the server sees for this client's certificate.
+    Whoami,
+    /// Role bindings (changes need approval).
+    #[command(subcommand)]
+    Roles(governance::RoleCommand),
+    /// Key grants (creation needs approval; revocation is immediate).
+    #[command(subcommand)]
+    Grants(governance::GrantCommand),
+    /// Approval quorums.
+    #[command(subcommand)]
+    Quorum(governance::QuorumCommand),
+    /// Dual-control approval requests.
+    #[command(subcommand)]
+    Approvals(governance::ApprovalCommand),
+    /// Break-glass emergency access.
+    #[command(subcommand, name = "break-glass")]
+    BreakGlass(governance::BreakGlassCommand),
+    /// The audit trail.
+    #[command(subcommand)]
+    Audit(governance::AuditCommand),
 }
 
 /// Key management commands.
@@ -214,14 +236,14 @@ pub struct DatakeyArgs {
     pub no_plaintext: bool,
 }
 
-fn parse_pair(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_pair(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("expected key=value, got {s:?}")),
     }
 }
 
-fn context_of(pairs: Vec<(String, String)>) -> anyhow::Result<BTreeMap<String, String>> {
+pub(crate) fn context_of(pairs: Vec<(String, String)>) -> anyhow::Result<BTreeMap<String, String>> {
     let mut map = BTreeMap::new();
     for (k, v) in pairs {
         if map.insert(k.clone(), v).is_some() {
@@ -291,9 +313,27 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Key(KeyCommand::RotationReport) => rotation_report(&client, out, json).await,
         Command::Rewrap { paths } => rewrap(&client, out, json, &paths).await,
         Command::Key(KeyCommand::ScheduleDeletion { key, days }) => {
-            let key = client.schedule_key_deletion(&key, days).await?;
-            emit(out, json, key_json(&key), || key_text(&key))
+            governance::show_approval(
+                out,
+                json,
+                &client.schedule_key_deletion(&key, days).await?,
+            )
         }
+        Command::Whoami => {
+            let me = client.who_am_i().await?;
+            emit(
+                out,
+                json,
+                json!({"principal": me.principal, "roles": me.roles}),
+                || format!("{} ({})", me.principal, me.roles.join(", ")),
+            )
+        }
+        Command::Roles(c) => governance::roles(&client, out, json, c).await,
+        Command::Grants(c) => governance::grants(&client, out, json, c).await,
+        Command::Quorum(c) => governance::quorums(&client, out, json, c).await,
+        Command::Approvals(c) => governance::approvals(&client, out, json, c).await,
+        Command::BreakGlass(c) => governance::break_glass(&client, out, json, c).await,
+        Command::Audit(c) => governance::audit(&client, out, json, c).await,
         Command::Key(KeyCommand::CancelDeletion { key }) => {
             let key = client.cancel_key_deletion(&key).await?;
             emit(out, json, key_json(&key), || key_text(&key))
@@ -403,7 +443,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     }
 }
 
-fn emit(
+pub(crate) fn emit(
     out: &mut dyn Write,
     json: bool,
     doc: serde_json::Value,

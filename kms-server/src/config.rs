@@ -14,6 +14,13 @@
 //! | `rotation.max_usage_per_version` | `KMS_ROTATION_MAX_USAGE` | `4000000000` (below 2^32)    |
 //! | `rotation.reservation_block` | `KMS_ROTATION_BLOCK`   | `1000`                               |
 //! | `rotation.check_interval_secs` | `KMS_ROTATION_CHECK_INTERVAL_SECS` | `60`              |
+//! | `bootstrap.security_officers` | `KMS_BOOTSTRAP_SECURITY_OFFICERS` (comma-separated) | (required, ≥ 2; used on first start only) |
+//! | `approvals.ttl_secs`      | `KMS_APPROVAL_TTL_SECS`  | `86400`                              |
+//! | `break_glass.max_window_secs` | `KMS_BREAK_GLASS_MAX_WINDOW_SECS` | `14400` (4 hours)     |
+//! | `break_glass.require_approval` | `KMS_BREAK_GLASS_REQUIRE_APPROVAL` | `true`             |
+//! | `audit.checkpoint_every`  | `KMS_AUDIT_CHECKPOINT_EVERY` | `1000` records                   |
+//! | `audit.checkpoint_interval_secs` | `KMS_AUDIT_CHECKPOINT_INTERVAL_SECS` | `60`          |
+//! | `audit.enabled`           | `KMS_AUDIT_ENABLED`      | `true` (`false` only for benchmark baselines) |
 //!
 //! The PIN is never accepted in the TOML file itself, only from a file or the environment, and
 //! is held in a zeroizing secret type from the moment it is read.
@@ -43,6 +50,41 @@ pub struct RawConfig {
     log: RawLog,
     #[serde(default)]
     rotation: RawRotation,
+    #[serde(default)]
+    bootstrap: RawBootstrap,
+    #[serde(default)]
+    approvals: RawApprovals,
+    #[serde(default)]
+    break_glass: RawBreakGlass,
+    #[serde(default)]
+    audit: RawAudit,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBootstrap {
+    security_officers: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApprovals {
+    ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreakGlass {
+    max_window_secs: Option<u64>,
+    require_approval: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    enabled: Option<bool>,
+    checkpoint_every: Option<u64>,
+    checkpoint_interval_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,6 +161,10 @@ pub struct ServerParams {
     pub log_format: LogFormat,
     /// Rotation settings.
     pub rotation: RotationParams,
+    /// Bootstrap officers, approval and break-glass policy.
+    pub authz: crate::authz::AuthzParams,
+    /// Audit settings; `None` when the audit trail is turned off (benchmark baselines only).
+    pub audit: Option<crate::audit::AuditParams>,
 }
 
 /// Configuration errors; each names the setting at fault, never a secret.
@@ -281,7 +327,95 @@ impl ServerParams {
             },
             check_interval: std::time::Duration::from_secs(interval),
         };
+        let officers: Vec<String> = match env("KMS_BOOTSTRAP_SECURITY_OFFICERS") {
+            Some(list) => list
+                .split(',')
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty())
+                .collect(),
+            None => raw.bootstrap.security_officers.unwrap_or_default(),
+        };
+        let mut distinct = officers.clone();
+        distinct.sort();
+        distinct.dedup();
+        if distinct.len() < 2 {
+            return Err(invalid(
+                "bootstrap.security_officers",
+                "at least two distinct principals (dual approval from the first day)",
+            ));
+        }
+        let authz_defaults = crate::authz::AuthzParams::default();
+        let ttl = number(
+            "KMS_APPROVAL_TTL_SECS",
+            "approvals.ttl_secs",
+            raw.approvals.ttl_secs,
+            authz_defaults.approval_ttl_secs.unsigned_abs(),
+        )?;
+        if !(60..=30 * 86_400).contains(&ttl) {
+            return Err(invalid("approvals.ttl_secs", "60 ..= 2592000 (30 days)"));
+        }
+        let max_window = number(
+            "KMS_BREAK_GLASS_MAX_WINDOW_SECS",
+            "break_glass.max_window_secs",
+            raw.break_glass.max_window_secs,
+            authz_defaults.break_glass_max_secs,
+        )?;
+        if !(60..=86_400).contains(&max_window) {
+            return Err(invalid("break_glass.max_window_secs", "60 ..= 86400"));
+        }
+        let flag = |name: &str, setting: &'static str, file: Option<bool>, default: bool| {
+            match env(name).as_deref() {
+                Some("true" | "1") => Ok(true),
+                Some("false" | "0") => Ok(false),
+                Some(_) => Err(invalid(setting, "true or false")),
+                None => Ok(file.unwrap_or(default)),
+            }
+        };
+        let require_approval = flag(
+            "KMS_BREAK_GLASS_REQUIRE_APPROVAL",
+            "break_glass.require_approval",
+            raw.break_glass.require_approval,
+            authz_defaults.break_glass_requires_approval,
+        )?;
+        let authz = crate::authz::AuthzParams {
+            bootstrap_officers: officers,
+            approval_ttl_secs: i64::try_from(ttl).unwrap_or(i64::MAX),
+            break_glass_max_secs: max_window,
+            break_glass_requires_approval: require_approval,
+        };
+        let audit_defaults = crate::audit::AuditParams::default();
+        let checkpoint_every = number(
+            "KMS_AUDIT_CHECKPOINT_EVERY",
+            "audit.checkpoint_every",
+            raw.audit.checkpoint_every,
+            u64::from(audit_defaults.checkpoint_every),
+        )?;
+        if !(1..=1_000_000).contains(&checkpoint_every) {
+            return Err(invalid("audit.checkpoint_every", "1 ..= 1000000"));
+        }
+        let checkpoint_interval = number(
+            "KMS_AUDIT_CHECKPOINT_INTERVAL_SECS",
+            "audit.checkpoint_interval_secs",
+            raw.audit.checkpoint_interval_secs,
+            audit_defaults.checkpoint_interval.as_secs(),
+        )?;
+        if !(1..=86_400).contains(&checkpoint_interval) {
+            return Err(invalid("audit.checkpoint_interval_secs", "1 ..= 86400"));
+        }
+        let audit_enabled = flag(
+            "KMS_AUDIT_ENABLED",
+            "audit.enabled",
+            raw.audit.enabled,
+            true,
+        )?;
+        let audit = audit_enabled.then(|| crate::audit::AuditParams {
+            checkpoint_every: u32::try_from(checkpoint_every).unwrap_or(u32::MAX),
+            checkpoint_interval: std::time::Duration::from_secs(checkpoint_interval),
+            ..audit_defaults
+        });
         Ok(ServerParams {
+            authz,
+            audit,
             rotation,
             listen,
             module,

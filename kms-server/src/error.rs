@@ -53,6 +53,29 @@ pub enum KmsError {
     /// The database cannot be reached.
     #[error("store unavailable")]
     StoreUnavailable,
+    /// The audit record of the request could not be written durably, so the request fails
+    /// (fail closed: no record, no result).
+    #[error("audit trail unavailable")]
+    AuditUnavailable,
+    /// The caller's identity, role, grant or break-glass window does not allow the request.
+    #[error("permission denied: {reason}")]
+    PermissionDenied {
+        /// Which rule refused (never a secret).
+        reason: &'static str,
+    },
+    /// An approval request, grant or binding does not exist.
+    #[error("{what} not found")]
+    NotFound {
+        /// What was looked for.
+        what: &'static str,
+    },
+    /// The request conflicts with the current state: an approval request that is no longer
+    /// pending, a vote already cast, a separation-of-duties rule.
+    #[error("{reason}")]
+    Conflict {
+        /// Why.
+        reason: &'static str,
+    },
     /// An invariant broke (for example metadata names an HSM object that is missing).
     #[error("internal error")]
     Internal {

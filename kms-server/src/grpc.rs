@@ -2,16 +2,21 @@
 //! [`to_status`], the only place that turns domain errors into gRPC status codes.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::sync::Arc;
 
 use proto::v1::key_management_server::KeyManagement;
 use proto::v1::*;
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 use zeroize::Zeroizing;
 
+use crate::audit::{Audit, AuditEvent, Outcome, Severity};
+use crate::authz::{self, Access, Authz, BreakGlassOutcome, Caller, Kind, Proposal, Role};
 use crate::error::KmsError;
 use crate::service::{Context, KeyService, NewKey};
 use crate::store::{KeyRecord, KeyState as StoredState};
+use crate::tls::PeerIdentity;
 
 /// Maps every domain error to a status. Messages are fixed strings: no internals, no key
 /// bytes, no context values.
@@ -31,25 +36,183 @@ pub fn to_status(e: &KmsError) -> Status {
         KmsError::InvalidCiphertext => Status::invalid_argument("invalid ciphertext"),
         KmsError::HsmUnavailable => Status::unavailable("HSM unavailable"),
         KmsError::StoreUnavailable => Status::unavailable("store unavailable"),
+        KmsError::AuditUnavailable => Status::unavailable("audit trail unavailable"),
+        KmsError::PermissionDenied { reason } => {
+            Status::permission_denied(format!("permission denied: {reason}"))
+        }
+        KmsError::NotFound { what } => Status::not_found(format!("{what} not found")),
+        KmsError::Conflict { reason } => Status::failed_precondition(*reason),
         KmsError::Internal { .. } => Status::internal("internal error"),
     }
 }
 
-/// The `kms.v1.KeyManagement` service over a [`KeyService`].
+/// The `kms.v1.KeyManagement` service over a [`KeyService`], behind authorization and audit.
 pub struct GrpcService {
     service: Arc<KeyService>,
+    authz: Arc<Authz>,
+    audit: Audit,
 }
 
-impl GrpcService {
-    /// Wraps the domain service.
-    pub fn new(service: Arc<KeyService>) -> Self {
-        GrpcService { service }
+/// What a request is about, for its audit record. Context values and identifiers are handed
+/// to the audit trail, which stores only their keyed hashes.
+#[derive(Default)]
+struct Facts {
+    key_id: Option<String>,
+    key_version: Option<u32>,
+    context: Context,
+    identifiers: Vec<(String, String)>,
+    break_glass: Option<String>,
+    detail: BTreeMap<String, String>,
+    high_severity: bool,
+}
+
+impl Facts {
+    fn key(key: &str) -> Self {
+        Facts {
+            key_id: Some(key.to_string()).filter(|k| !k.is_empty()),
+            ..Facts::default()
+        }
     }
 
-    async fn decrypt_one(&self, r: DecryptRequest) -> Result<DecryptResponse, KmsError> {
+    fn key_and_context(key: &str, context: &HashMap<String, String>) -> Self {
+        Facts {
+            context: context.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            ..Facts::key(key)
+        }
+    }
+
+    fn detail(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.detail.insert(name.to_string(), value.into());
+        self
+    }
+
+    fn resolved(&mut self, key_id: impl ToString, version: u32) {
+        self.key_id = Some(key_id.to_string());
+        self.key_version = Some(version);
+    }
+
+    fn used(&mut self, access: &Access) {
+        if let Some(window) = access.used_window() {
+            self.break_glass = Some(window);
+            self.high_severity = true;
+        }
+    }
+}
+
+type Handled<T> = (Result<T, KmsError>, Facts);
+
+impl GrpcService {
+    /// Wraps the domain service with its authorization layer and audit trail.
+    pub fn new(service: Arc<KeyService>, authz: Arc<Authz>, audit: Audit) -> Self {
+        GrpcService {
+            service,
+            authz,
+            audit,
+        }
+    }
+
+    /// Every RPC goes through here: identify the caller from its certificate, check the rule
+    /// table, run the handler, write the audit record — and only then answer. A record that
+    /// cannot be written fails the request with UNAVAILABLE, whatever the handler produced.
+    async fn run<Q, T, F, Fut>(
+        &self,
+        rpc: &'static str,
+        request: Request<Q>,
+        facts: impl FnOnce(&Q) -> Facts,
+        handler: F,
+    ) -> Result<Response<T>, Status>
+    where
+        F: FnOnce(Caller, Q, Facts) -> Fut,
+        Fut: Future<Output = Handled<T>>,
+    {
+        let request_id = Uuid::new_v4().to_string();
+        let principal = request
+            .extensions()
+            .get::<PeerIdentity>()
+            .map(|peer| peer.principal.clone());
+        let request = request.into_inner();
+        let initial = facts(&request);
+        let Some(principal) = principal else {
+            // Unreachable over the TLS listener, which refuses connections without a client
+            // certificate; refused (and recorded) rather than assumed.
+            let denied = KmsError::PermissionDenied {
+                reason: "no client certificate",
+            };
+            return self
+                .finish(rpc, request_id, None, Err(denied), initial)
+                .await;
+        };
+        let caller = self.authz.caller(&principal);
+        let (result, facts) = if caller.roles.is_empty() {
+            let denied = KmsError::PermissionDenied {
+                reason: "no role is bound to this principal",
+            };
+            (Err(denied), initial)
+        } else if !authz::allowed(rpc, &caller.roles) {
+            let denied = KmsError::PermissionDenied {
+                reason: "the caller's role may not call this method",
+            };
+            (Err(denied), initial)
+        } else {
+            handler(caller.clone(), request, initial).await
+        };
+        self.finish(rpc, request_id, Some(&caller), result, facts)
+            .await
+    }
+
+    async fn finish<T>(
+        &self,
+        rpc: &'static str,
+        request_id: String,
+        caller: Option<&Caller>,
+        result: Result<T, KmsError>,
+        facts: Facts,
+    ) -> Result<Response<T>, Status> {
+        let status = result.as_ref().err().map(|e| fail(rpc, e));
+        let outcome = match &result {
+            Ok(_) => Outcome::Ok,
+            Err(KmsError::PermissionDenied { .. }) => Outcome::Denied,
+            Err(_) => Outcome::Failed,
+        };
+        let event = AuditEvent {
+            request_id,
+            principal: caller.map(|c| c.principal.clone()).unwrap_or_default(),
+            role: caller.map(Caller::roles_text).unwrap_or_default(),
+            operation: rpc.to_string(),
+            key_id: facts.key_id,
+            key_version: facts.key_version,
+            outcome,
+            error_code: status.as_ref().map(|s| format!("{:?}", s.code())),
+            context: facts.context,
+            identifiers: facts.identifiers,
+            break_glass: facts.break_glass,
+            severity: if facts.high_severity {
+                Severity::High
+            } else {
+                Severity::Info
+            },
+            detail: facts.detail,
+        };
+        if self.audit.record(event).await.is_err() {
+            tracing::error!(rpc, "audit record not written: request failed closed");
+            return Err(to_status(&KmsError::AuditUnavailable));
+        }
+        match (result, status) {
+            (Ok(value), _) => Ok(Response::new(value)),
+            (Err(_), Some(status)) => Err(status),
+            (Err(e), None) => Err(to_status(&e)),
+        }
+    }
+
+    async fn decrypt_one(
+        &self,
+        access: &Access,
+        r: DecryptRequest,
+    ) -> Result<DecryptResponse, KmsError> {
         let opened = self
             .service
             .decrypt(
+                access,
                 &r.ciphertext_blob,
                 &context(r.encryption_context),
                 Some(&r.key),
@@ -62,10 +225,15 @@ impl GrpcService {
         })
     }
 
-    async fn re_encrypt_one(&self, r: ReEncryptRequest) -> Result<ReEncryptResponse, KmsError> {
+    async fn re_encrypt_one(
+        &self,
+        access: &Access,
+        r: ReEncryptRequest,
+    ) -> Result<ReEncryptResponse, KmsError> {
         let out = self
             .service
             .re_encrypt(
+                access,
                 &r.ciphertext_blob,
                 &context(r.source_encryption_context),
                 Some(&r.source_key),
@@ -86,14 +254,104 @@ impl GrpcService {
         let limit = self.service.usage_limit_of(&record);
         metadata(record, limit)
     }
+
+    /// Runs a key-management call that answers with the key's metadata.
+    async fn manage<Q, F, Fut>(
+        &self,
+        rpc: &'static str,
+        request: Request<Q>,
+        key_of: fn(&Q) -> &str,
+        call: F,
+    ) -> Result<Response<KeyMetadata>, Status>
+    where
+        F: FnOnce(Arc<KeyService>, Q) -> Fut,
+        Fut: Future<Output = Result<KeyRecord, KmsError>>,
+    {
+        self.run(
+            rpc,
+            request,
+            |r| Facts::key(key_of(r)),
+            |_caller, r, mut facts| async move {
+                let result = call(Arc::clone(&self.service), r).await;
+                if let Ok(record) = &result {
+                    facts.resolved(record.key_id, record.primary_version);
+                }
+                (result.map(|record| self.metadata(record)), facts)
+            },
+        )
+        .await
+    }
+
+    async fn propose(&self, caller: &Caller, proposal: Proposal, facts: &mut Facts) -> Result<Approval, KmsError> {
+        if let Some(key_id) = proposal.key_id() {
+            facts.key_id = Some(key_id.to_string());
+        }
+        let approval = self.authz.propose(caller, proposal).await?;
+        facts
+            .detail
+            .insert("approval_id".into(), approval.approval_id.clone());
+        Ok(approval_message(approval))
+    }
 }
 
-fn fail(rpc: &'static str, e: KmsError) -> Status {
+fn key_of_request(r: &KeyRequest) -> &str {
+    &r.key
+}
+
+fn approval_message(a: authz::Approval) -> Approval {
+    Approval {
+        approval_id: a.approval_id,
+        kind: a.proposal.kind().as_str().to_string(),
+        proposer: a.proposer,
+        parameters_json: a.parameters_json,
+        required: a.required,
+        approver_role: a.approver_role.as_str().to_string(),
+        approvers: a.approvers,
+        state: a.state.as_str().to_string(),
+        created_at: a.created_at,
+        expires_at: a.expires_at,
+        decided_at: a.decided_at,
+        result: a.result,
+    }
+}
+
+fn grant_message(g: authz::Grant) -> Grant {
+    Grant {
+        grant_id: g.grant_id,
+        principal: g.principal,
+        key_id: g.key_id.to_string(),
+        operations: g.operations.iter().map(|o| o.as_str().to_string()).collect(),
+        required_context_keys: g.required_context_keys,
+        context_equals: g.context_equals.into_iter().collect(),
+        expires_at: g.expires_at,
+        created_at: g.created_at,
+        approval_id: g.approval_id,
+        revoked_at: g.revoked_at,
+    }
+}
+
+fn window_message(w: authz::Window) -> BreakGlassWindow {
+    BreakGlassWindow {
+        window_id: w.window_id,
+        principal: w.principal,
+        key_ids: w.key_ids.iter().map(Uuid::to_string).collect(),
+        justification: w.justification,
+        opened_at: w.opened_at,
+        closes_at: w.closes_at,
+        approval_id: w.approval_id,
+    }
+}
+
+fn audit_error(_: crate::audit::AuditError) -> KmsError {
+    KmsError::AuditUnavailable
+}
+
+fn fail(rpc: &'static str, e: &KmsError) -> Status {
     match &e {
         KmsError::Internal { what } => tracing::error!(rpc, what, "request failed"),
         _ => tracing::debug!(rpc, error = %e, "request refused"),
     }
-    to_status(&e)
+    to_status(e)
 }
 
 /// Most items in one batch call.
@@ -118,7 +376,7 @@ fn ok_status() -> ItemStatus {
 
 /// A failed item's status, mapped by [`to_status`] like any single call.
 fn item_status(rpc: &'static str, e: KmsError) -> ItemStatus {
-    let status = fail(rpc, e);
+    let status = fail(rpc, &e);
     ItemStatus {
         code: status.code() as i32,
         message: status.message().to_string(),
@@ -176,262 +434,859 @@ impl KeyManagement for GrpcService {
         &self,
         request: Request<CreateKeyRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
-        let r = request.into_inner();
-        let new = NewKey {
-            alias: Some(r.alias).filter(|a| !a.is_empty()),
-            description: r.description,
-            tags: r.tags.into_iter().collect(),
-        };
-        let record = self
-            .service
-            .create_key(new)
-            .await
-            .map_err(|e| fail("CreateKey", e))?;
-        Ok(Response::new(self.metadata(record)))
+        self.run(
+            "CreateKey",
+            request,
+            |_| Facts::default(),
+            |_caller, r, mut facts| async move {
+                let new = NewKey {
+                    alias: Some(r.alias).filter(|a| !a.is_empty()),
+                    description: r.description,
+                    tags: r.tags.into_iter().collect(),
+                };
+                let result = self.service.create_key(new).await;
+                if let Ok(record) = &result {
+                    facts.resolved(record.key_id, record.primary_version);
+                }
+                (result.map(|record| self.metadata(record)), facts)
+            },
+        )
+        .await
     }
 
     async fn describe_key(
         &self,
         request: Request<DescribeKeyRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
-        let record = self
-            .service
-            .describe_key(&request.into_inner().key)
-            .await
-            .map_err(|e| fail("DescribeKey", e))?;
-        Ok(Response::new(self.metadata(record)))
+        self.run(
+            "DescribeKey",
+            request,
+            |r| Facts::key(&r.key),
+            |caller, r, mut facts| async move {
+                let access = self.authz.access(&caller);
+                let result = self.service.describe_key(&access, &r.key).await;
+                facts.used(&access);
+                if let Ok(record) = &result {
+                    facts.resolved(record.key_id, record.primary_version);
+                }
+                (result.map(|record| self.metadata(record)), facts)
+            },
+        )
+        .await
     }
 
     async fn list_keys(
         &self,
         request: Request<ListKeysRequest>,
     ) -> Result<Response<ListKeysResponse>, Status> {
-        let r = request.into_inner();
-        let (keys, next_page_token) = self
-            .service
-            .list_keys(r.page_size, &r.page_token)
-            .await
-            .map_err(|e| fail("ListKeys", e))?;
-        Ok(Response::new(ListKeysResponse {
-            keys: keys.into_iter().map(|k| self.metadata(k)).collect(),
-            next_page_token,
-        }))
+        self.run(
+            "ListKeys",
+            request,
+            |_| Facts::default(),
+            |_caller, r, facts| async move {
+                let result = self
+                    .service
+                    .list_keys(r.page_size, &r.page_token)
+                    .await
+                    .map(|(keys, next_page_token)| ListKeysResponse {
+                        keys: keys.into_iter().map(|k| self.metadata(k)).collect(),
+                        next_page_token,
+                    });
+                (result, facts)
+            },
+        )
+        .await
     }
 
     async fn generate_data_key(
         &self,
         request: Request<GenerateDataKeyRequest>,
     ) -> Result<Response<GenerateDataKeyResponse>, Status> {
-        let r = request.into_inner();
-        let dk = self
-            .service
-            .generate_data_key(&r.key, &context(r.encryption_context))
-            .await
-            .map_err(|e| fail("GenerateDataKey", e))?;
-        Ok(Response::new(GenerateDataKeyResponse {
-            key_id: dk.key_id.to_string(),
-            key_version: dk.key_version,
-            plaintext: dk.plaintext.to_vec(),
-            ciphertext_blob: dk.blob,
-        }))
+        self.run(
+            "GenerateDataKey",
+            request,
+            |r| Facts::key_and_context(&r.key, &r.encryption_context),
+            |caller, r, mut facts| async move {
+                let access = self.authz.access(&caller);
+                let result = self
+                    .service
+                    .generate_data_key(&access, &r.key, &context(r.encryption_context))
+                    .await;
+                facts.used(&access);
+                if let Ok(dk) = &result {
+                    facts.resolved(dk.key_id, dk.key_version);
+                }
+                let response = result.map(|dk| GenerateDataKeyResponse {
+                    key_id: dk.key_id.to_string(),
+                    key_version: dk.key_version,
+                    plaintext: dk.plaintext.to_vec(),
+                    ciphertext_blob: dk.blob,
+                });
+                (response, facts)
+            },
+        )
+        .await
     }
 
     async fn generate_data_key_without_plaintext(
         &self,
         request: Request<GenerateDataKeyRequest>,
     ) -> Result<Response<GenerateDataKeyWithoutPlaintextResponse>, Status> {
-        let r = request.into_inner();
-        let dk = self
-            .service
-            .generate_data_key(&r.key, &context(r.encryption_context))
-            .await
-            .map_err(|e| fail("GenerateDataKeyWithoutPlaintext", e))?;
-        Ok(Response::new(GenerateDataKeyWithoutPlaintextResponse {
-            key_id: dk.key_id.to_string(),
-            key_version: dk.key_version,
-            ciphertext_blob: dk.blob,
-        }))
+        self.run(
+            "GenerateDataKeyWithoutPlaintext",
+            request,
+            |r| Facts::key_and_context(&r.key, &r.encryption_context),
+            |caller, r, mut facts| async move {
+                let access = self.authz.access(&caller);
+                let result = self
+                    .service
+                    .generate_data_key(&access, &r.key, &context(r.encryption_context))
+                    .await;
+                facts.used(&access);
+                if let Ok(dk) = &result {
+                    facts.resolved(dk.key_id, dk.key_version);
+                }
+                let response = result.map(|dk| GenerateDataKeyWithoutPlaintextResponse {
+                    key_id: dk.key_id.to_string(),
+                    key_version: dk.key_version,
+                    ciphertext_blob: dk.blob,
+                });
+                (response, facts)
+            },
+        )
+        .await
     }
 
     async fn encrypt(
         &self,
         request: Request<EncryptRequest>,
     ) -> Result<Response<EncryptResponse>, Status> {
-        let r = request.into_inner();
-        let sealed = self
-            .service
-            .encrypt(
-                &r.key,
-                Zeroizing::new(r.plaintext),
-                &context(r.encryption_context),
-            )
-            .await
-            .map_err(|e| fail("Encrypt", e))?;
-        Ok(Response::new(EncryptResponse {
-            key_id: sealed.key_id.to_string(),
-            key_version: sealed.key_version,
-            ciphertext_blob: sealed.blob,
-        }))
+        self.run(
+            "Encrypt",
+            request,
+            |r| Facts::key_and_context(&r.key, &r.encryption_context),
+            |caller, r, mut facts| async move {
+                let access = self.authz.access(&caller);
+                let result = self
+                    .service
+                    .encrypt(
+                        &access,
+                        &r.key,
+                        Zeroizing::new(r.plaintext),
+                        &context(r.encryption_context),
+                    )
+                    .await;
+                facts.used(&access);
+                if let Ok(sealed) = &result {
+                    facts.resolved(sealed.key_id, sealed.key_version);
+                }
+                let response = result.map(|sealed| EncryptResponse {
+                    key_id: sealed.key_id.to_string(),
+                    key_version: sealed.key_version,
+                    ciphertext_blob: sealed.blob,
+                });
+                (response, facts)
+            },
+        )
+        .await
     }
 
     async fn decrypt(
         &self,
         request: Request<DecryptRequest>,
     ) -> Result<Response<DecryptResponse>, Status> {
-        let response = self
-            .decrypt_one(request.into_inner())
-            .await
-            .map_err(|e| fail("Decrypt", e))?;
-        Ok(Response::new(response))
+        self.run(
+            "Decrypt",
+            request,
+            |r| Facts::key_and_context(&r.key, &r.encryption_context),
+            |caller, r, mut facts| async move {
+                let access = self.authz.access(&caller);
+                let result = self.decrypt_one(&access, r).await;
+                facts.used(&access);
+                if let Ok(opened) = &result {
+                    facts.resolved(&opened.key_id, opened.key_version);
+                }
+                (result, facts)
+            },
+        )
+        .await
     }
 
     async fn re_encrypt(
         &self,
         request: Request<ReEncryptRequest>,
     ) -> Result<Response<ReEncryptResponse>, Status> {
-        let response = self
-            .re_encrypt_one(request.into_inner())
-            .await
-            .map_err(|e| fail("ReEncrypt", e))?;
-        Ok(Response::new(response))
+        self.run(
+            "ReEncrypt",
+            request,
+            |r| {
+                Facts::key_and_context(&r.source_key, &r.source_encryption_context)
+                    .detail("destination_key", r.destination_key.clone())
+            },
+            |caller, r, mut facts| async move {
+                let access = self.authz.access(&caller);
+                let result = self.re_encrypt_one(&access, r).await;
+                facts.used(&access);
+                if let Ok(out) = &result {
+                    facts.resolved(&out.source_key_id, out.source_key_version);
+                    facts.detail.insert(
+                        "destination".into(),
+                        format!("{} v{}", out.key_id, out.key_version),
+                    );
+                }
+                (result, facts)
+            },
+        )
+        .await
     }
 
     async fn batch_decrypt(
         &self,
         request: Request<BatchDecryptRequest>,
     ) -> Result<Response<BatchDecryptResponse>, Status> {
-        let items = batch_items(request.into_inner().items).map_err(|e| fail("BatchDecrypt", e))?;
-        let outcomes =
-            futures::future::join_all(items.into_iter().map(|item| self.decrypt_one(item))).await;
-        let results = outcomes
-            .into_iter()
-            .map(|outcome| match outcome {
-                Ok(response) => DecryptResult {
-                    status: Some(ok_status()),
-                    response: Some(response),
-                },
-                Err(e) => DecryptResult {
-                    status: Some(item_status("BatchDecrypt", e)),
-                    response: None,
-                },
-            })
-            .collect();
-        Ok(Response::new(BatchDecryptResponse { results }))
+        self.run(
+            "BatchDecrypt",
+            request,
+            |r| Facts::default().detail("items", r.items.len().to_string()),
+            |caller, r, mut facts| async move {
+                let items = match batch_items(r.items) {
+                    Ok(items) => items,
+                    Err(e) => return (Err(e), facts),
+                };
+                let access = self.authz.access(&caller);
+                let outcomes = futures::future::join_all(
+                    items.into_iter().map(|item| self.decrypt_one(&access, item)),
+                )
+                .await;
+                facts.used(&access);
+                let mut results = Vec::with_capacity(outcomes.len());
+                for (i, outcome) in outcomes.into_iter().enumerate() {
+                    results.push(match outcome {
+                        Ok(response) => {
+                            facts.detail.insert(
+                                format!("item.{i}"),
+                                format!("OK {} v{}", response.key_id, response.key_version),
+                            );
+                            DecryptResult {
+                                status: Some(ok_status()),
+                                response: Some(response),
+                            }
+                        }
+                        Err(e) => {
+                            let status = item_status("BatchDecrypt", e);
+                            facts
+                                .detail
+                                .insert(format!("item.{i}"), code_name(status.code));
+                            DecryptResult {
+                                status: Some(status),
+                                response: None,
+                            }
+                        }
+                    });
+                }
+                (Ok(BatchDecryptResponse { results }), facts)
+            },
+        )
+        .await
     }
 
     async fn batch_re_encrypt(
         &self,
         request: Request<BatchReEncryptRequest>,
     ) -> Result<Response<BatchReEncryptResponse>, Status> {
-        let items =
-            batch_items(request.into_inner().items).map_err(|e| fail("BatchReEncrypt", e))?;
-        let outcomes =
-            futures::future::join_all(items.into_iter().map(|item| self.re_encrypt_one(item)))
+        self.run(
+            "BatchReEncrypt",
+            request,
+            |r| Facts::default().detail("items", r.items.len().to_string()),
+            |caller, r, mut facts| async move {
+                let items = match batch_items(r.items) {
+                    Ok(items) => items,
+                    Err(e) => return (Err(e), facts),
+                };
+                let access = self.authz.access(&caller);
+                let outcomes = futures::future::join_all(
+                    items
+                        .into_iter()
+                        .map(|item| self.re_encrypt_one(&access, item)),
+                )
                 .await;
-        let results = outcomes
-            .into_iter()
-            .map(|outcome| match outcome {
-                Ok(response) => ReEncryptResult {
-                    status: Some(ok_status()),
-                    response: Some(response),
-                },
-                Err(e) => ReEncryptResult {
-                    status: Some(item_status("BatchReEncrypt", e)),
-                    response: None,
-                },
-            })
-            .collect();
-        Ok(Response::new(BatchReEncryptResponse { results }))
+                facts.used(&access);
+                let mut results = Vec::with_capacity(outcomes.len());
+                for (i, outcome) in outcomes.into_iter().enumerate() {
+                    results.push(match outcome {
+                        Ok(response) => {
+                            facts.detail.insert(
+                                format!("item.{i}"),
+                                format!(
+                                    "OK {} v{} -> {} v{}",
+                                    response.source_key_id,
+                                    response.source_key_version,
+                                    response.key_id,
+                                    response.key_version
+                                ),
+                            );
+                            ReEncryptResult {
+                                status: Some(ok_status()),
+                                response: Some(response),
+                            }
+                        }
+                        Err(e) => {
+                            let status = item_status("BatchReEncrypt", e);
+                            facts
+                                .detail
+                                .insert(format!("item.{i}"), code_name(status.code));
+                            ReEncryptResult {
+                                status: Some(status),
+                                response: None,
+                            }
+                        }
+                    });
+                }
+                (Ok(BatchReEncryptResponse { results }), facts)
+            },
+        )
+        .await
     }
 
-    async fn ping(&self, _request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
-        Ok(Response::new(PingResponse {}))
+    async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
+        self.run(
+            "Ping",
+            request,
+            |_| Facts::default(),
+            |_caller, _r, facts| async move { (Ok(PingResponse {}), facts) },
+        )
+        .await
     }
 
     async fn enable_key(
         &self,
         request: Request<KeyRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
-        let record = self
-            .service
-            .set_state(&request.into_inner().key, StoredState::Enabled)
-            .await
-            .map_err(|e| fail("EnableKey", e))?;
-        Ok(Response::new(self.metadata(record)))
+        self.manage("EnableKey", request, key_of_request, |s, r| async move {
+            s.set_state(&r.key, StoredState::Enabled).await
+        })
+        .await
     }
 
     async fn disable_key(
         &self,
         request: Request<KeyRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
-        let record = self
-            .service
-            .set_state(&request.into_inner().key, StoredState::Disabled)
-            .await
-            .map_err(|e| fail("DisableKey", e))?;
-        Ok(Response::new(self.metadata(record)))
+        self.manage("DisableKey", request, key_of_request, |s, r| async move {
+            s.set_state(&r.key, StoredState::Disabled).await
+        })
+        .await
     }
 
     async fn rotate_key(
         &self,
         request: Request<KeyRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
-        let record = self
-            .service
-            .rotate_key(&request.into_inner().key)
-            .await
-            .map_err(|e| fail("RotateKey", e))?;
-        Ok(Response::new(self.metadata(record)))
+        self.manage("RotateKey", request, key_of_request, |s, r| async move {
+            s.rotate_key(&r.key).await
+        })
+        .await
     }
 
     async fn schedule_key_deletion(
         &self,
         request: Request<ScheduleKeyDeletionRequest>,
-    ) -> Result<Response<KeyMetadata>, Status> {
-        let r = request.into_inner();
-        let record = self
-            .service
-            .schedule_key_deletion(&r.key, r.pending_window_days)
-            .await
-            .map_err(|e| fail("ScheduleKeyDeletion", e))?;
-        Ok(Response::new(self.metadata(record)))
+    ) -> Result<Response<Approval>, Status> {
+        self.run(
+            "ScheduleKeyDeletion",
+            request,
+            |r| Facts::key(&r.key),
+            |caller, r, mut facts| async move {
+                let result = async {
+                    let key_id = self.service.key_id_of(&r.key).await?;
+                    let proposal = Proposal::KeyDeletion {
+                        key_id,
+                        pending_window_days: r.pending_window_days,
+                    };
+                    self.propose(&caller, proposal, &mut facts).await
+                }
+                .await;
+                (result, facts)
+            },
+        )
+        .await
     }
 
     async fn cancel_key_deletion(
         &self,
         request: Request<KeyRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
-        let record = self
-            .service
-            .cancel_key_deletion(&request.into_inner().key)
-            .await
-            .map_err(|e| fail("CancelKeyDeletion", e))?;
-        Ok(Response::new(self.metadata(record)))
+        self.manage("CancelKeyDeletion", request, key_of_request, |s, r| async move {
+            s.cancel_key_deletion(&r.key).await
+        })
+        .await
     }
 
     async fn set_rotation_policy(
         &self,
         request: Request<SetRotationPolicyRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
-        let r = request.into_inner();
-        let record = self
-            .service
-            .set_rotation_policy(&r.key, r.rotation_period_seconds, r.usage_limit)
-            .await
-            .map_err(|e| fail("SetRotationPolicy", e))?;
-        Ok(Response::new(self.metadata(record)))
+        self.manage(
+            "SetRotationPolicy",
+            request,
+            |r| &r.key,
+            |s, r| async move {
+                s.set_rotation_policy(&r.key, r.rotation_period_seconds, r.usage_limit)
+                    .await
+            },
+        )
+        .await
     }
 
     async fn set_min_decryption_version(
         &self,
         request: Request<SetMinDecryptionVersionRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
-        let r = request.into_inner();
-        let record = self
-            .service
-            .set_min_decryption_version(&r.key, r.min_decryption_version)
-            .await
-            .map_err(|e| fail("SetMinDecryptionVersion", e))?;
-        Ok(Response::new(self.metadata(record)))
+        self.manage(
+            "SetMinDecryptionVersion",
+            request,
+            |r| &r.key,
+            |s, r| async move {
+                s.set_min_decryption_version(&r.key, r.min_decryption_version)
+                    .await
+            },
+        )
+        .await
     }
+
+    async fn who_am_i(
+        &self,
+        request: Request<WhoAmIRequest>,
+    ) -> Result<Response<WhoAmIResponse>, Status> {
+        self.run(
+            "WhoAmI",
+            request,
+            |_| Facts::default(),
+            |caller, _r, facts| async move {
+                let response = WhoAmIResponse {
+                    roles: caller.roles.iter().map(|r| r.as_str().to_string()).collect(),
+                    principal: caller.principal,
+                };
+                (Ok(response), facts)
+            },
+        )
+        .await
+    }
+
+    async fn list_role_bindings(
+        &self,
+        request: Request<ListRoleBindingsRequest>,
+    ) -> Result<Response<ListRoleBindingsResponse>, Status> {
+        self.run(
+            "ListRoleBindings",
+            request,
+            |_| Facts::default(),
+            |_caller, _r, facts| async move {
+                let result = self.authz.bindings().await.map(|rows| ListRoleBindingsResponse {
+                    bindings: rows
+                        .into_iter()
+                        .map(|(principal, role, created_at, approval_id)| RoleBinding {
+                            principal,
+                            role: role.as_str().to_string(),
+                            created_at,
+                            approval_id,
+                        })
+                        .collect(),
+                });
+                (result, facts)
+            },
+        )
+        .await
+    }
+
+    async fn propose_role_binding(
+        &self,
+        request: Request<ProposeRoleBindingRequest>,
+    ) -> Result<Response<Approval>, Status> {
+        self.run(
+            "ProposeRoleBinding",
+            request,
+            |r| {
+                Facts::default()
+                    .detail("principal", r.principal.clone())
+                    .detail("role", r.role.clone())
+            },
+            |caller, r, mut facts| async move {
+                let result = async {
+                    let proposal = Proposal::RoleBinding {
+                        principal: r.principal,
+                        role: Role::parse(&r.role)?,
+                        remove: r.remove,
+                    };
+                    self.propose(&caller, proposal, &mut facts).await
+                }
+                .await;
+                (result, facts)
+            },
+        )
+        .await
+    }
+
+    async fn propose_grant(
+        &self,
+        request: Request<ProposeGrantRequest>,
+    ) -> Result<Response<Approval>, Status> {
+        self.run(
+            "ProposeGrant",
+            request,
+            |r| {
+                Facts::key(&r.key)
+                    .detail("principal", r.principal.clone())
+                    .detail("operations", r.operations.join(","))
+            },
+            |caller, r, mut facts| async move {
+                let result = async {
+                    let proposal = Proposal::Grant {
+                        principal: r.principal,
+                        key_id: self.service.key_id_of(&r.key).await?,
+                        operations: r.operations,
+                        required_context_keys: r.required_context_keys,
+                        context_equals: r.context_equals.into_iter().collect(),
+                        expires_at: r.expires_at,
+                    };
+                    self.propose(&caller, proposal, &mut facts).await
+                }
+                .await;
+                (result, facts)
+            },
+        )
+        .await
+    }
+
+    async fn revoke_grant(
+        &self,
+        request: Request<RevokeGrantRequest>,
+    ) -> Result<Response<Grant>, Status> {
+        self.run(
+            "RevokeGrant",
+            request,
+            |r| Facts::default().detail("grant_id", r.grant_id.clone()),
+            |_caller, r, mut facts| async move {
+                let result = self.authz.revoke_grant(&r.grant_id).await;
+                if let Ok(grant) = &result {
+                    facts.key_id = Some(grant.key_id.to_string());
+                }
+                (result.map(grant_message), facts)
+            },
+        )
+        .await
+    }
+
+    async fn list_grants(
+        &self,
+        request: Request<ListGrantsRequest>,
+    ) -> Result<Response<ListGrantsResponse>, Status> {
+        self.run(
+            "ListGrants",
+            request,
+            |r| Facts::key(&r.key),
+            |_caller, r, facts| async move {
+                let result = async {
+                    let key_id = match r.key.as_str() {
+                        "" => None,
+                        key => Some(self.service.key_id_of(key).await?),
+                    };
+                    let principal = Some(r.principal.as_str()).filter(|p| !p.is_empty());
+                    let grants = self.authz.grants(principal, key_id).await?;
+                    Ok(ListGrantsResponse {
+                        grants: grants.into_iter().map(grant_message).collect(),
+                    })
+                }
+                .await;
+                (result, facts)
+            },
+        )
+        .await
+    }
+
+    async fn propose_quorum(
+        &self,
+        request: Request<ProposeQuorumRequest>,
+    ) -> Result<Response<Approval>, Status> {
+        self.run(
+            "ProposeQuorum",
+            request,
+            |_| Facts::default(),
+            |caller, r, mut facts| async move {
+                let result = async {
+                    let q = r.quorum.ok_or(KmsError::InvalidArgument {
+                        field: "quorum",
+                        reason: "required",
+                    })?;
+                    let quorum = authz::Quorum {
+                        kind: Kind::parse(&q.kind)?,
+                        required: q.required,
+                        approver_role: Role::parse(&q.approver_role)?,
+                    };
+                    self.propose(&caller, Proposal::Quorum { quorum }, &mut facts)
+                        .await
+                }
+                .await;
+                (result, facts)
+            },
+        )
+        .await
+    }
+
+    async fn list_quorums(
+        &self,
+        request: Request<ListQuorumsRequest>,
+    ) -> Result<Response<ListQuorumsResponse>, Status> {
+        self.run(
+            "ListQuorums",
+            request,
+            |_| Facts::default(),
+            |_caller, _r, facts| async move {
+                let result = self.authz.quorums().await.map(|quorums| ListQuorumsResponse {
+                    quorums: quorums
+                        .into_iter()
+                        .map(|q| Quorum {
+                            kind: q.kind.as_str().to_string(),
+                            required: q.required,
+                            approver_role: q.approver_role.as_str().to_string(),
+                        })
+                        .collect(),
+                });
+                (result, facts)
+            },
+        )
+        .await
+    }
+
+    async fn list_approvals(
+        &self,
+        request: Request<ListApprovalsRequest>,
+    ) -> Result<Response<ListApprovalsResponse>, Status> {
+        self.run(
+            "ListApprovals",
+            request,
+            |_| Facts::default(),
+            |_caller, r, facts| async move {
+                let result = self
+                    .authz
+                    .approvals(r.pending_only)
+                    .await
+                    .map(|list| ListApprovalsResponse {
+                        approvals: list.into_iter().map(approval_message).collect(),
+                    });
+                (result, facts)
+            },
+        )
+        .await
+    }
+
+    async fn get_approval(
+        &self,
+        request: Request<ApprovalId>,
+    ) -> Result<Response<Approval>, Status> {
+        self.run(
+            "GetApproval",
+            request,
+            |r| Facts::default().detail("approval_id", r.approval_id.clone()),
+            |_caller, r, facts| async move {
+                let result = self.authz.approval(&r.approval_id).await;
+                (result.map(approval_message), facts)
+            },
+        )
+        .await
+    }
+
+    async fn approve(&self, request: Request<ApprovalId>) -> Result<Response<Approval>, Status> {
+        self.run(
+            "Approve",
+            request,
+            |r| Facts::default().detail("approval_id", r.approval_id.clone()),
+            |caller, r, mut facts| async move {
+                let result = self.authz.approve(&caller, &r.approval_id).await;
+                if let Ok(approval) = &result {
+                    if let Some(key_id) = approval.proposal.key_id() {
+                        facts.key_id = Some(key_id.to_string());
+                    }
+                    facts
+                        .detail
+                        .insert("state".into(), approval.state.as_str().to_string());
+                    if approval.proposal.kind() == Kind::BreakGlass {
+                        facts.high_severity = true;
+                    }
+                }
+                (result.map(approval_message), facts)
+            },
+        )
+        .await
+    }
+
+    async fn reject(&self, request: Request<ApprovalId>) -> Result<Response<Approval>, Status> {
+        self.run(
+            "Reject",
+            request,
+            |r| Facts::default().detail("approval_id", r.approval_id.clone()),
+            |caller, r, facts| async move {
+                let result = self.authz.reject(&caller, &r.approval_id).await;
+                (result.map(approval_message), facts)
+            },
+        )
+        .await
+    }
+
+    async fn open_break_glass(
+        &self,
+        request: Request<OpenBreakGlassRequest>,
+    ) -> Result<Response<OpenBreakGlassResponse>, Status> {
+        self.run(
+            "OpenBreakGlass",
+            request,
+            |r| {
+                let mut facts = Facts::default().detail("keys", r.keys.join(","));
+                facts.high_severity = true;
+                facts
+            },
+            |caller, r, mut facts| async move {
+                let result = async {
+                    let mut key_ids = Vec::with_capacity(r.keys.len());
+                    for key in &r.keys {
+                        key_ids.push(self.service.key_id_of(key).await?);
+                    }
+                    self.authz
+                        .open_break_glass(&caller, key_ids, r.justification, r.duration_seconds)
+                        .await
+                }
+                .await;
+                let response = result.map(|outcome| match outcome {
+                    BreakGlassOutcome::Open(window) => {
+                        facts.break_glass = Some(window.window_id.clone());
+                        OpenBreakGlassResponse {
+                            window: Some(window_message(window)),
+                            approval: None,
+                        }
+                    }
+                    BreakGlassOutcome::Pending(approval) => {
+                        facts
+                            .detail
+                            .insert("approval_id".into(), approval.approval_id.clone());
+                        OpenBreakGlassResponse {
+                            window: None,
+                            approval: Some(approval_message(approval)),
+                        }
+                    }
+                });
+                (response, facts)
+            },
+        )
+        .await
+    }
+
+    async fn list_break_glass_windows(
+        &self,
+        request: Request<ListBreakGlassWindowsRequest>,
+    ) -> Result<Response<ListBreakGlassWindowsResponse>, Status> {
+        self.run(
+            "ListBreakGlassWindows",
+            request,
+            |_| Facts::default(),
+            |_caller, _r, facts| async move {
+                let result = self
+                    .authz
+                    .windows(None)
+                    .await
+                    .map(|windows| ListBreakGlassWindowsResponse {
+                        windows: windows.into_iter().map(window_message).collect(),
+                    });
+                (result, facts)
+            },
+        )
+        .await
+    }
+
+    async fn verify_audit(
+        &self,
+        request: Request<VerifyAuditRequest>,
+    ) -> Result<Response<VerifyAuditResponse>, Status> {
+        self.run(
+            "VerifyAudit",
+            request,
+            |_| Facts::default(),
+            |_caller, _r, facts| async move {
+                let result = self.audit.verify().await.map_err(audit_error).map(|report| {
+                    let (first_bad_seq, problem) = match report.first_bad {
+                        Some(bad) => (bad.seq, bad.problem.to_string()),
+                        None => (0, String::new()),
+                    };
+                    VerifyAuditResponse {
+                        records_checked: report.records,
+                        checkpoints_checked: report.checkpoints,
+                        intact: first_bad_seq == 0,
+                        first_bad_seq,
+                        problem,
+                    }
+                });
+                (result, facts)
+            },
+        )
+        .await
+    }
+
+    async fn list_audit_records(
+        &self,
+        request: Request<ListAuditRecordsRequest>,
+    ) -> Result<Response<ListAuditRecordsResponse>, Status> {
+        self.run(
+            "ListAuditRecords",
+            request,
+            |_| Facts::default(),
+            |_caller, r, facts| async move {
+                let filter = crate::audit::RecordFilter {
+                    break_glass_only: r.break_glass_only,
+                    identifier_hash: Some(r.identifier_hash).filter(|h| !h.is_empty()),
+                    ..Default::default()
+                };
+                let page_size = match r.page_size {
+                    0 => 500,
+                    n => n.min(5000),
+                };
+                let result = self
+                    .audit
+                    .records(r.after_seq, page_size, &filter)
+                    .await
+                    .map_err(audit_error)
+                    .and_then(|records| {
+                        let last_seq = records.last().map(|r| r.seq).unwrap_or(r.after_seq);
+                        let records_json = records.iter().map(|r| r.to_json_line()).collect();
+                        Ok(ListAuditRecordsResponse {
+                            records_json,
+                            last_seq,
+                        })
+                    });
+                (result, facts)
+            },
+        )
+        .await
+    }
+
+    async fn hash_identifier(
+        &self,
+        request: Request<HashIdentifierRequest>,
+    ) -> Result<Response<HashIdentifierResponse>, Status> {
+        self.run(
+            "HashIdentifier",
+            request,
+            |r| Facts {
+                identifiers: vec![("value".to_string(), r.value.clone())],
+                ..Facts::default()
+            },
+            |_caller, r, facts| async move {
+                let hash = self.audit.hash_identifier(&r.value);
+                (Ok(HashIdentifierResponse { hash }), facts)
+            },
+        )
+        .await
+    }
+}
+
+fn code_name(code: i32) -> String {
+    format!("{:?}", tonic::Code::from_i32(code))
 }

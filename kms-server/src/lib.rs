@@ -7,6 +7,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
+pub mod authz;
 pub mod blob;
 pub mod config;
 pub mod error;
@@ -15,5 +17,6 @@ pub mod hsm;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tls;
 
 pub use error::KmsError;

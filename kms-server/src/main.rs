@@ -37,6 +37,8 @@ async fn main() -> anyhow::Result<()> {
         store_max_connections: params.store_max_connections,
         clock: Arc::new(SystemClock),
         rotation: params.rotation,
+        authz: params.authz,
+        audit: params.audit,
     })
     .await
     .context("start-up")?;

@@ -9,7 +9,10 @@ use cryptoki::context::Pkcs11;
 use proto::v1::key_management_server::KeyManagementServer;
 use tokio::net::TcpListener;
 
+use crate::audit::{Audit, AuditError, AuditParams};
+use crate::authz::{Authz, AuthzParams};
 use crate::config::{ensure_loopback, ConfigError, RotationParams};
+use crate::error::KmsError;
 use crate::grpc::GrpcService;
 use crate::hsm::{Hsm, HsmError, HsmParams};
 use crate::service::{Clock, KeyService};
@@ -34,6 +37,12 @@ pub enum StartError {
     /// Listener problem.
     #[error("listener")]
     Io(#[from] std::io::Error),
+    /// The audit trail could not be opened.
+    #[error("audit trail")]
+    Audit(#[from] AuditError),
+    /// The authorization tables could not be read, or bootstrap was refused.
+    #[error("authorization: {0}")]
+    Authz(#[source] KmsError),
 }
 
 /// Everything a server needs besides its listener.
@@ -50,11 +59,17 @@ pub struct Parts {
     pub clock: Arc<dyn Clock>,
     /// Rotation settings.
     pub rotation: RotationParams,
+    /// Bootstrap officers, approval and break-glass policy.
+    pub authz: AuthzParams,
+    /// Audit trail settings; `None` turns the audit trail off (benchmark baseline only).
+    pub audit: Option<AuditParams>,
 }
 
 /// A server ready to serve: ports opened, self-test passed.
 pub struct Ready {
     service: Arc<KeyService>,
+    authz: Arc<Authz>,
+    audit: Audit,
     store: Store,
     check_interval: std::time::Duration,
 }
@@ -72,10 +87,24 @@ impl Ready {
         tracing::info!("HSM self-test passed");
         let store = Store::connect(&parts.store_url, parts.store_max_connections).await?;
         tracing::info!(backend = ?store.backend(), "store ready");
-        let service = KeyService::new(hsm, store.clone(), parts.clock)
-            .with_usage_policy(parts.rotation.usage);
+        let service = Arc::new(
+            KeyService::new(hsm.clone(), store.clone(), Arc::clone(&parts.clock))
+                .with_usage_policy(parts.rotation.usage),
+        );
+        let audit = match parts.audit {
+            Some(params) => Audit::open(hsm, store.clone(), Arc::clone(&parts.clock), params).await?,
+            None => {
+                tracing::warn!("AUDIT TRAIL DISABLED: for benchmark baselines only");
+                Audit::disabled()
+            }
+        };
+        let authz = Authz::open(store.clone(), Arc::clone(&service), parts.clock, parts.authz)
+            .await
+            .map_err(StartError::Authz)?;
         Ok(Ready {
-            service: Arc::new(service),
+            service,
+            authz: Arc::new(authz),
+            audit,
             store,
             check_interval: parts.rotation.check_interval,
         })
@@ -84,6 +113,16 @@ impl Ready {
     /// The key service this server will serve (tests and tools drive the scheduler with it).
     pub fn service(&self) -> Arc<KeyService> {
         Arc::clone(&self.service)
+    }
+
+    /// The audit trail this server writes.
+    pub fn audit(&self) -> Audit {
+        self.audit.clone()
+    }
+
+    /// The authorization layer this server asks.
+    pub fn authz(&self) -> Arc<Authz> {
+        Arc::clone(&self.authz)
     }
 
     /// Serves on `listener` (loopback only) until `shutdown` completes, then drains.
@@ -109,7 +148,11 @@ impl Ready {
             Arc::clone(&self.service),
             self.check_interval,
         ));
-        let kms = KeyManagementServer::new(GrpcService::new(self.service))
+        let kms = KeyManagementServer::new(GrpcService::new(
+            self.service,
+            self.authz,
+            self.audit.clone(),
+        ))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         tracing::info!(%addr, "serving");
         let result = tonic::transport::Server::builder()
@@ -122,6 +165,7 @@ impl Ready {
             )
             .await;
         scheduler.abort();
+        self.audit.shutdown().await;
         self.store.close().await;
         result.map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))
     }

@@ -46,6 +46,50 @@ impl Clock for SystemClock {
     }
 }
 
+/// What a caller wants to do with a key, as checked against its grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyOp {
+    /// `GenerateDataKey*`.
+    GenerateDataKey,
+    /// `Encrypt`.
+    Encrypt,
+    /// `Decrypt` and batch decrypt.
+    Decrypt,
+    /// `ReEncrypt`, on both the source and the destination key.
+    ReEncrypt,
+    /// `DescribeKey`.
+    Describe,
+}
+
+impl KeyOp {
+    /// The spelling used in grants.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyOp::GenerateDataKey => "generate-data-key",
+            KeyOp::Encrypt => "encrypt",
+            KeyOp::Decrypt => "decrypt",
+            KeyOp::ReEncrypt => "re-encrypt",
+            KeyOp::Describe => "describe",
+        }
+    }
+}
+
+/// Decides whether the caller of a request may use a key. The service asks it once the key is
+/// known (for `Decrypt`, after reading the blob's header) and before the HSM is touched.
+pub trait KeyAccess: Send + Sync {
+    /// `Ok` when `op` on `key_id` under `context` is allowed.
+    fn check(&self, op: KeyOp, key_id: Uuid, context: &Context) -> Result<(), KmsError>;
+}
+
+/// Allows everything: for the server's own jobs and for tests of the domain logic alone.
+pub struct Unrestricted;
+
+impl KeyAccess for Unrestricted {
+    fn check(&self, _op: KeyOp, _key_id: Uuid, _context: &Context) -> Result<(), KmsError> {
+        Ok(())
+    }
+}
+
 /// What `CreateKey` asks for.
 #[derive(Debug, Default, Clone)]
 pub struct NewKey {
@@ -216,8 +260,13 @@ impl KeyService {
 
     /// The metadata of a key, by id or alias.
     /// Reads the store (not the cache), so usage counters and versions are current.
-    pub async fn describe_key(&self, key: &str) -> Result<KeyRecord, KmsError> {
+    pub async fn describe_key(
+        &self,
+        access: &dyn KeyAccess,
+        key: &str,
+    ) -> Result<KeyRecord, KmsError> {
         let record = self.resolve(key).await?;
+        access.check(KeyOp::Describe, record.key_id, &Context::new())?;
         self.reload(record.key_id).await
     }
 
@@ -248,11 +297,14 @@ impl KeyService {
     /// A fresh data key under the key's primary version.
     pub async fn generate_data_key(
         &self,
+        access: &dyn KeyAccess,
         key: &str,
         context: &Context,
     ) -> Result<DataKey, KmsError> {
         let canonical_context = canonical(context)?;
-        let target = self.spend(self.usable(key).await?).await?;
+        let record = self.usable(key).await?;
+        access.check(KeyOp::GenerateDataKey, record.key_id, context)?;
+        let target = self.spend(record).await?;
         let new = NewBlob::new(target.key_id, target.version, &canonical_context);
         let (plaintext, nonce, sealed) = self
             .hsm
@@ -270,6 +322,7 @@ impl KeyService {
     /// Encrypts at most [`MAX_PLAINTEXT`] bytes directly under the key's primary version.
     pub async fn encrypt(
         &self,
+        access: &dyn KeyAccess,
         key: &str,
         plaintext: Zeroizing<Vec<u8>>,
         context: &Context,
@@ -281,7 +334,9 @@ impl KeyService {
             });
         }
         let canonical_context = canonical(context)?;
-        let target = self.spend(self.usable(key).await?).await?;
+        let record = self.usable(key).await?;
+        access.check(KeyOp::Encrypt, record.key_id, context)?;
+        let target = self.spend(record).await?;
         let new = NewBlob::new(target.key_id, target.version, &canonical_context);
         let (nonce, sealed) = self
             .hsm
@@ -298,12 +353,14 @@ impl KeyService {
     /// Decrypts a blob. `expected_key`, when given, must name the blob's key.
     pub async fn decrypt(
         &self,
+        access: &dyn KeyAccess,
         blob: &[u8],
         context: &Context,
         expected_key: Option<&str>,
     ) -> Result<Opened, KmsError> {
         let canonical_context = canonical(context)?;
         let (parsed, source) = self.source_of(blob, expected_key).await?;
+        access.check(KeyOp::Decrypt, source.key_id, context)?;
         let plaintext = self
             .hsm
             .unseal(
@@ -325,6 +382,7 @@ impl KeyService {
     /// plaintext is opened and resealed in one HSM job and never leaves it.
     pub async fn re_encrypt(
         &self,
+        access: &dyn KeyAccess,
         blob: &[u8],
         source_context: &Context,
         source_key: Option<&str>,
@@ -334,7 +392,10 @@ impl KeyService {
         let source_canonical = canonical(source_context)?;
         let destination_canonical = canonical(destination_context)?;
         let (parsed, source) = self.source_of(blob, source_key).await?;
-        let destination = self.spend(self.usable(destination_key).await?).await?;
+        access.check(KeyOp::ReEncrypt, source.key_id, source_context)?;
+        let destination = self.usable(destination_key).await?;
+        access.check(KeyOp::ReEncrypt, destination.key_id, destination_context)?;
+        let destination = self.spend(destination).await?;
         let new = NewBlob::new(
             destination.key_id,
             destination.version,
@@ -700,6 +761,11 @@ impl KeyService {
             .ok_or(KmsError::KeyNotFound)?;
         self.remember(Arc::new(record.clone()));
         Ok(record)
+    }
+
+    /// The id of a key named by id or alias (it may be in any state).
+    pub async fn key_id_of(&self, key: &str) -> Result<Uuid, KmsError> {
+        Ok(self.resolve(key).await?.key_id)
     }
 
     async fn usable(&self, key: &str) -> Result<Arc<KeyRecord>, KmsError> {

@@ -12,6 +12,9 @@ use zeroize::Zeroizing;
 
 use crate::error::Error;
 
+mod governance;
+pub use governance::GrantSpec;
+
 /// An encryption context. Stored and logged in clear: never PHI.
 pub type Context = BTreeMap<String, String>;
 
@@ -390,20 +393,6 @@ impl KmsClient {
         };
         Ok(key_info(
             self.rpc().set_rotation_policy(request).await?.into_inner(),
-        ))
-    }
-
-    /// Schedules a key for destruction after `days` (0: 30; else 7-365).
-    pub async fn schedule_key_deletion(&self, key: &str, days: u32) -> Result<KeyInfo, Error> {
-        let request = pb::ScheduleKeyDeletionRequest {
-            key: key.to_string(),
-            pending_window_days: days,
-        };
-        Ok(key_info(
-            self.rpc()
-                .schedule_key_deletion(request)
-                .await?
-                .into_inner(),
         ))
     }
 

@@ -19,9 +19,18 @@ mod files;
 
 pub use cache::{CachePolicy, DataKeyCache};
 pub use client::{
-    Context, DataKey, KeyInfo, KeyPage, KmsClient, NewKey, Opened, ReEncryptItem, Sealed,
-    VersionInfo,
+    Context, DataKey, GrantSpec, KeyInfo, KeyPage, KmsClient, NewKey, Opened, ReEncryptItem,
+    Sealed, VersionInfo,
 };
+
+/// The API's messages for identity, grants, approvals, break-glass and audit, as returned by
+/// the governance calls of [`KmsClient`].
+pub mod governance {
+    pub use proto::v1::{
+        Approval, BreakGlassWindow, Grant, ListAuditRecordsRequest, ListAuditRecordsResponse,
+        OpenBreakGlassResponse, Quorum, RoleBinding, VerifyAuditResponse, WhoAmIResponse,
+    };
+}
 pub use error::Error;
 pub use files::{Envelope, FileSummary, Rewrapped};
 /// gRPC status codes, as carried by [`Error::Rpc`].
