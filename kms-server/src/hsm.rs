@@ -11,6 +11,8 @@
 //!   only by wrapping under a trusted key (`CKA_WRAP_WITH_TRUSTED`), which only the token's
 //!   security officer can create.
 //! - Every GCM operation runs inside the token; nonces and data keys come from its RNG.
+//! - The audit trail's key is a never-extractable generic secret used only for HMAC-SHA256
+//!   inside the token ([`Hsm::audit_hmac`]), at start-up and per checkpoint, never per request.
 
 use std::collections::HashMap;
 use std::path::Path;

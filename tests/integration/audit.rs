@@ -743,6 +743,34 @@ async fn audit_key_is_sensitive_and_self_test_passes() {
     audit.shutdown().await;
 }
 
+/// A store that names an audit key the token does not hold refuses to open (the trail could
+/// neither be extended nor verified), rather than silently starting a new key.
+#[tokio::test]
+async fn missing_audit_key_refuses_to_open() {
+    let db = TestDb::new(StoreKind::Sqlite)
+        .await
+        .expect("db")
+        .expect("sqlite");
+    let (store, clock, audit) = open(&db, params(10)).await;
+    record_sequentially(&audit, 0..3).await;
+    audit.shutdown().await;
+    let id: String = sqlx::query_scalar("SELECT hsm_object_id FROM audit_key")
+        .fetch_one(store.pool())
+        .await
+        .expect("key row");
+    let session = softhsm_test::user_session().expect("session");
+    for handle in session
+        .find_objects(&[Attribute::Id(hex::decode(id).expect("hex"))])
+        .expect("find")
+    {
+        session.destroy_object(handle).expect("destroy");
+    }
+    assert!(matches!(
+        Audit::open(hsm(), store, clock, params(10)).await,
+        Err(AuditError::KeyMissing)
+    ));
+}
+
 /// The disabled trail (benchmark baseline only) records nothing and verifies nothing.
 #[tokio::test]
 async fn disabled_audit_records_nothing() {

@@ -6,7 +6,7 @@
 //!   encryption context and any identifiers, only the keys/labels in clear and the values as
 //!   HMAC-SHA256 under an identifier key ([`Audit::hash_identifier`]). An auditor who knows a
 //!   value can find the records about it (`hash VALUE`); the trail never holds it.
-//! - **Chain** ([`chain`]): each record carries the previous record's hash; the hash is keyed
+//! - **Chain** (`chain.rs`): each record carries the previous record's hash; the hash is keyed
 //!   (HMAC under a chain key derived from the HSM audit key), so editing, deleting, inserting
 //!   or reordering records is detected by [`Audit::verify`] even by an attacker who can write to
 //!   the database. Seq numbers are consecutive from 1 and the primary key, so two writers that
@@ -15,7 +15,7 @@
 //!   [`AuditParams::checkpoint_interval`], and at [`Audit::shutdown`], the head's hash is MACed
 //!   *inside the HSM* with the audit key. They keep protecting the history even if the in-memory
 //!   chain key leaked.
-//! - **Group commit** ([`writer`]): one task owns the chain head; [`Audit::record`] queues its
+//! - **Group commit** (`writer.rs`): one task owns the chain head; [`Audit::record`] queues its
 //!   record and waits; the task takes everything queued (up to [`AuditParams::max_batch`]),
 //!   chains it and writes it in one transaction — one durable flush for many requests, no HSM
 //!   call per record. If the transaction fails, every waiter gets an error and the head is
@@ -432,6 +432,9 @@ pub enum AuditError {
         /// Its seq.
         seq: u64,
     },
+    /// Writing an export failed.
+    #[error("audit export could not be written")]
+    Export(#[source] std::io::Error),
     /// The software HMAC failed its known-answer test.
     #[error("audit self-test failed")]
     SelfTest,
@@ -615,7 +618,7 @@ impl Audit {
             };
             after = last.seq;
             for record in &page {
-                writeln!(out, "{}", record.to_json_line()).map_err(|_| AuditError::Closed)?;
+                writeln!(out, "{}", record.to_json_line()).map_err(AuditError::Export)?;
                 count += 1;
             }
         }
@@ -726,8 +729,13 @@ impl Shared {
             for row in page {
                 let record = match row {
                     Ok(record) => record,
-                    Err(seq) => {
-                        bad(&mut report, seq.max(expected), Problem::Unreadable);
+                    // A row whose seq is readable but skips ahead: the gap comes first.
+                    Err(seq) if seq > expected => {
+                        bad(&mut report, expected, Problem::Missing);
+                        break 'pages;
+                    }
+                    Err(_) => {
+                        bad(&mut report, expected, Problem::Unreadable);
                         break 'pages;
                     }
                 };
