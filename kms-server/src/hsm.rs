@@ -11,6 +11,8 @@
 //!   only by wrapping under a trusted key (`CKA_WRAP_WITH_TRUSTED`), which only the token's
 //!   security officer can create.
 //! - Every GCM operation runs inside the token; nonces and data keys come from its RNG.
+//! - The audit trail's key is a never-extractable generic secret used only for HMAC-SHA256
+//!   inside the token ([`Hsm::audit_hmac`]), at start-up and per checkpoint, never per request.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -360,8 +362,92 @@ impl Hsm {
     /// encrypt must give the expected bytes, decrypt must invert it, and a flipped tag bit must
     /// be refused. The server refuses to serve when this fails.
     pub async fn self_test(&self) -> Result<(), HsmError> {
-        self.run_exclusive(|inner, session| Ok(inner.known_answer_test(session)))
-            .await?
+        self.run_exclusive(|inner, session| {
+            Ok(inner
+                .known_answer_test(session)
+                .and_then(|()| hmac_known_answer_test(session)))
+        })
+        .await?
+    }
+
+    /// Generates a new audit key inside the token: a 256-bit generic secret for
+    /// `CKM_SHA256_HMAC`, token object, private, sensitive, never extractable, usable only to
+    /// sign and verify. `object_id` becomes its `CKA_ID`; the label is [`AUDIT_KEY_LABEL`].
+    /// Which audit key a deployment uses is decided by the store (see `audit.rs`), so two
+    /// processes that race to create one agree on the winner.
+    pub async fn generate_audit_key(&self, object_id: Vec<u8>) -> Result<(), HsmError> {
+        self.run_exclusive(move |_inner, session| {
+            let template = [
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::GENERIC_SECRET),
+                Attribute::ValueLen(32.into()),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Sign(true),
+                Attribute::Verify(true),
+                Attribute::Encrypt(false),
+                Attribute::Decrypt(false),
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+                Attribute::Derive(false),
+                Attribute::Id(object_id.clone()),
+                Attribute::Label(AUDIT_KEY_LABEL.as_bytes().to_vec()),
+            ];
+            // Same intermittent SoftHSM2 creation failures as for master keys.
+            let mut tries = 0;
+            loop {
+                match session.generate_key(&Mechanism::GenericSecretKeyGen, &template) {
+                    Err(CkError::Pkcs11(rv, _)) if tries < 3 && !is_session_fault(rv) => {
+                        tries += 1;
+                        tracing::warn!(?rv, tries, "HSM audit key generation failed; retrying");
+                    }
+                    other => break other.map(|_handle| ())?,
+                };
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Destroys the audit key whose `CKA_ID` is `object_id` (used by a process that lost the
+    /// race to register its freshly generated key). Idempotent.
+    pub async fn destroy_audit_key(&self, object_id: Vec<u8>) -> Result<(), HsmError> {
+        self.run_exclusive(move |_inner, session| {
+            for handle in session.find_objects(&audit_key_template(&object_id))? {
+                session.destroy_object(handle)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// HMAC-SHA256 of `data` inside the token under the audit key whose `CKA_ID` is
+    /// `object_id`. Looks the key up on every call: callers use it at start-up and once per
+    /// audit checkpoint, never per request.
+    pub async fn audit_hmac(
+        &self,
+        object_id: Vec<u8>,
+        data: Vec<u8>,
+    ) -> Result<[u8; 32], HsmError> {
+        self.run(move |_inner, session| {
+            let found = session.find_objects(&audit_key_template(&object_id))?;
+            let handle = match found.as_slice() {
+                [handle] => *handle,
+                [] if !logged_in(session) => {
+                    return Err(
+                        CkError::Pkcs11(RvError::UserNotLoggedIn, Function::FindObjects).into(),
+                    )
+                }
+                [] => return Err(HsmError::KeyMissing.into()),
+                _ => return Err(HsmError::Other("more than one audit key object".into()).into()),
+            };
+            let mac = session.sign(&Mechanism::Sha256Hmac, handle, &data)?;
+            mac.try_into()
+                .map_err(|_| HsmError::Other("HMAC-SHA256 of unexpected length".into()).into())
+        })
+        .await
     }
 
     /// Runs `op` (which only reads objects) on a pooled session off the async runtime,
@@ -679,6 +765,71 @@ pub fn self_test_vector() -> GcmVector {
     }
 }
 
+/// `CKA_LABEL` of audit keys, for operators browsing the token.
+pub const AUDIT_KEY_LABEL: &str = "kms-audit-v1";
+
+fn audit_key_template(object_id: &[u8]) -> [Attribute; 3] {
+    [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::Id(object_id.to_vec()),
+    ]
+}
+
+/// A known-answer vector for HMAC-SHA256.
+pub struct HmacVector {
+    /// 32-byte key.
+    pub key: [u8; 32],
+    /// Message.
+    pub msg: &'static [u8],
+    /// Expected 32-byte tag.
+    pub tag: [u8; 32],
+}
+
+/// The start-up HMAC-SHA256 vector: Wycheproof `hmac_sha256_test.json` (C2SP/wycheproof,
+/// Apache-2.0), test case 23 (256-bit key, 49-byte message, 256-bit tag). A test reads the
+/// vector file and checks these bytes against it; the audit module checks its software HMAC
+/// against the same vector.
+pub fn hmac_self_test_vector() -> HmacVector {
+    HmacVector {
+        key: hex_array("69c50d5274358188cff4c0fae742243d4e8a5e5ba55d94ff40edd90f6a43dd10"),
+        msg: &[
+            0x1a, 0xc5, 0x25, 0x5a, 0xff, 0x05, 0x28, 0x28, 0xd8, 0xea, 0x21, 0xb3, 0x76, 0xf1,
+            0xeb, 0xdd, 0x4b, 0xb8, 0x79, 0x94, 0x99, 0x13, 0x90, 0x04, 0x05, 0xae, 0xbc, 0xe8,
+            0x3e, 0x48, 0xfe, 0xb6, 0x81, 0x3b, 0x5e, 0x9c, 0x89, 0xf9, 0x45, 0x01, 0xa8, 0xad,
+            0xe4, 0x1b, 0x26, 0xb8, 0x15, 0xc5, 0x21,
+        ],
+        tag: hex_array("4b0b4d0416fa2e11586fbfa7fb11261e69991dfa34019b9893d69a2be8c1fc80"),
+    }
+}
+
+/// Known-answer test of the token's `CKM_SHA256_HMAC` with [`hmac_self_test_vector`], on a
+/// session object (never stored in the token).
+fn hmac_known_answer_test(session: &Session) -> Result<(), HsmError> {
+    let v = hmac_self_test_vector();
+    let template = [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::Token(false),
+        Attribute::Sensitive(true),
+        Attribute::Sign(true),
+        Attribute::Value(v.key.to_vec()),
+    ];
+    let key = session.create_object(&template).map_err(classify)?;
+    let outcome = session
+        .sign(&Mechanism::Sha256Hmac, key, v.msg)
+        .map_err(classify)
+        .and_then(|tag| {
+            if tag.as_slice() == v.tag {
+                Ok(())
+            } else {
+                Err(HsmError::SelfTest("HMAC-SHA256 gave a wrong tag"))
+            }
+        });
+    let _ = session.destroy_object(key);
+    outcome
+}
+
 fn find_token(pkcs11: &Pkcs11, label: &str) -> Result<Slot, HsmError> {
     let slots = pkcs11
         .get_slots_with_initialized_token()
@@ -777,6 +928,29 @@ mod tests {
         assert_eq!(hex::encode(v.aad), case["aad"].as_str().expect("aad"));
         assert_eq!(hex::encode(v.msg), case["msg"].as_str().expect("msg"));
         assert_eq!(hex::encode(v.ct), case["ct"].as_str().expect("ct"));
+        assert_eq!(hex::encode(v.tag), case["tag"].as_str().expect("tag"));
+        assert_eq!(case["result"], "valid");
+    }
+
+    /// The HMAC self-test vector is exactly Wycheproof's HMAC-SHA256 test case 23.
+    #[test]
+    fn hmac_self_test_vector_matches_wycheproof_file() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/data/vectors/wycheproof/hmac_sha256_test.json"
+        ))
+        .expect("vector file in ../shared");
+        let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+        let case = json["testGroups"]
+            .as_array()
+            .expect("groups")
+            .iter()
+            .flat_map(|g| g["tests"].as_array().expect("tests").iter())
+            .find(|t| t["tcId"] == 23)
+            .expect("tcId 23");
+        let v = hmac_self_test_vector();
+        assert_eq!(hex::encode(v.key), case["key"].as_str().expect("key"));
+        assert_eq!(hex::encode(v.msg), case["msg"].as_str().expect("msg"));
         assert_eq!(hex::encode(v.tag), case["tag"].as_str().expect("tag"));
         assert_eq!(case["result"], "valid");
     }

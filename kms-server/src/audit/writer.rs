@@ -1,0 +1,314 @@
+//! The group-commit writer: one task owns the chain head. Each turn it takes the first queued
+//! record and everything else already queued (up to `max_batch`), chains them, writes them in
+//! one transaction, and answers every waiter only after the commit returned. The head advances
+//! only after a commit; after any failure it is reloaded from the store before the next batch
+//! (a commit that failed ambiguously may have landed). A batch that loses a race with another
+//! writer on the same chain (a seq primary-key conflict) is re-chained on the new head and
+//! retried. Checkpoints are written between batches, never while a caller waits on them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::chain::{self, SecretKey};
+use super::{db, AuditError, AuditParams, AuditRecord, AuditStats, Checkpoint};
+use crate::hsm::Hsm;
+use crate::service::Clock;
+use crate::store::Store;
+
+/// How many times a batch is re-chained after losing a race with another writer.
+const MAX_CONFLICT_RETRIES: usize = 8;
+
+/// What the writer is asked to do.
+// Records are nearly every message: boxing them would only add an allocation per request.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Msg {
+    /// Append a record.
+    Record(Pending),
+    /// Write a checkpoint now (after what is queued before this message).
+    Checkpoint(oneshot::Sender<Result<Option<u64>, AuditError>>),
+    /// Final checkpoint, then stop.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A record waiting for its batch's commit.
+pub(super) struct Pending {
+    pub record: AuditRecord,
+    pub reply: oneshot::Sender<Result<u64, AuditError>>,
+}
+
+/// The writer's counters, shared with [`super::Audit::stats`].
+#[derive(Default)]
+pub(super) struct Counters {
+    records: AtomicU64,
+    flushes: AtomicU64,
+    failed_flushes: AtomicU64,
+    conflicts: AtomicU64,
+    checkpoints: AtomicU64,
+}
+
+impl Counters {
+    pub(super) fn snapshot(&self) -> AuditStats {
+        AuditStats {
+            records: self.records.load(Ordering::Relaxed),
+            flushes: self.flushes.load(Ordering::Relaxed),
+            failed_flushes: self.failed_flushes.load(Ordering::Relaxed),
+            conflicts: self.conflicts.load(Ordering::Relaxed),
+            checkpoints: self.checkpoints.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The last committed record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Head {
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+/// The last checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LastCheckpoint {
+    pub seq: u64,
+    pub time: i64,
+}
+
+/// What the writer works with.
+pub(super) struct Ports {
+    pub hsm: Hsm,
+    pub store: Store,
+    pub clock: Arc<dyn Clock>,
+    pub key_object_id: Vec<u8>,
+    pub chain_key: Arc<SecretKey>,
+    pub stats: Arc<Counters>,
+    pub head_seq: Arc<AtomicU64>,
+}
+
+pub(super) struct Writer {
+    ports: Ports,
+    params: AuditParams,
+    /// `None`: unknown (after a failure); reloaded before the next batch.
+    head: Option<Option<Head>>,
+    last_checkpoint: LastCheckpoint,
+}
+
+impl Writer {
+    pub(super) fn new(
+        ports: Ports,
+        params: AuditParams,
+        head: Option<Head>,
+        last_checkpoint: Option<LastCheckpoint>,
+    ) -> Self {
+        let now = ports.clock.now_unix();
+        Writer {
+            ports,
+            params,
+            head: Some(head),
+            // Without a checkpoint yet, the interval counts from start-up.
+            last_checkpoint: last_checkpoint.unwrap_or(LastCheckpoint { seq: 0, time: now }),
+        }
+    }
+
+    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        let period = self
+            .params
+            .checkpoint_interval
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let msg = tokio::select! {
+                msg = rx.recv() => msg,
+                _ = tick.tick() => {
+                    self.maybe_checkpoint(false).await;
+                    continue;
+                }
+            };
+            let Some(msg) = msg else {
+                // Every `Audit` clone is gone: seal what was written.
+                self.maybe_checkpoint(true).await;
+                return;
+            };
+            let control = match msg {
+                Msg::Record(first) => {
+                    let mut batch = vec![first];
+                    let mut control = None;
+                    while batch.len() < self.params.max_batch {
+                        match rx.try_recv() {
+                            Ok(Msg::Record(p)) => batch.push(p),
+                            Ok(other) => {
+                                control = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.flush(batch).await;
+                    self.maybe_checkpoint(false).await;
+                    control
+                }
+                other => Some(other),
+            };
+            match control {
+                None | Some(Msg::Record(_)) => {}
+                Some(Msg::Checkpoint(reply)) => {
+                    let _ = reply.send(self.checkpoint().await);
+                }
+                Some(Msg::Shutdown(reply)) => {
+                    self.maybe_checkpoint(true).await;
+                    rx.close();
+                    // Answer whatever was queued behind the shutdown: closed.
+                    while let Ok(msg) = rx.try_recv() {
+                        if let Msg::Record(p) = msg {
+                            let _ = p.reply.send(Err(AuditError::Closed));
+                        }
+                    }
+                    let _ = reply.send(());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Chains `batch` on the head and commits it in one transaction; answers every waiter.
+    async fn flush(&mut self, mut batch: Vec<Pending>) {
+        let stats = Arc::clone(&self.ports.stats);
+        for _ in 0..=MAX_CONFLICT_RETRIES {
+            let head = match self.head {
+                Some(head) => head,
+                None => match db::head(self.ports.store.pool()).await {
+                    Ok(head) => {
+                        self.set_head(head);
+                        head
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "audit: cannot read the chain head");
+                        break;
+                    }
+                },
+            };
+            let mut prev = head.map(|h| h.hash).unwrap_or(chain::GENESIS);
+            let mut seq = head.map(|h| h.seq).unwrap_or(0);
+            for pending in &mut batch {
+                seq += 1;
+                let r = &mut pending.record;
+                r.seq = seq;
+                let hash = chain::record_hash(&self.ports.chain_key, &prev, r);
+                r.prev_hash = hex::encode(prev);
+                r.hash = hex::encode(hash);
+                prev = hash;
+            }
+            let records: Vec<&AuditRecord> = batch.iter().map(|p| &p.record).collect();
+            match db::insert_records(self.ports.store.pool(), &records).await {
+                Ok(()) => {
+                    self.set_head(Some(Head { seq, hash: prev }));
+                    stats.flushes.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .records
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    for p in batch {
+                        let _ = p.reply.send(Ok(p.record.seq));
+                    }
+                    return;
+                }
+                Err(e) if is_conflict(&e) => {
+                    // Another writer extended the chain: re-chain on its head.
+                    stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!("audit: another writer extended the chain; retrying");
+                    self.head = None;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, records = batch.len(), "audit: batch not written");
+                    self.head = None;
+                    break;
+                }
+            }
+        }
+        self.head = None;
+        stats.failed_flushes.fetch_add(1, Ordering::Relaxed);
+        for p in batch {
+            let _ = p.reply.send(Err(AuditError::NotDurable));
+        }
+    }
+
+    fn set_head(&mut self, head: Option<Head>) {
+        self.head = Some(head);
+        if let Some(h) = head {
+            self.ports.head_seq.fetch_max(h.seq, Ordering::SeqCst);
+        }
+    }
+
+    /// Writes a checkpoint when one is due (`force`: whenever records were written since the
+    /// last one). Failures are logged and retried at the next opportunity: records stay
+    /// protected by the chain meanwhile.
+    async fn maybe_checkpoint(&mut self, force: bool) {
+        let Some(Some(head)) = self.head else {
+            return;
+        };
+        if head.seq <= self.last_checkpoint.seq {
+            return;
+        }
+        let now = self.ports.clock.now_unix();
+        let interval = i64::try_from(self.params.checkpoint_interval.as_secs()).unwrap_or(i64::MAX);
+        let due = force
+            || head.seq - self.last_checkpoint.seq >= u64::from(self.params.checkpoint_every)
+            || now.saturating_sub(self.last_checkpoint.time) >= interval;
+        if due {
+            if let Err(e) = self.write_checkpoint(head, now).await {
+                tracing::warn!(error = %e, "audit: checkpoint not written; will retry");
+            }
+        }
+    }
+
+    /// Writes a checkpoint at the head now if records were written since the last one.
+    async fn checkpoint(&mut self) -> Result<Option<u64>, AuditError> {
+        if self.head.is_none() {
+            let head = db::head(self.ports.store.pool())
+                .await
+                .map_err(AuditError::Store)?;
+            self.set_head(head);
+        }
+        let Some(Some(head)) = self.head else {
+            return Ok(None);
+        };
+        if head.seq <= self.last_checkpoint.seq {
+            return Ok(None);
+        }
+        let now = self.ports.clock.now_unix();
+        self.write_checkpoint(head, now).await?;
+        Ok(Some(head.seq))
+    }
+
+    async fn write_checkpoint(&mut self, head: Head, now: i64) -> Result<(), AuditError> {
+        let mac = self
+            .ports
+            .hsm
+            .audit_hmac(
+                self.ports.key_object_id.clone(),
+                chain::checkpoint_input(head.seq, &head.hash, now),
+            )
+            .await?;
+        db::insert_checkpoint(
+            self.ports.store.pool(),
+            &Checkpoint {
+                seq: head.seq,
+                record_hash: hex::encode(head.hash),
+                time: now,
+                mac: hex::encode(mac),
+            },
+        )
+        .await?;
+        self.last_checkpoint = LastCheckpoint {
+            seq: head.seq,
+            time: now,
+        };
+        self.ports.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn is_conflict(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
