@@ -37,6 +37,7 @@ async fn main() -> anyhow::Result<()> {
         store_max_connections: params.store_max_connections,
         clock: Arc::new(SystemClock),
         rotation: params.rotation,
+        tls: params.tls,
     })
     .await
     .context("start-up")?;

@@ -16,4 +16,5 @@ mod restart;
 mod rewrap;
 mod rotation;
 mod sdk_envelope;
+mod tls;
 mod wycheproof;
