@@ -313,7 +313,7 @@ pub enum PkiCommand {
         /// Folder to write to (created; must be empty unless --force).
         #[arg(long)]
         out: PathBuf,
-        /// Trust domain of the principals: spiffe://<trust domain>/<kind>/<name>.
+        /// Trust domain of the principals: spiffe://TRUST_DOMAIN/KIND/NAME.
         #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
         /// Replace the files of an existing PKI folder.
