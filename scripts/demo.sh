@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The main job on real input: start the KMS on a fresh SoftHSM2 token and SQLite database,
-# create a master key, envelope-encrypt every Synthea sample file, decrypt them all, check
-# they are byte-identical, print a summary, stop the server.
+# The main job on real input: start the KMS on a fresh SoftHSM2 token, SQLite database and
+# development PKI (everything over mutual TLS, as in production), create a master key as a
+# security officer, envelope-encrypt every Synthea sample file as an application, decrypt them
+# all, check they are byte-identical, print a summary, stop the server.
 #
 # Usage: ./scripts/demo.sh [DATA_FOLDER]   (default: tests/data/synthea)
-# State lives in ./.kms-demo (token, database, PINs, logs, outputs); it is recreated each run.
+# State lives in ./.kms-demo (token, database, PINs, PKI, logs, outputs); it is recreated each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 INPUT="${1:-tests/data/synthea}"
@@ -19,11 +20,11 @@ BIN="$PWD/target/release"
 
 start_kms_server "$STATE"
 
-echo "==> creating master key 'synthea-demo' inside the HSM"
-"$BIN/kms-cli" key create --alias synthea-demo --description "demo: Synthea sample" --tag purpose=demo
+echo "==> creating master key 'synthea-demo' inside the HSM (as officer-1)"
+"$BIN/kms-cli" --identity "$KMS_PKI/officer-1" key create --alias synthea-demo --description "demo: Synthea sample" --tag purpose=demo
 
 CONTEXT=(--context dataset=synthea-sample --context purpose=demo)
-echo "==> envelope-encrypting every file of $INPUT"
+echo "==> envelope-encrypting every file of $INPUT (as app-1)"
 "$BIN/kms-cli" --output json encrypt --key synthea-demo "${CONTEXT[@]}" --in "$INPUT" --out "$STATE/encrypted" > "$STATE/encrypt.json"
 echo "==> decrypting them again"
 "$BIN/kms-cli" --output json decrypt "${CONTEXT[@]}" --in "$STATE/encrypted" --out "$STATE/decrypted" > "$STATE/decrypt.json"
@@ -43,6 +44,7 @@ print(f"  files                 {enc['files']} encrypted, {dec['files']} decrypt
 print(f"  bytes                 {enc['bytes']:,}")
 print(f"  encrypt throughput    {enc['megabytes_per_second']:.1f} MB/s ({enc['seconds']:.3f} s)")
 print(f"  decrypt throughput    {dec['megabytes_per_second']:.1f} MB/s ({dec['seconds']:.3f} s)")
+print(f"  transport             mutual TLS 1.3; officer-1 created the key, app-1 encrypted and decrypted")
 print(f"  KMS calls             {enc['kms_calls']} to encrypt (GenerateDataKey), {dec['kms_calls']} to decrypt (Decrypt)")
 print("                        (data-key caching: one call per batch, not one per file)")
 PY

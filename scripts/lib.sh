@@ -27,8 +27,11 @@ free_port() {
 }
 
 # Starts kms-server (release build in ./target/release) on a fresh SoftHSM2 token with random
-# PINs and a fresh SQLite database, all in folder $1 (recreated), on a free loopback port.
-# Exports SOFTHSM2_CONF, KMS_ENDPOINT, SERVER_PID and BIN; stops the server on exit.
+# PINs, a fresh SQLite database and a fresh development PKI (`kms-cli pki init`), all in folder
+# $1 (recreated), on a free loopback port, serving mutual TLS only.
+# Exports SOFTHSM2_CONF, KMS_ENDPOINT (https://), KMS_PKI (the PKI folder), KMS_IDENTITY
+# (app-1; pass `--identity "$KMS_PKI/officer-1"` etc. for another role), SERVER_PID and BIN;
+# stops the server on exit.
 start_kms_server() {
   local state="$1"
   BIN="$PWD/target/release"
@@ -48,9 +51,14 @@ start_kms_server() {
   softhsm2-util --init-token --free --label kms-demo \
     --so-pin "$(cat "$state/so.pin")" --pin "$(cat "$state/user.pin")" > /dev/null
 
+  echo "==> development PKI (CA, server and one client certificate per role) in $state/pki"
+  "$BIN/kms-cli" pki init --out "$state/pki" > "$state/pki.txt"
+  export KMS_PKI="$state/pki"
+  export KMS_IDENTITY="$KMS_PKI/app-1"
+
   local port
   port="$(free_port)"
-  export KMS_ENDPOINT="http://127.0.0.1:$port"
+  export KMS_ENDPOINT="https://127.0.0.1:$port"
   cat > "$state/kms.toml" <<TOML
 listen = "127.0.0.1:$port"
 
@@ -61,9 +69,14 @@ pin_file = "$state/user.pin"
 
 [store]
 url = "sqlite://$state/kms.db"
+
+[tls]
+ca_cert = "$KMS_PKI/ca.pem"
+cert = "$KMS_PKI/server.pem"
+key = "$KMS_PKI/server.key"
 TOML
 
-  echo "==> starting kms-server on 127.0.0.1:$port"
+  echo "==> starting kms-server on 127.0.0.1:$port (mutual TLS 1.3)"
   "$BIN/kms-server" --config "$state/kms.toml" > "$state/server.log" 2>&1 &
   SERVER_PID=$!
   trap 'kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true' EXIT

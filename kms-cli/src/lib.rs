@@ -14,10 +14,11 @@ use std::time::Instant;
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use sdk::{CachePolicy, Envelope, KeyInfo, KmsClient, NewKey};
+use sdk::{CachePolicy, ClientTls, Envelope, KeyInfo, KmsClient, NewKey};
 use serde_json::json;
 
 pub mod governance;
+pub mod pki;
 
 /// Set by the binary's signal handler (Ctrl-C, SIGTERM): file operations stop at their next
 /// read and remove their temporary output, so an interrupted decryption leaves no plaintext.
@@ -39,9 +40,22 @@ pub struct Cli {
         long,
         global = true,
         env = "KMS_ENDPOINT",
-        default_value = "http://127.0.0.1:50051"
+        default_value = "https://127.0.0.1:50051"
     )]
     pub endpoint: String,
+    /// A `kms-cli pki init` identity: DIR/NAME stands for --ca-cert DIR/ca.pem
+    /// --client-cert DIR/NAME.pem --client-key DIR/NAME.key (each of which overrides it).
+    #[arg(long, global = true, env = "KMS_IDENTITY", value_name = "DIR/NAME")]
+    pub identity: Option<PathBuf>,
+    /// PEM file of the CA the server's certificate must chain to.
+    #[arg(long, global = true, env = "KMS_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM file of this client's certificate (it names the caller's principal).
+    #[arg(long, global = true, env = "KMS_CLIENT_CERT")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM file of this client's private key.
+    #[arg(long, global = true, env = "KMS_CLIENT_KEY")]
+    pub client_key: Option<PathBuf>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Human)]
     pub output: Output,
@@ -100,6 +114,9 @@ pub enum Command {
     /// The audit trail.
     #[command(subcommand)]
     Audit(governance::AuditCommand),
+    /// Development PKI for mutual TLS.
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
 }
 
 /// Key management commands.
@@ -253,11 +270,48 @@ pub(crate) fn context_of(pairs: Vec<(String, String)>) -> anyhow::Result<BTreeMa
     Ok(map)
 }
 
+impl Cli {
+    /// The client's TLS identity from `--identity` and the three file options.
+    pub fn client_tls(&self) -> anyhow::Result<ClientTls> {
+        let from_identity = |file: &dyn Fn(&str) -> String| {
+            self.identity.as_ref().and_then(|id| {
+                let name = id.file_name()?.to_str()?;
+                Some(id.with_file_name(file(name)))
+            })
+        };
+        let ca = self
+            .ca_cert
+            .clone()
+            .or_else(|| from_identity(&|_| "ca.pem".into()));
+        let cert = self
+            .client_cert
+            .clone()
+            .or_else(|| from_identity(&|name| format!("{name}.pem")));
+        let key = self
+            .client_key
+            .clone()
+            .or_else(|| from_identity(&|name| format!("{name}.key")));
+        let (Some(ca), Some(cert), Some(key)) = (ca, cert, key) else {
+            bail!(
+                "no client TLS identity: pass --identity DIR/NAME (a `kms-cli pki init` folder and \
+                 identity) or --ca-cert, --client-cert and --client-key \
+                 (KMS_IDENTITY, KMS_CA_CERT, KMS_CLIENT_CERT, KMS_CLIENT_KEY)"
+            );
+        };
+        Ok(ClientTls::from_files(ca, cert, key)?)
+    }
+}
+
 /// Runs one command, writing its result to `out`.
 pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
-    let client = KmsClient::connect(&cli.endpoint).await?;
     let json = cli.output == Output::Json;
+    if let Command::Pki(command) = cli.command {
+        return pki::run(command, out, json);
+    }
+    let client = KmsClient::connect(&cli.endpoint, &cli.client_tls()?).await?;
     match cli.command {
+        // Handled above, before connecting: the PKI is what a connection needs.
+        Command::Pki(command) => pki::run(command, out, json),
         Command::Ping => {
             client.ping().await?;
             emit(out, json, json!({"ok": true}), || "ok".to_string())

@@ -21,7 +21,11 @@
 //! | `audit.checkpoint_every`  | `KMS_AUDIT_CHECKPOINT_EVERY` | `1000` records                   |
 //! | `audit.checkpoint_interval_secs` | `KMS_AUDIT_CHECKPOINT_INTERVAL_SECS` | `60`          |
 //! | `audit.enabled`           | `KMS_AUDIT_ENABLED`      | `true` (`false` only for benchmark baselines) |
+//! | `tls.ca_cert`             | `KMS_TLS_CA_CERT`        | (required) PEM of the CA client certificates chain to |
+//! | `tls.cert`                | `KMS_TLS_CERT`           | (required) PEM of the server certificate chain |
+//! | `tls.key`                 | `KMS_TLS_KEY`            | (required) PEM of the server private key |
 //!
+//! The server speaks only mutual TLS; `kms-cli pki init` creates a development PKI.
 //! The PIN is never accepted in the TOML file itself, only from a file or the environment, and
 //! is held in a zeroizing secret type from the moment it is read.
 
@@ -33,6 +37,7 @@ use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use crate::hsm::HsmParams;
+use crate::tls::TlsParams;
 
 /// Where the PKCS#11 module usually is on Debian and Ubuntu.
 pub const DEFAULT_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -58,6 +63,8 @@ pub struct RawConfig {
     break_glass: RawBreakGlass,
     #[serde(default)]
     audit: RawAudit,
+    #[serde(default)]
+    tls: RawTls,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -85,6 +92,14 @@ struct RawAudit {
     enabled: Option<bool>,
     checkpoint_every: Option<u64>,
     checkpoint_interval_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_cert: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -147,7 +162,7 @@ pub enum LogFormat {
 /// Validated parameters of one server.
 #[derive(Debug)]
 pub struct ServerParams {
-    /// Address to listen on (loopback only until mutual TLS exists).
+    /// Address to listen on (loopback only until authorization exists).
     pub listen: SocketAddr,
     /// Path of the PKCS#11 module.
     pub module: PathBuf,
@@ -165,6 +180,8 @@ pub struct ServerParams {
     pub authz: crate::authz::AuthzParams,
     /// Audit settings; `None` when the audit trail is turned off (benchmark baselines only).
     pub audit: Option<crate::audit::AuditParams>,
+    /// Mutual TLS material.
+    pub tls: TlsParams,
 }
 
 /// Configuration errors; each names the setting at fault, never a secret.
@@ -320,6 +337,22 @@ impl ServerParams {
         if !(1..=86_400).contains(&interval) {
             return Err(invalid("rotation.check_interval_secs", "1 ..= 86400"));
         }
+        let tls_path = |name: &str, setting: &'static str, file: Option<PathBuf>| {
+            env(name).map(PathBuf::from).or(file).ok_or_else(|| {
+                invalid(
+                    setting,
+                    format!(
+                        "required: the server speaks only mutual TLS (set it in [tls] or {name}; \
+                         `kms-cli pki init` creates a development PKI)"
+                    ),
+                )
+            })
+        };
+        let tls = TlsParams {
+            ca_cert: tls_path("KMS_TLS_CA_CERT", "tls.ca_cert", raw.tls.ca_cert)?,
+            cert: tls_path("KMS_TLS_CERT", "tls.cert", raw.tls.cert)?,
+            key: tls_path("KMS_TLS_KEY", "tls.key", raw.tls.key)?,
+        };
         let rotation = RotationParams {
             usage: crate::service::UsagePolicy {
                 max_per_version: max_usage,
@@ -427,18 +460,21 @@ impl ServerParams {
             store_url,
             store_max_connections,
             log_format,
+            tls,
         })
     }
 }
 
-/// Until mutual TLS lands, the server serves loopback clients only.
+/// The server serves loopback addresses only until authorization (roles bound to principals)
+/// exists: mutual TLS authenticates every caller, but any certificate of the CA may still call
+/// every RPC.
 pub fn ensure_loopback(addr: SocketAddr) -> Result<(), ConfigError> {
     if addr.ip().is_loopback() {
         Ok(())
     } else {
         Err(invalid(
             "listen",
-            "only loopback addresses are allowed until mutual TLS is configured",
+            "only loopback addresses are allowed until authorization exists",
         ))
     }
 }
@@ -489,12 +525,19 @@ mod tests {
         let p = ServerParams::from_raw(
             toml::from_str("[hsm]\ntoken_label = \"file\"\n[store]\nurl = \"sqlite://x.db\"")
                 .expect("toml"),
-            env_of(&[("KMS_HSM_TOKEN_LABEL", "env"), ("KMS_HSM_PIN", "1234")]),
+            env_of(&[
+                ("KMS_HSM_TOKEN_LABEL", "env"),
+                ("KMS_HSM_PIN", "1234"),
+                ("KMS_TLS_CA_CERT", "/pki/ca.pem"),
+                ("KMS_TLS_CERT", "/pki/server.pem"),
+                ("KMS_TLS_KEY", "/pki/server.key"),
+            ]),
         )
         .expect("valid");
         assert_eq!(p.hsm.token_label, "env");
         assert_eq!(p.listen, "127.0.0.1:50051".parse().expect("addr"));
         assert_eq!(p.hsm.pool_size, 8);
+        assert_eq!(p.tls.key, PathBuf::from("/pki/server.key"));
         assert!(
             !format!("{p:?}").contains("1234"),
             "the PIN must not appear in Debug output"
@@ -552,5 +595,34 @@ mod tests {
         )
         .expect_err("bad url");
         assert!(err.to_string().contains("store.url"));
+    }
+
+    #[test]
+    fn tls_is_required_and_read_from_its_section() {
+        let base = [
+            ("KMS_HSM_TOKEN_LABEL", "t"),
+            ("KMS_HSM_PIN", "1"),
+            ("KMS_STORE_URL", "sqlite://x"),
+        ];
+        let err = ServerParams::from_raw(RawConfig::default(), env_of(&base)).expect_err("no TLS");
+        assert!(err.to_string().contains("tls.ca_cert"), "{err}");
+        assert!(err.to_string().contains("kms-cli pki init"), "{err}");
+        let raw: RawConfig =
+            toml::from_str("[tls]\nca_cert = \"ca.pem\"\ncert = \"s.pem\"\nkey = \"s.key\"\n")
+                .expect("toml");
+        let p = ServerParams::from_raw(
+            raw,
+            env_of(&[base.as_slice(), &[("KMS_TLS_KEY", "env.key")]].concat()),
+        )
+        .expect("valid");
+        assert_eq!(
+            p.tls,
+            TlsParams {
+                ca_cert: "ca.pem".into(),
+                cert: "s.pem".into(),
+                key: "env.key".into(),
+            }
+        );
+        assert!(toml::from_str::<RawConfig>("[tls]\nkey_file = \"x\"").is_err());
     }
 }

@@ -1,7 +1,8 @@
 //! The key management server: AES-256 master keys held in a PKCS#11 HSM, data keys wrapped
 //! under them, metadata in SQLite or PostgreSQL, served over gRPC.
 //!
-//! Layers, outermost first: [`server`] (listening, health, reflection) → [`grpc`] (the only
+//! Layers, outermost first: [`tls`] (mutual TLS, the caller's principal) → [`server`]
+//! (listening, health, reflection) → [`grpc`] (the only
 //! module that touches protobuf types; maps errors to status codes) → [`service`] (the domain
 //! logic) → two ports, [`hsm`] and [`store`]. See `ARCHITECTURE.md`.
 

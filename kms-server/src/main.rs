@@ -39,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
         rotation: params.rotation,
         authz: params.authz,
         audit: params.audit,
+        tls: params.tls,
     })
     .await
     .context("start-up")?;

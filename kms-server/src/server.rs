@@ -1,5 +1,5 @@
-//! Assembling and running a server: HSM self-test, store, the KMS service, gRPC health and
-//! reflection, request size limits, graceful shutdown.
+//! Assembling and running a server: mutual TLS, HSM self-test, store, the KMS service, gRPC
+//! health and reflection, request size limits, graceful shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,6 +17,7 @@ use crate::grpc::GrpcService;
 use crate::hsm::{Hsm, HsmError, HsmParams};
 use crate::service::{Clock, KeyService};
 use crate::store::{Store, StoreError};
+use crate::tls::{ServerTls, TlsError, TlsIncoming, TlsParams};
 
 /// Largest request message accepted by the transport. `Encrypt` payloads are further limited
 /// to 4 KiB by the service; this bounds everything else (contexts, blobs, metadata).
@@ -34,6 +35,9 @@ pub enum StartError {
     /// Store could not be opened.
     #[error("store")]
     Store(#[from] StoreError),
+    /// The TLS certificates or key could not be loaded.
+    #[error("TLS")]
+    Tls(#[from] TlsError),
     /// Listener problem.
     #[error("listener")]
     Io(#[from] std::io::Error),
@@ -63,6 +67,8 @@ pub struct Parts {
     pub authz: AuthzParams,
     /// Audit trail settings; `None` turns the audit trail off (benchmark baseline only).
     pub audit: Option<AuditParams>,
+    /// Mutual TLS material (the server serves nothing else).
+    pub tls: TlsParams,
 }
 
 /// A server ready to serve: ports opened, self-test passed.
@@ -72,12 +78,14 @@ pub struct Ready {
     audit: Audit,
     store: Store,
     check_interval: std::time::Duration,
+    tls: ServerTls,
 }
 
 impl Ready {
-    /// Opens the HSM, runs its known-answer self-test (refusing to go on if it fails), opens
-    /// the store and runs migrations.
+    /// Loads the TLS material, opens the HSM, runs its known-answer self-test (refusing to go
+    /// on if it fails), opens the store and runs migrations.
     pub async fn open(parts: Parts) -> Result<Self, StartError> {
+        let tls = ServerTls::load(&parts.tls)?;
         let pkcs11 = parts.pkcs11;
         let hsm_params = parts.hsm;
         let hsm = tokio::task::spawn_blocking(move || Hsm::open(pkcs11, hsm_params))
@@ -107,6 +115,7 @@ impl Ready {
             audit,
             store,
             check_interval: parts.rotation.check_interval,
+            tls,
         })
     }
 
@@ -125,9 +134,9 @@ impl Ready {
         Arc::clone(&self.authz)
     }
 
-    /// Serves on `listener` (loopback only) until `shutdown` completes, then drains.
-    /// Accepted connections get `TCP_NODELAY`: without it small responses can wait ~40 ms
-    /// for a delayed acknowledgement (measured with `kms-bench`).
+    /// Serves mutual TLS on `listener` (loopback only) until `shutdown` completes, then
+    /// drains. Accepted connections get `TCP_NODELAY` (see [`TlsIncoming`]): without it small
+    /// responses can wait ~40 ms for a delayed acknowledgement (measured with `kms-bench`).
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -154,15 +163,12 @@ impl Ready {
             self.audit.clone(),
         ))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
-        tracing::info!(%addr, "serving");
+        tracing::info!(%addr, "serving (mutual TLS 1.3)");
         let result = tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
             .add_service(kms)
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                shutdown,
-            )
+            .serve_with_incoming_shutdown(TlsIncoming::new(listener, self.tls), shutdown)
             .await;
         scheduler.abort();
         self.audit.shutdown().await;

@@ -30,7 +30,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn start(db_url: &str, port: u16) -> (Server, sdk::KmsClient) {
+async fn start(db_url: &str, port: u16, pki: &softhsm_test::TestPki) -> (Server, sdk::KmsClient) {
+    let tls = pki.server_params();
     let child = Command::new(env!("CARGO_BIN_EXE_kms-server"))
         .env_clear()
         .env("SOFTHSM2_CONF", softhsm_test::softhsm_conf())
@@ -40,14 +41,20 @@ async fn start(db_url: &str, port: u16) -> (Server, sdk::KmsClient) {
         .env("KMS_HSM_PIN", softhsm_test::USER_PIN)
         .env("KMS_STORE_URL", db_url)
         .env("KMS_ROTATION_BLOCK", "100")
+        .env("KMS_TLS_CA_CERT", &tls.ca_cert)
+        .env("KMS_TLS_CERT", &tls.cert)
+        .env("KMS_TLS_KEY", &tls.key)
         .env("KMS_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn kms-server");
     let server = Server(child);
+    let client_tls = pki.client_tls("app-1").expect("client TLS");
     for _ in 0..200 {
-        if let Ok(client) = sdk::KmsClient::connect(&format!("http://127.0.0.1:{port}")).await {
+        if let Ok(client) =
+            sdk::KmsClient::connect(&format!("https://127.0.0.1:{port}"), &client_tls).await
+        {
             if client.ping().await.is_ok() {
                 return (server, client);
             }
@@ -78,7 +85,8 @@ async fn generate(
 async fn a_sigkilled_server_never_lets_a_version_pass_its_usage_limit() {
     let dir = tempfile::tempdir().expect("dir");
     let db_url = format!("sqlite://{}", dir.path().join("kms.db").display());
-    let (server, client) = start(&db_url, free_port()).await;
+    let pki = softhsm_test::TestPki::generate().expect("pki");
+    let (server, client) = start(&db_url, free_port(), &pki).await;
     let key = client
         .create_key(sdk::NewKey::default())
         .await
@@ -96,7 +104,7 @@ async fn a_sigkilled_server_never_lets_a_version_pass_its_usage_limit() {
     server.0.wait().expect("reaped");
     drop(server);
 
-    let (_server, client) = start(&db_url, free_port()).await;
+    let (_server, client) = start(&db_url, free_port(), &pki).await;
     generate(&client, &key.key_id, 1_500, &mut per_version).await;
     let described = client.describe_key(&key.key_id).await.expect("describe");
     for (version, count) in &per_version {

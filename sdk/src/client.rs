@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use proto::v1 as pb;
 use proto::v1::key_management_client::KeyManagementClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
 use crate::error::Error;
+use crate::tls::ClientTls;
 
 mod governance;
 pub use governance::GrantSpec;
@@ -156,26 +157,10 @@ pub struct KmsClient {
 }
 
 impl KmsClient {
-    /// Connects to `endpoint`, e.g. `http://127.0.0.1:50051`.
-    pub async fn connect(endpoint: &str) -> Result<Self, Error> {
-        let connect_error = |reason: String| Error::Connect {
-            endpoint: endpoint.to_string(),
-            reason,
-        };
-        // This build has no TLS: refuse https:// instead of silently speaking cleartext.
-        if !endpoint.starts_with("http://") {
-            return Err(connect_error(
-                "only http:// endpoints are supported until mutual TLS is available".into(),
-            ));
-        }
-        let channel = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| connect_error(e.to_string()))?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(|e| connect_error(e.to_string()))?;
-        Ok(Self::from_channel(channel))
+    /// Connects to `endpoint`, e.g. `https://127.0.0.1:50051`, over mutual TLS 1.3 with the
+    /// identity `tls`. Only `https://` endpoints are accepted: there is no cleartext mode.
+    pub async fn connect(endpoint: &str, tls: &ClientTls) -> Result<Self, Error> {
+        Ok(Self::from_channel(tls.channel(endpoint).await?))
     }
 
     /// Wraps an existing channel.

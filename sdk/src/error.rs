@@ -12,6 +12,21 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The TLS material is unusable (no certificate or key in a file, a key of an unsupported
+    /// kind, a key that does not match its certificate). Never quotes the files.
+    #[error("TLS: {what}")]
+    Tls {
+        /// What is wrong.
+        what: &'static str,
+    },
+    /// A file (e.g. a certificate or key) could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The server answered with an error status.
     #[error("{code:?}: {message}")]
     Rpc {

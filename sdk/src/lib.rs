@@ -1,6 +1,7 @@
 //! Client SDK of the key management service.
 //!
-//! - [`KmsClient`]: a typed async client of the gRPC API.
+//! - [`KmsClient`]: a typed async client of the gRPC API, over mutual TLS only
+//!   ([`ClientTls`]: the CA, the client certificate and its key).
 //! - [`envelope`]: the message format: framed AES-256-GCM under a data key, with a header that
 //!   carries the wrapped data key, the encryption context and a key commitment.
 //! - [`Envelope`]: envelope encryption of byte slices, streams and files, with a
@@ -16,6 +17,7 @@ mod client;
 pub mod envelope;
 mod error;
 mod files;
+mod tls;
 
 pub use cache::{CachePolicy, DataKeyCache};
 pub use client::{
@@ -33,5 +35,6 @@ pub mod governance {
 }
 pub use error::Error;
 pub use files::{Envelope, FileSummary, Rewrapped};
+pub use tls::{ClientIdentity, ClientTls};
 /// gRPC status codes, as carried by [`Error::Rpc`].
 pub use tonic::Code;

@@ -1,6 +1,11 @@
 //! Test harness: a throw-away SoftHSM2 token, a fresh SQLite file or PostgreSQL database, and
 //! a real server started in process on `127.0.0.1:0`, with connected SDK clients.
 //!
+//! Every [`TestServer`] serves mutual TLS exactly as production does, with its own development
+//! PKI ([`TestPki`], made by `kms_cli::pki`) in a temporary folder: clients connect with one of
+//! the identities of `kms_cli::pki::DEV_IDENTITIES`, and tests can issue odd certificates
+//! from the PKI's CA.
+//!
 //! SoftHSM2 keeps one state per process, so this crate initializes one PKCS#11 context per
 //! process ([`pkcs11`]), pointed at a private token directory, and creates one fresh token per
 //! test run ([`token`]) that servers find by its label, exactly as production does.
@@ -20,10 +25,13 @@ use anyhow::{bail, Context as _};
 use cryptoki::context::Pkcs11;
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
+use kms_server::audit::AuditParams;
+use kms_server::authz::AuthzParams;
 use kms_server::config::RotationParams;
 use kms_server::hsm::HsmParams;
 use kms_server::server::{Parts, Ready};
 use kms_server::service::{Clock, SystemClock};
+use kms_server::tls::TlsParams;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -319,12 +327,13 @@ pub fn postgres_url() -> anyhow::Result<Option<String>> {
     }
 }
 
-/// Server parts for the run's token and `db`.
+/// Server parts for the run's token, `db` and the server certificate of `pki`.
 pub fn parts(
     db: &TestDb,
     pool_size: usize,
     clock: Arc<dyn Clock>,
     rotation: RotationParams,
+    pki: &TestPki,
 ) -> Parts {
     Parts {
         pkcs11: pkcs11(),
@@ -333,6 +342,108 @@ pub fn parts(
         store_max_connections: 4,
         clock,
         rotation,
+        tls: pki.server_params(),
+        authz: AuthzParams {
+            bootstrap_officers: vec![pki.principal("officer-1"), pki.principal("officer-2")],
+            ..AuthzParams::default()
+        },
+        audit: Some(AuditParams::default()),
+    }
+}
+
+/// The development identities and the role each is bound to on a test server.
+pub const DEV_ROLES: &[(&str, &str)] = kms_cli::pki::DEV_IDENTITIES;
+
+/// How [`TestServer::start_opts`] sets a server up.
+pub struct ServerOptions {
+    /// Source of time.
+    pub clock: Arc<dyn Clock>,
+    /// Rotation settings.
+    pub rotation: RotationParams,
+    /// Whether a break-glass window needs approval (the default) or opens at once.
+    pub break_glass_requires_approval: bool,
+    /// Whether the audit trail is on (off only for benchmark baselines).
+    pub audit: bool,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            clock: Arc::new(SystemClock),
+            rotation: RotationParams::default(),
+            break_glass_requires_approval: true,
+            audit: true,
+        }
+    }
+}
+
+/// A development PKI (`kms-cli pki init`) in a temporary folder, removed when dropped.
+pub struct TestPki {
+    dir: tempfile::TempDir,
+    ca: kms_cli::pki::DevCa,
+}
+
+impl TestPki {
+    /// The trust domain of test principals.
+    pub const TRUST_DOMAIN: &'static str = kms_cli::pki::DEFAULT_TRUST_DOMAIN;
+
+    /// A fresh CA, server certificate and one client certificate per development identity.
+    pub fn generate() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("kms-pki-").tempdir()?;
+        let written = kms_cli::pki::init(dir.path(), Self::TRUST_DOMAIN, true)?;
+        Ok(TestPki {
+            dir,
+            ca: written.ca,
+        })
+    }
+
+    /// The folder: `ca.pem`, `ca.key`, `server.pem`, `server.key`, `<name>.pem`, `<name>.key`.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The CA, to issue further (odd) certificates.
+    pub fn ca(&self) -> &kms_cli::pki::DevCa {
+        &self.ca
+    }
+
+    /// The server's TLS settings.
+    pub fn server_params(&self) -> TlsParams {
+        TlsParams {
+            ca_cert: self.dir().join("ca.pem"),
+            cert: self.dir().join("server.pem"),
+            key: self.dir().join("server.key"),
+        }
+    }
+
+    /// `DIR/NAME`, as `kms-cli --identity` takes it.
+    pub fn identity_path(&self, name: &str) -> PathBuf {
+        self.dir().join(name)
+    }
+
+    /// The TLS identity of development identity `name` (e.g. `app-1`, `officer-1`).
+    pub fn client_tls(&self, name: &str) -> anyhow::Result<sdk::ClientTls> {
+        sdk::ClientTls::from_files(
+            self.dir().join("ca.pem"),
+            self.dir().join(format!("{name}.pem")),
+            self.dir().join(format!("{name}.key")),
+        )
+        .with_context(|| format!("TLS identity {name}"))
+    }
+
+    /// The principal of development identity `name`, e.g.
+    /// `spiffe://hospital.test/app/app-1`.
+    ///
+    /// # Panics
+    /// When `name` is not one of `kms_cli::pki::DEV_IDENTITIES` (a mistake in the test).
+    pub fn principal(&self, name: &str) -> String {
+        match kms_cli::pki::DEV_IDENTITIES
+            .iter()
+            .find(|(n, _)| *n == name)
+        {
+            Some((name, kind)) => kms_cli::pki::principal(Self::TRUST_DOMAIN, kind, name),
+            None => panic!("{name:?} is not a development identity"),
+        }
     }
 }
 
@@ -362,6 +473,7 @@ impl Clock for ManualClock {
 pub struct TestServer {
     /// Where it listens.
     pub addr: SocketAddr,
+    pki: TestPki,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -374,14 +486,16 @@ impl TestServer {
 
     /// Starts a server with a session pool of `pool_size`.
     pub async fn start_with(db: &TestDb, pool_size: usize) -> anyhow::Result<Self> {
+        let pki = TestPki::generate()?;
         let ready = Ready::open(parts(
             db,
             pool_size,
             Arc::new(SystemClock),
             RotationParams::default(),
+            &pki,
         ))
         .await?;
-        Self::serve(ready).await
+        Self::serve(ready, pki).await
     }
 
     /// Starts a server with its own clock and rotation settings; also returns its key service.
@@ -390,13 +504,149 @@ impl TestServer {
         clock: Arc<dyn Clock>,
         rotation: RotationParams,
     ) -> anyhow::Result<(Self, Arc<kms_server::service::KeyService>)> {
-        let ready = Ready::open(parts(db, 4, clock, rotation)).await?;
+        let pki = TestPki::generate()?;
+        let ready = Ready::open(parts(db, 4, clock, rotation, &pki)).await?;
         let service = ready.service();
-        Ok((Self::serve(ready).await?, service))
+        Ok((Self::serve(ready, pki).await?, service))
     }
 
-    /// Serves an already opened server on `127.0.0.1:0`.
-    pub async fn serve(ready: Ready) -> anyhow::Result<Self> {
+    /// Starts a server set up by `options`.
+    pub async fn start_opts(db: &TestDb, options: ServerOptions) -> anyhow::Result<Self> {
+        let pki = TestPki::generate()?;
+        let mut parts = parts(db, 4, options.clock, options.rotation, &pki);
+        parts.authz.break_glass_requires_approval = options.break_glass_requires_approval;
+        if !options.audit {
+            parts.audit = None;
+        }
+        let ready = Ready::open(parts).await?;
+        Self::serve(ready, pki).await
+    }
+
+    /// Serves an already opened server on `127.0.0.1:0`; `pki` must be the PKI whose
+    /// [`TestPki::server_params`] the server was opened with. Binds every development
+    /// identity to its role (officer-1 proposes, officer-2 approves) unless already bound.
+    pub async fn serve(ready: Ready, pki: TestPki) -> anyhow::Result<Self> {
+        let server = Self::serve_only(ready, pki).await?;
+        server.bind_dev_roles().await?;
+        Ok(server)
+    }
+
+    async fn bind_dev_roles(&self) -> anyhow::Result<()> {
+        let officer = self.client_as("officer-1").await?;
+        let approver = self.client_as("officer-2").await?;
+        let bound = officer.list_role_bindings().await?;
+        for (name, role) in DEV_ROLES {
+            let principal = self.principal(name);
+            if bound
+                .iter()
+                .any(|b| b.principal == principal && b.role == *role)
+            {
+                continue;
+            }
+            let request = officer.propose_role_binding(&principal, role, false).await?;
+            let done = approver.approve(&request.approval_id).await?;
+            if done.state != "executed" {
+                bail!("binding {name} as {role}: {}", done.state);
+            }
+        }
+        Ok(())
+    }
+
+    /// Issues a certificate for `spiffe://<trust domain>/<kind>/<name>` from the server's CA
+    /// and returns a client using it; the principal holds no role.
+    pub async fn client_for_new_principal(
+        &self,
+        kind: &str,
+        name: &str,
+    ) -> anyhow::Result<sdk::KmsClient> {
+        Ok(sdk::KmsClient::from_channel(
+            self.channel_for_new_principal(kind, name).await?,
+        ))
+    }
+
+    /// Like [`TestServer::client_for_new_principal`], as a raw channel.
+    pub async fn channel_for_new_principal(
+        &self,
+        kind: &str,
+        name: &str,
+    ) -> anyhow::Result<tonic::transport::Channel> {
+        let issued = self.pki.ca().issue_identity(TestPki::TRUST_DOMAIN, kind, name)?;
+        let ca = std::fs::read(self.pki.dir().join("ca.pem"))?;
+        let tls = sdk::ClientTls::from_pem(
+            &ca,
+            issued.cert_pem.as_bytes(),
+            issued.key_pem.as_bytes(),
+        )?;
+        Ok(tls.channel(&self.endpoint()).await?)
+    }
+
+    /// A new principal `spiffe://<trust domain>/<role>/<name>`, bound to `role` through an
+    /// approved request; returns its client.
+    pub async fn add_principal(&self, role: &str, name: &str) -> anyhow::Result<sdk::KmsClient> {
+        let client = self.client_for_new_principal(role, name).await?;
+        let principal = kms_cli::pki::principal(TestPki::TRUST_DOMAIN, role, name);
+        let officer = self.client_as("officer-1").await?;
+        let request = officer.propose_role_binding(&principal, role, false).await?;
+        let done = self
+            .client_as("officer-2")
+            .await?
+            .approve(&request.approval_id)
+            .await?;
+        if done.state != "executed" {
+            bail!("binding {name} as {role}: {}", done.state);
+        }
+        Ok(client)
+    }
+
+    /// Creates a key (as officer-1) and grants `app-1` every key operation on it without
+    /// context constraints (approved by officer-2): the set-up of tests about key use.
+    pub async fn create_key_for_app(&self, alias: &str) -> anyhow::Result<sdk::KeyInfo> {
+        self.create_key_granted(sdk::NewKey {
+            alias: Some(alias.to_string()).filter(|a| !a.is_empty()),
+            ..sdk::NewKey::default()
+        })
+        .await
+    }
+
+    /// Like [`TestServer::create_key_for_app`], for a fully specified new key.
+    pub async fn create_key_granted(&self, new: sdk::NewKey) -> anyhow::Result<sdk::KeyInfo> {
+        let officer = self.client_as("officer-1").await?;
+        let key = officer.create_key(new).await?;
+        self.grant_app(&key.key_id).await?;
+        Ok(key)
+    }
+
+    /// Grants `app-1` every key operation on `key` (proposed by officer-1, approved by
+    /// officer-2).
+    pub async fn grant_app(&self, key: &str) -> anyhow::Result<()> {
+        let officer = self.client_as("officer-1").await?;
+        let request = officer
+            .propose_grant(sdk::GrantSpec {
+                principal: self.principal("app-1"),
+                key: key.to_string(),
+                operations: ["generate-data-key", "encrypt", "decrypt", "re-encrypt"]
+                    .map(String::from)
+                    .to_vec(),
+                ..sdk::GrantSpec::default()
+            })
+            .await?;
+        let done = self
+            .client_as("officer-2")
+            .await?
+            .approve(&request.approval_id)
+            .await?;
+        if done.state != "executed" {
+            bail!("grant on {key}: {}", done.state);
+        }
+        Ok(())
+    }
+
+    /// A raw channel with the certificate of development identity `name`.
+    pub async fn channel_as(&self, name: &str) -> anyhow::Result<tonic::transport::Channel> {
+        Ok(self.pki.client_tls(name)?.channel(&self.endpoint()).await?)
+    }
+
+    async fn serve_only(ready: Ready, pki: TestPki) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (tx, rx) = oneshot::channel();
@@ -410,19 +660,46 @@ impl TestServer {
         });
         Ok(TestServer {
             addr,
+            pki,
             shutdown: Some(tx),
             task: Some(task),
         })
     }
 
-    /// The `http://` endpoint of the server.
+    /// The `https://` endpoint of the server.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
     }
 
-    /// A connected SDK client.
+    /// A connected SDK client, as the application identity `app-1`.
     pub async fn client(&self) -> anyhow::Result<sdk::KmsClient> {
-        Ok(sdk::KmsClient::connect(&self.endpoint()).await?)
+        self.client_as("app-1").await
+    }
+
+    /// A connected SDK client with the certificate of development identity `name`.
+    pub async fn client_as(&self, name: &str) -> anyhow::Result<sdk::KmsClient> {
+        let tls = self.pki.client_tls(name)?;
+        Ok(sdk::KmsClient::connect(&self.endpoint(), &tls).await?)
+    }
+
+    /// The principal of development identity `name` (see [`TestPki::principal`]).
+    pub fn principal(&self, name: &str) -> String {
+        self.pki.principal(name)
+    }
+
+    /// The server's PKI folder.
+    pub fn pki_dir(&self) -> &Path {
+        self.pki.dir()
+    }
+
+    /// The server's PKI, with its CA.
+    pub fn pki(&self) -> &TestPki {
+        &self.pki
+    }
+
+    /// `DIR/NAME` of development identity `name`, as `kms-cli --identity` takes it.
+    pub fn identity(&self, name: &str) -> String {
+        self.pki.identity_path(name).display().to_string()
     }
 
     /// Stops the server and waits until it has released its store and sessions.

@@ -3,7 +3,7 @@
 
 use kms_server::authz::{Role, RULES};
 use prost::Message;
-use sdk::{Code, GrantSpec, KmsClient, NewKey};
+use sdk::{Code, GrantSpec, NewKey};
 use softhsm_test::{ManualClock, ServerOptions, TestServer, DEV_ROLES};
 
 use crate::support::{ctx, on_both_stores, TestDb};
@@ -37,8 +37,8 @@ fn every_rpc_of_the_proto_has_exactly_one_rule() {
 #[derive(Clone, PartialEq, prost::Message)]
 struct Empty {}
 
-async fn call_raw(client: &KmsClient, method: &str) -> tonic::Status {
-    let mut grpc = tonic::client::Grpc::new(client.channel());
+async fn call_raw(channel: &tonic::transport::Channel, method: &str) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
     grpc.ready().await.expect("channel ready");
     let path = format!("/kms.v1.KeyManagement/{method}")
         .parse()
@@ -57,10 +57,10 @@ async fn role_matrix(db: TestDb) {
     let server = TestServer::start(&db).await.expect("server");
     let methods = proto_methods();
     for (identity, role) in DEV_ROLES {
-        let client = server.client_as(identity).await.expect("client");
+        let channel = server.channel_as(identity).await.expect("channel");
         let role = Role::parse(role).expect("role");
         for method in &methods {
-            let status = call_raw(&client, method).await;
+            let status = call_raw(&channel, method).await;
             let allowed = RULES
                 .iter()
                 .find(|(name, _)| name == method)
@@ -75,7 +75,7 @@ async fn role_matrix(db: TestDb) {
         }
     }
     // A certificate from the right CA whose principal holds no role: denied everywhere.
-    let nobody = server.client_for_new_principal("app", "nobody-1").await.expect("client");
+    let nobody = server.channel_for_new_principal("app", "nobody-1").await.expect("channel");
     for method in &methods {
         let status = call_raw(&nobody, method).await;
         assert_eq!(status.code(), Code::PermissionDenied, "{method}");

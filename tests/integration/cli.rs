@@ -8,7 +8,14 @@ use crate::support::*;
 
 async fn cli(server: &TestServer, args: &[&str]) -> anyhow::Result<String> {
     let endpoint = server.endpoint();
-    let mut argv = vec!["kms-cli", "--endpoint", endpoint.as_str()];
+    let identity = server.identity("officer-1");
+    let mut argv = vec![
+        "kms-cli",
+        "--endpoint",
+        endpoint.as_str(),
+        "--identity",
+        identity.as_str(),
+    ];
     argv.extend_from_slice(args);
     let parsed = Cli::try_parse_from(argv)?;
     let mut out = Vec::new();

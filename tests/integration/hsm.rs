@@ -180,6 +180,7 @@ async fn start_up_fails_on_unknown_token_or_wrong_pin() {
         .await
         .expect("db")
         .expect("sqlite");
+    let pki = softhsm_test::TestPki::generate().expect("pki");
     let open = |label: String, pin: &str| {
         kms_server::server::Ready::open(kms_server::server::Parts {
             pkcs11: softhsm_test::pkcs11(),
@@ -192,6 +193,7 @@ async fn start_up_fails_on_unknown_token_or_wrong_pin() {
             store_max_connections: 1,
             clock: std::sync::Arc::new(kms_server::service::SystemClock),
             rotation: Default::default(),
+            tls: pki.server_params(),
         })
     };
     let err = open("no-such-token".into(), softhsm_test::USER_PIN)
@@ -268,6 +270,7 @@ async fn private_token_server(name: &str) -> (TestDb, TestServer, PrivateToken) 
 }
 
 async fn serve_on(db: &TestDb, token: &PrivateToken) -> TestServer {
+    let pki = softhsm_test::TestPki::generate().expect("pki");
     let ready = kms_server::server::Ready::open(kms_server::server::Parts {
         pkcs11: softhsm_test::pkcs11(),
         hsm: kms_server::hsm::HsmParams {
@@ -279,8 +282,9 @@ async fn serve_on(db: &TestDb, token: &PrivateToken) -> TestServer {
         store_max_connections: 2,
         clock: std::sync::Arc::new(kms_server::service::SystemClock),
         rotation: Default::default(),
+        tls: pki.server_params(),
     })
     .await
     .expect("ready");
-    TestServer::serve(ready).await.expect("serve")
+    TestServer::serve(ready, pki).await.expect("serve")
 }

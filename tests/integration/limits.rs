@@ -1,4 +1,5 @@
-//! Oversize requests are refused and the server keeps serving; only loopback until mTLS.
+//! Oversize requests are refused and the server keeps serving; only loopback until
+//! authorization exists; health and reflection are served (over mutual TLS).
 
 use crate::support::*;
 
@@ -64,6 +65,7 @@ async fn refuses_to_serve_on_a_non_loopback_address() {
         .await
         .expect("db")
         .expect("sqlite");
+    let pki = softhsm_test::TestPki::generate().expect("pki");
     let ready = kms_server::server::Ready::open(kms_server::server::Parts {
         pkcs11: softhsm_test::pkcs11(),
         hsm: softhsm_test::hsm_params(1),
@@ -71,6 +73,7 @@ async fn refuses_to_serve_on_a_non_loopback_address() {
         store_max_connections: 1,
         clock: std::sync::Arc::new(kms_server::service::SystemClock),
         rotation: Default::default(),
+        tls: pki.server_params(),
     })
     .await
     .expect("ready");
@@ -88,11 +91,7 @@ async fn refuses_to_serve_on_a_non_loopback_address() {
 #[tokio::test]
 async fn health_and_reflection_are_served() {
     let (_db, server) = sqlite_server().await;
-    let channel = tonic::transport::Endpoint::from_shared(server.endpoint())
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = crate::tls::channel(&server, "app-1").await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let status = health
         .check(tonic_health::pb::HealthCheckRequest {
@@ -115,11 +114,7 @@ async fn reflection_lists_the_api() {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let (_db, server) = sqlite_server().await;
-    let channel = tonic::transport::Endpoint::from_shared(server.endpoint())
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = crate::tls::channel(&server, "app-1").await;
     let mut reflection = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {
         host: String::new(),
@@ -149,15 +144,16 @@ async fn reflection_lists_the_api() {
     );
 }
 
-/// Regression: this build has no TLS, so an https:// endpoint must be refused rather than
-/// silently spoken to in cleartext.
+/// The server speaks only mutual TLS: an http:// endpoint must be refused by the SDK rather
+/// than tried in cleartext.
 #[tokio::test]
-async fn https_endpoints_are_refused_until_tls_exists() {
+async fn http_endpoints_are_refused() {
     let (_db, server) = sqlite_server().await;
-    let https = format!("https://{}", server.addr);
-    match sdk::KmsClient::connect(&https).await {
-        Err(sdk::Error::Connect { reason, .. }) => assert!(reason.contains("http://"), "{reason}"),
+    let http = format!("http://{}", server.addr);
+    let tls = server.pki().client_tls("app-1").expect("tls");
+    match sdk::KmsClient::connect(&http, &tls).await {
+        Err(sdk::Error::Connect { reason, .. }) => assert!(reason.contains("https://"), "{reason}"),
         Err(other) => panic!("wrong error {other:?}"),
-        Ok(_) => panic!("https endpoint accepted without TLS"),
+        Ok(_) => panic!("http endpoint accepted"),
     }
 }

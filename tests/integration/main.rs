@@ -7,6 +7,7 @@
 mod support;
 
 mod audit;
+mod authz;
 mod cli;
 mod crypto;
 mod hsm;
@@ -17,4 +18,5 @@ mod restart;
 mod rewrap;
 mod rotation;
 mod sdk_envelope;
+mod tls;
 mod wycheproof;

@@ -122,13 +122,17 @@ async fn rewrap_of_synthea_files_resumes_and_leaves_bodies_untouched() {
     let (_db, server) = sqlite_server().await;
     let client = server.client().await.expect("client");
     let endpoint = server.endpoint();
+    let identity = server.identity("app-1");
     let run = |args: Vec<String>| {
         let endpoint = endpoint.clone();
+        let identity = identity.clone();
         async move {
             let mut argv = vec![
                 "kms-cli".to_string(),
                 "--endpoint".into(),
                 endpoint,
+                "--identity".into(),
+                identity,
                 "--output".into(),
                 "json".into(),
             ];
@@ -280,6 +284,8 @@ async fn a_damaged_file_fails_alone_in_a_rewrap() {
         "kms-cli",
         "--endpoint",
         &server.endpoint(),
+        "--identity",
+        &server.identity("app-1"),
         "--output",
         "json",
         "rewrap",

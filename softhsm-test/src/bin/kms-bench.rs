@@ -5,7 +5,9 @@
 //! 1. creates a fresh SoftHSM2 token in a private temporary token directory
 //!    ([`softhsm_test::token`]) and starts the release `kms-server` binary as a child process on
 //!    `127.0.0.1:<free port>`, configured only through `KMS_*` variables, with a SQLite store in
-//!    a temporary directory; it waits (at most 30 s) until `Ping` answers;
+//!    a temporary directory and a development PKI ([`softhsm_test::TestPki`]): every connection
+//!    is mutual TLS 1.3, as `app-1`, exactly as in production; it waits (at most 30 s) until
+//!    `Ping` answers;
 //! 2. creates one key through the SDK and one data-key blob under it;
 //! 3. for every concurrency level (`--concurrency`, default `1,8,64`) and every client set-up
 //!    (`--connections`, default `1,4` HTTP/2 connections shared round-robin by the tasks),
@@ -148,6 +150,9 @@ fn main() -> anyhow::Result<()> {
     let pkcs11 = softhsm_test::pkcs11();
 
     let db_dir = tempfile::Builder::new().prefix("kms-bench-db-").tempdir()?;
+    let pki = softhsm_test::TestPki::generate().context("development PKI")?;
+    let tls = pki.client_tls("app-1")?;
+    let server_tls = pki.server_params();
     let port = free_port()?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let log_path = db_dir.path().join("server.log");
@@ -164,6 +169,9 @@ fn main() -> anyhow::Result<()> {
             "KMS_STORE_URL",
             format!("sqlite://{}", db_dir.path().join("kms.db").display()),
         )
+        .env("KMS_TLS_CA_CERT", &server_tls.ca_cert)
+        .env("KMS_TLS_CERT", &server_tls.cert)
+        .env("KMS_TLS_KEY", &server_tls.key)
         .env("KMS_HSM_SESSION_POOL_SIZE", args.pool.to_string())
         .env("KMS_LOG", "warn")
         .stdin(Stdio::null())
@@ -179,7 +187,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let outcome = run(&args, &rt, &pkcs11, &token_label, addr, pid, &server);
+    let outcome = run(&args, &rt, &pkcs11, &token_label, addr, pid, &server, &tls);
     if outcome.is_err() {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
         if !text.trim().is_empty() {
@@ -210,11 +218,12 @@ fn run(
     addr: SocketAddr,
     pid: u32,
     server: &ServerGuard,
+    tls: &sdk::ClientTls,
 ) -> anyhow::Result<()> {
-    let endpoint = format!("http://{addr}");
+    let endpoint = format!("https://{addr}");
     let load_before = loadavg();
     let started = Instant::now();
-    let probe = rt.block_on(wait_ready(&endpoint, server))?;
+    let probe = rt.block_on(wait_ready(&endpoint, tls, server))?;
     let startup_ms = started.elapsed().as_secs_f64() * 1000.0;
     eprintln!("kms-server ready on {addr} after {startup_ms:.0} ms (pid {pid})");
 
@@ -244,7 +253,7 @@ fn run(
         let mut by_conns = Vec::new();
         for &n in &args.connections {
             eprintln!("concurrency {c}, {n} connection(s): Ping, GenerateDataKey, Decrypt");
-            let clients = rt.block_on(connect_many(&endpoint, n))?;
+            let clients = rt.block_on(connect_many(&endpoint, tls, n))?;
             let ping = rt.block_on(run_rpc(
                 &clients,
                 c,
@@ -291,7 +300,7 @@ fn run(
     let scaling = if args.keys > 0 {
         let connections = args.connections[0];
         eprintln!("creating keys up to {} in total", args.keys);
-        let clients = rt.block_on(connect_many(&endpoint, connections))?;
+        let clients = rt.block_on(connect_many(&endpoint, tls, connections))?;
         let t = Instant::now();
         let mut keys = vec![key_id.clone()];
         let created = rt.block_on(create_keys(&clients, args.keys.saturating_sub(1)))?;
@@ -327,7 +336,7 @@ fn run(
     // undisturbed, then while another connection rotates that key every 250 ms.
     eprintln!("GenerateDataKey with and without rotations every 250 ms");
     let rotation = {
-        let clients = rt.block_on(connect_many(&endpoint, 1))?;
+        let clients = rt.block_on(connect_many(&endpoint, tls, 1))?;
         let one_key = [key_id.clone()];
         let quiet = rt.block_on(gdk_round_robin(&clients, &one_key, &ctx, warmup, measure))?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -463,14 +472,19 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-async fn wait_ready(endpoint: &str, server: &ServerGuard) -> anyhow::Result<KmsClient> {
+async fn wait_ready(
+    endpoint: &str,
+    tls: &sdk::ClientTls,
+    server: &ServerGuard,
+) -> anyhow::Result<KmsClient> {
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     let mut last = String::new();
     while Instant::now() < deadline {
         if let Some(status) = server.exited() {
             bail!("kms-server exited during start-up ({status})");
         }
-        match tokio::time::timeout(Duration::from_secs(2), KmsClient::connect(endpoint)).await {
+        match tokio::time::timeout(Duration::from_secs(2), KmsClient::connect(endpoint, tls)).await
+        {
             Ok(Ok(client)) => {
                 match tokio::time::timeout(Duration::from_secs(2), client.ping()).await {
                     Ok(Ok(())) => return Ok(client),
@@ -489,10 +503,14 @@ async fn wait_ready(endpoint: &str, server: &ServerGuard) -> anyhow::Result<KmsC
     )
 }
 
-async fn connect_many(endpoint: &str, n: usize) -> anyhow::Result<Vec<KmsClient>> {
+async fn connect_many(
+    endpoint: &str,
+    tls: &sdk::ClientTls,
+    n: usize,
+) -> anyhow::Result<Vec<KmsClient>> {
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
-        let client = tokio::time::timeout(CALL_TIMEOUT, KmsClient::connect(endpoint))
+        let client = tokio::time::timeout(CALL_TIMEOUT, KmsClient::connect(endpoint, tls))
             .await
             .context("connect timed out")?
             .context("connect")?;
