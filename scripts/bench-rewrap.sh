@@ -20,6 +20,8 @@ trap 'kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || 
 mkdir -p "$STATE/plain"
 for i in $(seq 1 "$COPIES"); do cp -r "$SOURCE" "$STATE/plain/copy$i"; done
 "$BIN/kms-cli" --identity "$KMS_PKI/officer-1" key create --alias bench-rewrap > /dev/null
+propose_and_approve grants propose --principal spiffe://hospital.test/app/app-1 --key bench-rewrap \
+  --operation generate-data-key,decrypt,re-encrypt > /dev/null
 "$BIN/kms-cli" --output json encrypt --key bench-rewrap --context bench=rewrap \
   --in "$STATE/plain" --out "$STATE/enc" > "$STATE/encrypt.json"
 "$BIN/kms-cli" --identity "$KMS_PKI/officer-1" key rotate bench-rewrap > /dev/null

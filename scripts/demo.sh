@@ -2,7 +2,8 @@
 # The main job on real input: start the KMS on a fresh SoftHSM2 token, SQLite database and
 # development PKI (everything over mutual TLS, as in production), create a master key as a
 # security officer, envelope-encrypt every Synthea sample file as an application, decrypt them
-# all, check they are byte-identical, print a summary, stop the server.
+# all, check they are byte-identical, check an officer cannot decrypt, verify the audit trail
+# as an auditor, print a summary, stop the server.
 #
 # Usage: ./scripts/demo.sh [DATA_FOLDER]   (default: tests/data/synthea)
 # State lives in ./.kms-demo (token, database, PINs, PKI, logs, outputs); it is recreated each run.
@@ -23,6 +24,11 @@ start_kms_server "$STATE"
 echo "==> creating master key 'synthea-demo' inside the HSM (as officer-1)"
 "$BIN/kms-cli" --identity "$KMS_PKI/officer-1" key create --alias synthea-demo --description "demo: Synthea sample" --tag purpose=demo
 
+echo "==> granting app-1 data keys and decryption under 'synthea-demo', only with dataset=synthea-sample"
+echo "    (officer-1 proposes, officer-2 approves: dual control)"
+propose_and_approve grants propose --principal spiffe://hospital.test/app/app-1 --key synthea-demo \
+  --operation generate-data-key,decrypt --context-equals dataset=synthea-sample --require-context-key purpose > /dev/null
+
 CONTEXT=(--context dataset=synthea-sample --context purpose=demo)
 echo "==> envelope-encrypting every file of $INPUT (as app-1)"
 "$BIN/kms-cli" --output json encrypt --key synthea-demo "${CONTEXT[@]}" --in "$INPUT" --out "$STATE/encrypted" > "$STATE/encrypt.json"
@@ -33,9 +39,21 @@ echo "==> checking byte equality"
 diff -r "$INPUT" "$STATE/decrypted" > /dev/null
 if grep -rq "Synthea\|Patient" "$STATE/encrypted"; then echo "plaintext found in ciphertext"; exit 1; fi
 
+echo "==> checking separation of duties: officer-1 may not decrypt"
+if "$BIN/kms-cli" --identity "$KMS_PKI/officer-1" decrypt "${CONTEXT[@]}" --in "$STATE/encrypted" --out "$STATE/officer-try" > /dev/null 2>&1; then
+  echo "an officer decrypted data"; exit 1
+fi
+echo "==> verifying the audit trail (as auditor-1)"
+"$BIN/kms-cli" --identity "$KMS_PKI/auditor-1" --output json audit verify > "$STATE/audit-verify.json"
+"$BIN/kms-cli" --identity "$KMS_PKI/auditor-1" audit export > "$STATE/audit.jsonl"
+if grep -q "synthea-sample" "$STATE/audit.jsonl"; then echo "a context value is in clear in the audit trail"; exit 1; fi
+
 python3 - "$STATE" <<'PY'
 import json, sys
 state = sys.argv[1]
+audit = json.load(open(f"{state}/audit-verify.json"))
+records = [json.loads(l) for l in open(f"{state}/audit.jsonl")]
+denied = sum(1 for r in records if r["outcome"] == "denied")
 enc = json.load(open(f"{state}/encrypt.json"))
 dec = json.load(open(f"{state}/decrypt.json"))
 print()
@@ -47,6 +65,7 @@ print(f"  decrypt throughput    {dec['megabytes_per_second']:.1f} MB/s ({dec['se
 print(f"  transport             mutual TLS 1.3; officer-1 created the key, app-1 encrypted and decrypted")
 print(f"  KMS calls             {enc['kms_calls']} to encrypt (GenerateDataKey), {dec['kms_calls']} to decrypt (Decrypt)")
 print("                        (data-key caching: one call per batch, not one per file)")
+print(f"  audit trail           {audit['records_checked']} records, {audit['checkpoints_checked']} checkpoints, intact={audit['intact']}; {denied} denied requests recorded")
 PY
 echo
 echo "server log: $STATE/server.log; outputs: $STATE/encrypted, $STATE/decrypted"

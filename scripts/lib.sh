@@ -74,6 +74,10 @@ url = "sqlite://$state/kms.db"
 ca_cert = "$KMS_PKI/ca.pem"
 cert = "$KMS_PKI/server.pem"
 key = "$KMS_PKI/server.key"
+
+# First start only: the two security officers that make dual approval possible from day one.
+[bootstrap]
+security_officers = ["spiffe://hospital.test/security-officer/officer-1", "spiffe://hospital.test/security-officer/officer-2"]
 TOML
 
   echo "==> starting kms-server on 127.0.0.1:$port (mutual TLS 1.3)"
@@ -81,9 +85,34 @@ TOML
   SERVER_PID=$!
   trap 'kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true' EXIT
   for _ in $(seq 1 100); do
-    if "$BIN/kms-cli" ping > /dev/null 2>&1; then return 0; fi
+    if "$BIN/kms-cli" --identity "$KMS_PKI/officer-1" ping > /dev/null 2>&1; then break; fi
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then echo "server exited:"; cat "$state/server.log"; exit 1; fi
     sleep 0.1
   done
-  "$BIN/kms-cli" ping > /dev/null
+  "$BIN/kms-cli" --identity "$KMS_PKI/officer-1" ping > /dev/null
+  bind_dev_roles
+}
+
+# Runs `kms-cli ARGS` as officer-1 (which must print an approval request as JSON), then
+# approves that request as officer-2. Prints the approval id.
+propose_and_approve() {
+  local id
+  id="$("$BIN/kms-cli" --identity "$KMS_PKI/officer-1" --output json "$@" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["approval_id"])')"
+  "$BIN/kms-cli" --identity "$KMS_PKI/officer-2" --output json approvals approve "$id" |
+    python3 -c 'import json,sys; a = json.load(sys.stdin); assert a["state"] == "executed", a'
+  echo "$id"
+}
+
+# Binds every development identity but the bootstrap officers to its role, each through a
+# proposal by officer-1 approved by officer-2 (bindings change only with approval).
+bind_dev_roles() {
+  echo "==> binding the development identities to their roles (officer-1 proposes, officer-2 approves)"
+  local name kind
+  for pair in app-1:app tokenizer-1:tokenizer reidentifier-1:reidentifier custodian-1:custodian \
+    custodian-2:custodian auditor-1:auditor breakglass-1:break-glass; do
+    name="${pair%%:*}"
+    kind="${pair##*:}"
+    propose_and_approve roles bind "spiffe://hospital.test/$kind/$name" "$kind" > /dev/null
+  done
 }

@@ -11,6 +11,9 @@ use serde_json::json;
 
 use crate::{context_of, emit, parse_pair};
 
+/// Audit records per request when exporting.
+const PAGE: u32 = 1000;
+
 /// Role bindings.
 #[derive(Debug, Subcommand)]
 pub enum RoleCommand {
@@ -182,7 +185,9 @@ pub async fn roles(
             })
         }
         RoleCommand::Bind { principal, role } => {
-            let a = client.propose_role_binding(&principal, &role, false).await?;
+            let a = client
+                .propose_role_binding(&principal, &role, false)
+                .await?;
             show_approval(out, json, &a)
         }
         RoleCommand::Unbind { principal, role } => {
@@ -225,11 +230,7 @@ pub async fn grants(
                 .await?;
             let doc = json!(grants.iter().map(grant_json).collect::<Vec<_>>());
             emit(out, json, doc, || {
-                grants
-                    .iter()
-                    .map(grant_text)
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                grants.iter().map(grant_text).collect::<Vec<_>>().join("\n")
             })
         }
         GrantCommand::Revoke { grant_id } => {
@@ -358,10 +359,12 @@ pub async fn break_glass(
             let windows = client.list_break_glass_windows().await?;
             let doc = json!(windows
                 .iter()
-                .map(|w| json!({"window_id": w.window_id, "principal": w.principal,
+                .map(
+                    |w| json!({"window_id": w.window_id, "principal": w.principal,
                     "key_ids": w.key_ids, "justification": w.justification,
                     "opened_at": w.opened_at, "closes_at": w.closes_at,
-                    "approval_id": w.approval_id}))
+                    "approval_id": w.approval_id})
+                )
                 .collect::<Vec<_>>());
             emit(out, json, doc, || {
                 windows
@@ -432,7 +435,7 @@ pub async fn audit(
                 let page = client
                     .list_audit_records(ListAuditRecordsRequest {
                         after_seq: after,
-                        page_size: 1000,
+                        page_size: PAGE,
                         break_glass_only: false,
                         identifier_hash: identifier_hash.clone(),
                     })
@@ -440,7 +443,9 @@ pub async fn audit(
                 for line in &page.records_json {
                     writeln!(out, "{line}")?;
                 }
-                if page.records_json.is_empty() || page.last_seq <= after {
+                // A short page is the end: every request (these included) adds a record, so
+                // "until empty" would never end.
+                if page.records_json.len() < PAGE as usize || page.last_seq <= after {
                     return Ok(());
                 }
                 after = page.last_seq;
@@ -458,15 +463,16 @@ pub async fn audit(
                 let page = client
                     .list_audit_records(ListAuditRecordsRequest {
                         after_seq: after,
-                        page_size: 1000,
+                        page_size: PAGE,
                         break_glass_only: true,
                         identifier_hash: String::new(),
                     })
                     .await?;
+                let full = page.records_json.len() == PAGE as usize;
                 for line in page.records_json {
                     uses.push(serde_json::from_str::<serde_json::Value>(&line)?);
                 }
-                if page.last_seq <= after {
+                if !full || page.last_seq <= after {
                     break;
                 }
                 after = page.last_seq;
@@ -490,7 +496,10 @@ pub async fn audit(
                         "window {} by {} ({}..{}): {}\n",
                         w.window_id, w.principal, w.opened_at, w.closes_at, w.justification
                     ));
-                    for u in uses.iter().filter(|u| u["break_glass"] == w.window_id.as_str()) {
+                    for u in uses
+                        .iter()
+                        .filter(|u| u["break_glass"] == w.window_id.as_str())
+                    {
                         text.push_str(&format!(
                             "  #{} {} {} key {} -> {}\n",
                             u["seq"], u["time"], u["operation"], u["key_id"], u["outcome"]

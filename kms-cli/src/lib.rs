@@ -367,11 +367,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Key(KeyCommand::RotationReport) => rotation_report(&client, out, json).await,
         Command::Rewrap { paths } => rewrap(&client, out, json, &paths).await,
         Command::Key(KeyCommand::ScheduleDeletion { key, days }) => {
-            governance::show_approval(
-                out,
-                json,
-                &client.schedule_key_deletion(&key, days).await?,
-            )
+            governance::show_approval(out, json, &client.schedule_key_deletion(&key, days).await?)
         }
         Command::Whoami => {
             let me = client.who_am_i().await?;

@@ -142,7 +142,10 @@ pub const RULES: &[(&str, &[Role])] = &[
     ("Approve", &[SecurityOfficer, Custodian]),
     ("Reject", &[SecurityOfficer, Custodian, BreakGlass]),
     ("OpenBreakGlass", &[BreakGlass]),
-    ("ListBreakGlassWindows", &[SecurityOfficer, Auditor, BreakGlass]),
+    (
+        "ListBreakGlassWindows",
+        &[SecurityOfficer, Auditor, BreakGlass],
+    ),
     // The audit trail.
     ("VerifyAudit", &[Auditor]),
     ("ListAuditRecords", &[Auditor]),
@@ -292,7 +295,7 @@ impl Window {
 /// at the request's time. Remembers the break-glass window a use went through.
 pub struct Access {
     caller: Caller,
-    grants: Arc<Vec<Grant>>,
+    grants: Arc<GrantsByKey>,
     windows: Arc<Vec<Window>>,
     now: i64,
     used_window: Mutex<Option<String>>,
@@ -309,14 +312,22 @@ impl Access {
 }
 
 impl KeyAccess for Access {
+    fn hides_unknown_keys(&self) -> bool {
+        !(self.caller.has(SecurityOfficer) || self.caller.has(Auditor))
+    }
+
     fn check(&self, op: KeyOp, key_id: Uuid, context: &Context) -> Result<(), KmsError> {
-        if op == KeyOp::Describe && (self.caller.has(SecurityOfficer) || self.caller.has(Auditor))
-        {
+        if op == KeyOp::Describe && (self.caller.has(SecurityOfficer) || self.caller.has(Auditor)) {
             return Ok(());
         }
         let mut refusal = Refusal::NoGrant;
-        if self.caller.roles.iter().any(|r| *r != BreakGlass && r.uses_keys()) {
-            for grant in self.grants.iter() {
+        if self
+            .caller
+            .roles
+            .iter()
+            .any(|r| *r != BreakGlass && r.uses_keys())
+        {
+            for grant in self.grants.get(&key_id).into_iter().flatten() {
                 match grant.covers(op, key_id, context, self.now) {
                     Ok(()) => return Ok(()),
                     Err(Refusal::NoGrant) => {}
@@ -607,10 +618,13 @@ pub enum BreakGlassOutcome {
     Pending(Approval),
 }
 
+/// One principal's grants in force, by key.
+type GrantsByKey = HashMap<Uuid, Vec<Grant>>;
+
 #[derive(Default)]
 struct Cache {
     roles: HashMap<String, Arc<Vec<Role>>>,
-    grants: HashMap<String, Arc<Vec<Grant>>>,
+    grants: HashMap<String, Arc<GrantsByKey>>,
     windows: HashMap<String, Arc<Vec<Window>>>,
 }
 
@@ -713,9 +727,14 @@ impl Authz {
             list.sort();
             cache.roles.insert(principal, Arc::new(list));
         }
-        let mut grants: HashMap<String, Vec<Grant>> = HashMap::new();
+        let mut grants: HashMap<String, GrantsByKey> = HashMap::new();
         for grant in self.grants_where_in_force().await? {
-            grants.entry(grant.principal.clone()).or_default().push(grant);
+            grants
+                .entry(grant.principal.clone())
+                .or_default()
+                .entry(grant.key_id)
+                .or_default()
+                .push(grant);
         }
         cache.grants = grants.into_iter().map(|(p, g)| (p, Arc::new(g))).collect();
         let mut windows: HashMap<String, Vec<Window>> = HashMap::new();
@@ -794,10 +813,12 @@ impl Authz {
         principal: Option<&str>,
         key_id: Option<Uuid>,
     ) -> Result<Vec<Grant>, KmsError> {
-        let rows = sqlx::query(&format!("SELECT {GRANT_COLUMNS} FROM key_grants ORDER BY created_at, grant_id"))
-            .fetch_all(self.store.pool())
-            .await
-            .map_err(db_error)?;
+        let rows = sqlx::query(&format!(
+            "SELECT {GRANT_COLUMNS} FROM key_grants ORDER BY created_at, grant_id"
+        ))
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(db_error)?;
         let mut grants = Vec::new();
         for row in &rows {
             let grant = grant_from_row(row)?;
@@ -857,13 +878,12 @@ impl Authz {
     }
 
     async fn quorum(&self, kind: Kind) -> Result<Quorum, KmsError> {
-        let row = sqlx::query(
-            "SELECT required, approver_role FROM approval_quorums WHERE kind = $1",
-        )
-        .bind(kind.as_str())
-        .fetch_optional(self.store.pool())
-        .await
-        .map_err(db_error)?;
+        let row =
+            sqlx::query("SELECT required, approver_role FROM approval_quorums WHERE kind = $1")
+                .bind(kind.as_str())
+                .fetch_optional(self.store.pool())
+                .await
+                .map_err(db_error)?;
         let Some(row) = row else {
             return Ok(default_quorum(kind));
         };
@@ -1571,7 +1591,9 @@ pub fn parse_operations(names: &[String]) -> Result<Vec<KeyOp>, KmsError> {
 fn validate_principal(principal: &str) -> Result<(), KmsError> {
     if principal.is_empty()
         || principal.len() > MAX_PRINCIPAL
-        || principal.chars().any(|c| c.is_control() || c.is_whitespace())
+        || principal
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace())
     {
         return Err(KmsError::InvalidArgument {
             field: "principal",
@@ -1585,8 +1607,8 @@ async fn insert_window(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     window: &Window,
 ) -> Result<(), sqlx::Error> {
-    let key_ids = serde_json::to_string(&window.key_ids)
-        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let key_ids =
+        serde_json::to_string(&window.key_ids).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     sqlx::query(
         "INSERT INTO break_glass_windows (window_id, principal, key_ids, justification, \
          opened_at, closes_at, approval_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -1681,7 +1703,10 @@ mod tests {
     fn separation_of_duties_pairs() {
         for admin in [SecurityOfficer, Custodian, Auditor] {
             for user in [App, Tokenizer, Reidentifier, BreakGlass] {
-                assert!(check_compatible(&[admin, user]).is_err(), "{admin:?}+{user:?}");
+                assert!(
+                    check_compatible(&[admin, user]).is_err(),
+                    "{admin:?}+{user:?}"
+                );
             }
         }
         assert!(check_compatible(&[Auditor, SecurityOfficer]).is_err());

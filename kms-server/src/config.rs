@@ -162,7 +162,7 @@ pub enum LogFormat {
 /// Validated parameters of one server.
 #[derive(Debug)]
 pub struct ServerParams {
-    /// Address to listen on (loopback only until authorization exists).
+    /// Address to listen on.
     pub listen: SocketAddr,
     /// Path of the PKCS#11 module.
     pub module: PathBuf,
@@ -253,7 +253,6 @@ impl ServerParams {
         let listen: SocketAddr = listen_text
             .parse()
             .map_err(|_| invalid("listen", "not an IP:port address"))?;
-        ensure_loopback(listen)?;
 
         let module = env("KMS_HSM_MODULE")
             .map(PathBuf::from)
@@ -396,14 +395,15 @@ impl ServerParams {
         if !(60..=86_400).contains(&max_window) {
             return Err(invalid("break_glass.max_window_secs", "60 ..= 86400"));
         }
-        let flag = |name: &str, setting: &'static str, file: Option<bool>, default: bool| {
-            match env(name).as_deref() {
+        let flag =
+            |name: &str, setting: &'static str, file: Option<bool>, default: bool| match env(name)
+                .as_deref()
+            {
                 Some("true" | "1") => Ok(true),
                 Some("false" | "0") => Ok(false),
                 Some(_) => Err(invalid(setting, "true or false")),
                 None => Ok(file.unwrap_or(default)),
-            }
-        };
+            };
         let require_approval = flag(
             "KMS_BREAK_GLASS_REQUIRE_APPROVAL",
             "break_glass.require_approval",
@@ -465,20 +465,6 @@ impl ServerParams {
     }
 }
 
-/// The server serves loopback addresses only until authorization (roles bound to principals)
-/// exists: mutual TLS authenticates every caller, but any certificate of the CA may still call
-/// every RPC.
-pub fn ensure_loopback(addr: SocketAddr) -> Result<(), ConfigError> {
-    if addr.ip().is_loopback() {
-        Ok(())
-    } else {
-        Err(invalid(
-            "listen",
-            "only loopback addresses are allowed until authorization exists",
-        ))
-    }
-}
-
 fn read_pin(
     env: &impl Fn(&str) -> Option<String>,
     file_setting: Option<PathBuf>,
@@ -512,6 +498,9 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    /// Two distinct bootstrap officers, as `KMS_BOOTSTRAP_SECURITY_OFFICERS` takes them.
+    const OFFICERS: &str = "spiffe://t/security-officer/o1, spiffe://t/security-officer/o2";
+
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: HashMap<String, String> = pairs
             .iter()
@@ -531,10 +520,18 @@ mod tests {
                 ("KMS_TLS_CA_CERT", "/pki/ca.pem"),
                 ("KMS_TLS_CERT", "/pki/server.pem"),
                 ("KMS_TLS_KEY", "/pki/server.key"),
+                ("KMS_BOOTSTRAP_SECURITY_OFFICERS", OFFICERS),
             ]),
         )
         .expect("valid");
         assert_eq!(p.hsm.token_label, "env");
+        assert_eq!(
+            p.authz.bootstrap_officers,
+            [
+                "spiffe://t/security-officer/o1",
+                "spiffe://t/security-officer/o2"
+            ]
+        );
         assert_eq!(p.listen, "127.0.0.1:50051".parse().expect("addr"));
         assert_eq!(p.hsm.pool_size, 8);
         assert_eq!(p.tls.key, PathBuf::from("/pki/server.key"));
@@ -545,19 +542,24 @@ mod tests {
     }
 
     #[test]
-    fn non_loopback_listen_is_refused() {
-        let err = ServerParams::from_raw(
+    fn any_listen_address_is_accepted() {
+        // Every caller is authenticated (mutual TLS) and authorized (roles, grants): the
+        // server may listen on a network address.
+        let p = ServerParams::from_raw(
             RawConfig::default(),
             env_of(&[
                 ("KMS_LISTEN", "0.0.0.0:50051"),
                 ("KMS_HSM_TOKEN_LABEL", "t"),
                 ("KMS_HSM_PIN", "1"),
                 ("KMS_STORE_URL", "sqlite://x"),
+                ("KMS_TLS_CA_CERT", "/pki/ca.pem"),
+                ("KMS_TLS_CERT", "/pki/server.pem"),
+                ("KMS_TLS_KEY", "/pki/server.key"),
+                ("KMS_BOOTSTRAP_SECURITY_OFFICERS", OFFICERS),
             ]),
         )
-        .expect_err("must refuse");
-        assert!(err.to_string().contains("loopback"), "{err}");
-        assert!(ensure_loopback("[::1]:1".parse().expect("addr")).is_ok());
+        .expect("valid");
+        assert_eq!(p.listen.to_string(), "0.0.0.0:50051");
     }
 
     /// Regression: a PIN written into the TOML file by mistake must not be echoed back by the
@@ -612,7 +614,16 @@ mod tests {
                 .expect("toml");
         let p = ServerParams::from_raw(
             raw,
-            env_of(&[base.as_slice(), &[("KMS_TLS_KEY", "env.key")]].concat()),
+            env_of(
+                &[
+                    base.as_slice(),
+                    &[
+                        ("KMS_TLS_KEY", "env.key"),
+                        ("KMS_BOOTSTRAP_SECURITY_OFFICERS", OFFICERS),
+                    ],
+                ]
+                .concat(),
+            ),
         )
         .expect("valid");
         assert_eq!(
@@ -624,5 +635,62 @@ mod tests {
             }
         );
         assert!(toml::from_str::<RawConfig>("[tls]\nkey_file = \"x\"").is_err());
+    }
+
+    /// Dual approval needs two officers from the first start: none, one, or one principal
+    /// named twice (in the file or in the environment) is refused; two distinct ones pass.
+    #[test]
+    fn fewer_than_two_distinct_bootstrap_officers_are_refused() {
+        let base = [
+            ("KMS_HSM_TOKEN_LABEL", "t"),
+            ("KMS_HSM_PIN", "1"),
+            ("KMS_STORE_URL", "sqlite://x"),
+            ("KMS_TLS_CA_CERT", "ca.pem"),
+            ("KMS_TLS_CERT", "s.pem"),
+            ("KMS_TLS_KEY", "s.key"),
+        ];
+        let with = |officers: Option<&'static str>| {
+            let mut pairs = base.to_vec();
+            if let Some(list) = officers {
+                pairs.push(("KMS_BOOTSTRAP_SECURITY_OFFICERS", list));
+            }
+            ServerParams::from_raw(RawConfig::default(), env_of(&pairs))
+        };
+        for officers in [
+            None,
+            Some(""),
+            Some("spiffe://t/security-officer/o1"),
+            Some("spiffe://t/security-officer/o1,spiffe://t/security-officer/o1"),
+            Some(" spiffe://t/security-officer/o1 , , spiffe://t/security-officer/o1"),
+        ] {
+            let err = with(officers).expect_err("refused");
+            assert!(
+                err.to_string().contains("bootstrap.security_officers")
+                    && err.to_string().contains("at least two distinct"),
+                "{officers:?}: {err}"
+            );
+        }
+        let file =
+            |text: &str| ServerParams::from_raw(toml::from_str(text).expect("toml"), env_of(&base));
+        let err = file("[bootstrap]\nsecurity_officers = [\"a\", \"a\"]\n")
+            .expect_err("one principal twice in the file");
+        assert!(
+            err.to_string().contains("bootstrap.security_officers"),
+            "{err}"
+        );
+        let p = file("[bootstrap]\nsecurity_officers = [\"a\", \"b\"]\n").expect("two");
+        assert_eq!(p.authz.bootstrap_officers, ["a", "b"]);
+        // The environment replaces the file's list.
+        let mut pairs = base.to_vec();
+        pairs.push(("KMS_BOOTSTRAP_SECURITY_OFFICERS", "c"));
+        let err = ServerParams::from_raw(
+            toml::from_str("[bootstrap]\nsecurity_officers = [\"a\", \"b\"]\n").expect("toml"),
+            env_of(&pairs),
+        )
+        .expect_err("the environment names only one");
+        assert!(
+            err.to_string().contains("bootstrap.security_officers"),
+            "{err}"
+        );
     }
 }

@@ -76,7 +76,10 @@ impl Facts {
 
     fn key_and_context(key: &str, context: &HashMap<String, String>) -> Self {
         Facts {
-            context: context.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            context: context
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             ..Facts::key(key)
         }
     }
@@ -282,7 +285,12 @@ impl GrpcService {
         .await
     }
 
-    async fn propose(&self, caller: &Caller, proposal: Proposal, facts: &mut Facts) -> Result<Approval, KmsError> {
+    async fn propose(
+        &self,
+        caller: &Caller,
+        proposal: Proposal,
+        facts: &mut Facts,
+    ) -> Result<Approval, KmsError> {
         if let Some(key_id) = proposal.key_id() {
             facts.key_id = Some(key_id.to_string());
         }
@@ -320,7 +328,11 @@ fn grant_message(g: authz::Grant) -> Grant {
         grant_id: g.grant_id,
         principal: g.principal,
         key_id: g.key_id.to_string(),
-        operations: g.operations.iter().map(|o| o.as_str().to_string()).collect(),
+        operations: g
+            .operations
+            .iter()
+            .map(|o| o.as_str().to_string())
+            .collect(),
         required_context_keys: g.required_context_keys,
         context_equals: g.context_equals.into_iter().collect(),
         expires_at: g.expires_at,
@@ -655,7 +667,9 @@ impl KeyManagement for GrpcService {
                 };
                 let access = self.authz.access(&caller);
                 let outcomes = futures::future::join_all(
-                    items.into_iter().map(|item| self.decrypt_one(&access, item)),
+                    items
+                        .into_iter()
+                        .map(|item| self.decrypt_one(&access, item)),
                 )
                 .await;
                 facts.used(&access);
@@ -816,9 +830,12 @@ impl KeyManagement for GrpcService {
         &self,
         request: Request<KeyRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
-        self.manage("CancelKeyDeletion", request, key_of_request, |s, r| async move {
-            s.cancel_key_deletion(&r.key).await
-        })
+        self.manage(
+            "CancelKeyDeletion",
+            request,
+            key_of_request,
+            |s, r| async move { s.cancel_key_deletion(&r.key).await },
+        )
         .await
     }
 
@@ -864,7 +881,11 @@ impl KeyManagement for GrpcService {
             |_| Facts::default(),
             |caller, _r, facts| async move {
                 let response = WhoAmIResponse {
-                    roles: caller.roles.iter().map(|r| r.as_str().to_string()).collect(),
+                    roles: caller
+                        .roles
+                        .iter()
+                        .map(|r| r.as_str().to_string())
+                        .collect(),
                     principal: caller.principal,
                 };
                 (Ok(response), facts)
@@ -882,17 +903,21 @@ impl KeyManagement for GrpcService {
             request,
             |_| Facts::default(),
             |_caller, _r, facts| async move {
-                let result = self.authz.bindings().await.map(|rows| ListRoleBindingsResponse {
-                    bindings: rows
-                        .into_iter()
-                        .map(|(principal, role, created_at, approval_id)| RoleBinding {
-                            principal,
-                            role: role.as_str().to_string(),
-                            created_at,
-                            approval_id,
-                        })
-                        .collect(),
-                });
+                let result = self
+                    .authz
+                    .bindings()
+                    .await
+                    .map(|rows| ListRoleBindingsResponse {
+                        bindings: rows
+                            .into_iter()
+                            .map(|(principal, role, created_at, approval_id)| RoleBinding {
+                                principal,
+                                role: role.as_str().to_string(),
+                                created_at,
+                                approval_id,
+                            })
+                            .collect(),
+                    });
                 (result, facts)
             },
         )
@@ -1042,16 +1067,20 @@ impl KeyManagement for GrpcService {
             request,
             |_| Facts::default(),
             |_caller, _r, facts| async move {
-                let result = self.authz.quorums().await.map(|quorums| ListQuorumsResponse {
-                    quorums: quorums
-                        .into_iter()
-                        .map(|q| Quorum {
-                            kind: q.kind.as_str().to_string(),
-                            required: q.required,
-                            approver_role: q.approver_role.as_str().to_string(),
-                        })
-                        .collect(),
-                });
+                let result = self
+                    .authz
+                    .quorums()
+                    .await
+                    .map(|quorums| ListQuorumsResponse {
+                        quorums: quorums
+                            .into_iter()
+                            .map(|q| Quorum {
+                                kind: q.kind.as_str().to_string(),
+                                required: q.required,
+                                approver_role: q.approver_role.as_str().to_string(),
+                            })
+                            .collect(),
+                    });
                 (result, facts)
             },
         )
@@ -1067,13 +1096,13 @@ impl KeyManagement for GrpcService {
             request,
             |_| Facts::default(),
             |_caller, r, facts| async move {
-                let result = self
-                    .authz
-                    .approvals(r.pending_only)
-                    .await
-                    .map(|list| ListApprovalsResponse {
-                        approvals: list.into_iter().map(approval_message).collect(),
-                    });
+                let result =
+                    self.authz
+                        .approvals(r.pending_only)
+                        .await
+                        .map(|list| ListApprovalsResponse {
+                            approvals: list.into_iter().map(approval_message).collect(),
+                        });
                 (result, facts)
             },
         )
@@ -1189,13 +1218,13 @@ impl KeyManagement for GrpcService {
             request,
             |_| Facts::default(),
             |_caller, _r, facts| async move {
-                let result = self
-                    .authz
-                    .windows(None)
-                    .await
-                    .map(|windows| ListBreakGlassWindowsResponse {
-                        windows: windows.into_iter().map(window_message).collect(),
-                    });
+                let result =
+                    self.authz
+                        .windows(None)
+                        .await
+                        .map(|windows| ListBreakGlassWindowsResponse {
+                            windows: windows.into_iter().map(window_message).collect(),
+                        });
                 (result, facts)
             },
         )
@@ -1211,19 +1240,24 @@ impl KeyManagement for GrpcService {
             request,
             |_| Facts::default(),
             |_caller, _r, facts| async move {
-                let result = self.audit.verify().await.map_err(audit_error).map(|report| {
-                    let (first_bad_seq, problem) = match report.first_bad {
-                        Some(bad) => (bad.seq, bad.problem.to_string()),
-                        None => (0, String::new()),
-                    };
-                    VerifyAuditResponse {
-                        records_checked: report.records,
-                        checkpoints_checked: report.checkpoints,
-                        intact: first_bad_seq == 0,
-                        first_bad_seq,
-                        problem,
-                    }
-                });
+                let result = self
+                    .audit
+                    .verify()
+                    .await
+                    .map_err(audit_error)
+                    .map(|report| {
+                        let (first_bad_seq, problem) = match report.first_bad {
+                            Some(bad) => (bad.seq, bad.problem.to_string()),
+                            None => (0, String::new()),
+                        };
+                        VerifyAuditResponse {
+                            records_checked: report.records,
+                            checkpoints_checked: report.checkpoints,
+                            intact: first_bad_seq == 0,
+                            first_bad_seq,
+                            problem,
+                        }
+                    });
                 (result, facts)
             },
         )
@@ -1253,13 +1287,9 @@ impl KeyManagement for GrpcService {
                     .records(r.after_seq, page_size, &filter)
                     .await
                     .map_err(audit_error)
-                    .and_then(|records| {
-                        let last_seq = records.last().map(|r| r.seq).unwrap_or(r.after_seq);
-                        let records_json = records.iter().map(|r| r.to_json_line()).collect();
-                        Ok(ListAuditRecordsResponse {
-                            records_json,
-                            last_seq,
-                        })
+                    .map(|records| ListAuditRecordsResponse {
+                        last_seq: records.last().map(|r| r.seq).unwrap_or(r.after_seq),
+                        records_json: records.iter().map(|r| r.to_json_line()).collect(),
                     });
                 (result, facts)
             },

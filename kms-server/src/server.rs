@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 
 use crate::audit::{Audit, AuditError, AuditParams};
 use crate::authz::{Authz, AuthzParams};
-use crate::config::{ensure_loopback, ConfigError, RotationParams};
+use crate::config::{ConfigError, RotationParams};
 use crate::error::KmsError;
 use crate::grpc::GrpcService;
 use crate::hsm::{Hsm, HsmError, HsmParams};
@@ -100,15 +100,22 @@ impl Ready {
                 .with_usage_policy(parts.rotation.usage),
         );
         let audit = match parts.audit {
-            Some(params) => Audit::open(hsm, store.clone(), Arc::clone(&parts.clock), params).await?,
+            Some(params) => {
+                Audit::open(hsm, store.clone(), Arc::clone(&parts.clock), params).await?
+            }
             None => {
                 tracing::warn!("AUDIT TRAIL DISABLED: for benchmark baselines only");
                 Audit::disabled()
             }
         };
-        let authz = Authz::open(store.clone(), Arc::clone(&service), parts.clock, parts.authz)
-            .await
-            .map_err(StartError::Authz)?;
+        let authz = Authz::open(
+            store.clone(),
+            Arc::clone(&service),
+            parts.clock,
+            parts.authz,
+        )
+        .await
+        .map_err(StartError::Authz)?;
         Ok(Ready {
             service,
             authz: Arc::new(authz),
@@ -134,7 +141,7 @@ impl Ready {
         Arc::clone(&self.authz)
     }
 
-    /// Serves mutual TLS on `listener` (loopback only) until `shutdown` completes, then
+    /// Serves mutual TLS on `listener` until `shutdown` completes, then
     /// drains. Accepted connections get `TCP_NODELAY` (see [`TlsIncoming`]): without it small
     /// responses can wait ~40 ms for a delayed acknowledgement (measured with `kms-bench`).
     pub async fn serve(
@@ -143,7 +150,6 @@ impl Ready {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartError> {
         let addr: SocketAddr = listener.local_addr()?;
-        ensure_loopback(addr)?;
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<KeyManagementServer<GrpcService>>()
@@ -157,12 +163,13 @@ impl Ready {
             Arc::clone(&self.service),
             self.check_interval,
         ));
+        let refresher = tokio::spawn(authz_refresher(Arc::clone(&self.authz)));
         let kms = KeyManagementServer::new(GrpcService::new(
             self.service,
             self.authz,
             self.audit.clone(),
         ))
-            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
         tracing::info!(%addr, "serving (mutual TLS 1.3)");
         let result = tonic::transport::Server::builder()
             .add_service(health_service)
@@ -171,9 +178,27 @@ impl Ready {
             .serve_with_incoming_shutdown(TlsIncoming::new(listener, self.tls), shutdown)
             .await;
         scheduler.abort();
+        refresher.abort();
         self.audit.shutdown().await;
         self.store.close().await;
         result.map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))
+    }
+}
+
+/// How stale this process's view of bindings, grants and break-glass windows may be when
+/// another server on the same store changed them (this process's own changes apply at once).
+pub const AUTHZ_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Re-reads bindings, grants and windows every [`AUTHZ_REFRESH`], so that a revocation made
+/// through another replica takes effect here within that bound.
+async fn authz_refresher(authz: Arc<Authz>) {
+    let mut tick = tokio::time::interval(AUTHZ_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = authz.reload().await {
+            tracing::warn!(error = %e, "authorization refresh failed; keeping the last view");
+        }
     }
 }
 

@@ -79,7 +79,19 @@ impl KeyOp {
 pub trait KeyAccess: Send + Sync {
     /// `Ok` when `op` on `key_id` under `context` is allowed.
     fn check(&self, op: KeyOp, key_id: Uuid, context: &Context) -> Result<(), KmsError>;
+
+    /// Whether a key that does not exist should look to this caller like one it may not use
+    /// (key users), rather than `NOT_FOUND` (key managers): a caller learns nothing about
+    /// keys outside its grants, not even whether they exist.
+    fn hides_unknown_keys(&self) -> bool {
+        false
+    }
 }
+
+/// What a key user is told about a key it may not use, whether or not the key exists.
+pub const NOT_GRANTED: KmsError = KmsError::PermissionDenied {
+    reason: "no grant for this key and operation",
+};
 
 /// Allows everything: for the server's own jobs and for tests of the domain logic alone.
 pub struct Unrestricted;
@@ -265,7 +277,7 @@ impl KeyService {
         access: &dyn KeyAccess,
         key: &str,
     ) -> Result<KeyRecord, KmsError> {
-        let record = self.resolve(key).await?;
+        let record = self.resolve_for(access, key).await?;
         access.check(KeyOp::Describe, record.key_id, &Context::new())?;
         self.reload(record.key_id).await
     }
@@ -302,8 +314,9 @@ impl KeyService {
         context: &Context,
     ) -> Result<DataKey, KmsError> {
         let canonical_context = canonical(context)?;
-        let record = self.usable(key).await?;
-        access.check(KeyOp::GenerateDataKey, record.key_id, context)?;
+        let record = self
+            .usable_for(access, KeyOp::GenerateDataKey, key, context)
+            .await?;
         let target = self.spend(record).await?;
         let new = NewBlob::new(target.key_id, target.version, &canonical_context);
         let (plaintext, nonce, sealed) = self
@@ -334,8 +347,9 @@ impl KeyService {
             });
         }
         let canonical_context = canonical(context)?;
-        let record = self.usable(key).await?;
-        access.check(KeyOp::Encrypt, record.key_id, context)?;
+        let record = self
+            .usable_for(access, KeyOp::Encrypt, key, context)
+            .await?;
         let target = self.spend(record).await?;
         let new = NewBlob::new(target.key_id, target.version, &canonical_context);
         let (nonce, sealed) = self
@@ -359,8 +373,9 @@ impl KeyService {
         expected_key: Option<&str>,
     ) -> Result<Opened, KmsError> {
         let canonical_context = canonical(context)?;
-        let (parsed, source) = self.source_of(blob, expected_key).await?;
-        access.check(KeyOp::Decrypt, source.key_id, context)?;
+        let (parsed, source) = self
+            .source_of(access, KeyOp::Decrypt, context, blob, expected_key)
+            .await?;
         let plaintext = self
             .hsm
             .unseal(
@@ -391,10 +406,12 @@ impl KeyService {
     ) -> Result<Resealed, KmsError> {
         let source_canonical = canonical(source_context)?;
         let destination_canonical = canonical(destination_context)?;
-        let (parsed, source) = self.source_of(blob, source_key).await?;
-        access.check(KeyOp::ReEncrypt, source.key_id, source_context)?;
-        let destination = self.usable(destination_key).await?;
-        access.check(KeyOp::ReEncrypt, destination.key_id, destination_context)?;
+        let (parsed, source) = self
+            .source_of(access, KeyOp::ReEncrypt, source_context, blob, source_key)
+            .await?;
+        let destination = self
+            .usable_for(access, KeyOp::ReEncrypt, destination_key, destination_context)
+            .await?;
         let destination = self.spend(destination).await?;
         let new = NewBlob::new(
             destination.key_id,
@@ -423,14 +440,19 @@ impl KeyService {
     /// Parses a blob and checks that its key exists, is the expected one, and is usable.
     /// A blob naming an unknown key or version is an invalid ciphertext, like any other
     /// damaged blob.
+    /// The caller's right to `op` on the blob's key is checked before the key's state, so a
+    /// caller without a grant learns nothing about the key.
     async fn source_of<'b>(
         &self,
+        access: &dyn KeyAccess,
+        op: KeyOp,
+        context: &Context,
         blob: &'b [u8],
         expected_key: Option<&str>,
     ) -> Result<(Blob<'b>, KeyRef), KmsError> {
         let parsed = Blob::parse(blob)?;
         if let Some(expected) = expected_key.filter(|k| !k.is_empty()) {
-            if self.resolve(expected).await?.key_id != parsed.key_id {
+            if self.resolve_for(access, expected).await?.key_id != parsed.key_id {
                 return Err(KmsError::InvalidCiphertext);
             }
         }
@@ -439,6 +461,7 @@ impl KeyService {
             Err(KmsError::KeyNotFound) => return Err(KmsError::InvalidCiphertext),
             Err(other) => return Err(other),
         };
+        access.check(op, record.key_id, context)?;
         ensure_usable(&record)?;
         let source = record
             .key_ref(parsed.key_version)
@@ -772,6 +795,33 @@ impl KeyService {
         let record = self.resolve(key).await?;
         ensure_usable(&record)?;
         Ok(record)
+    }
+
+    /// Resolves `key` and checks the caller's right to `op` on it before its state, so that
+    /// a caller without a grant cannot tell a missing, disabled or destroyed key from one it
+    /// simply may not use.
+    async fn usable_for(
+        &self,
+        access: &dyn KeyAccess,
+        op: KeyOp,
+        key: &str,
+        context: &Context,
+    ) -> Result<Arc<KeyRecord>, KmsError> {
+        let record = self.resolve_for(access, key).await?;
+        access.check(op, record.key_id, context)?;
+        ensure_usable(&record)?;
+        Ok(record)
+    }
+
+    async fn resolve_for(
+        &self,
+        access: &dyn KeyAccess,
+        key: &str,
+    ) -> Result<Arc<KeyRecord>, KmsError> {
+        match self.resolve(key).await {
+            Err(KmsError::KeyNotFound) if access.hides_unknown_keys() => Err(NOT_GRANTED),
+            other => other,
+        }
     }
 
     /// Resolves an id or alias, from the cache when possible.

@@ -543,7 +543,9 @@ impl TestServer {
             {
                 continue;
             }
-            let request = officer.propose_role_binding(&principal, role, false).await?;
+            let request = officer
+                .propose_role_binding(&principal, role, false)
+                .await?;
             let done = approver.approve(&request.approval_id).await?;
             if done.state != "executed" {
                 bail!("binding {name} as {role}: {}", done.state);
@@ -570,13 +572,13 @@ impl TestServer {
         kind: &str,
         name: &str,
     ) -> anyhow::Result<tonic::transport::Channel> {
-        let issued = self.pki.ca().issue_identity(TestPki::TRUST_DOMAIN, kind, name)?;
+        let issued = self
+            .pki
+            .ca()
+            .issue_identity(TestPki::TRUST_DOMAIN, kind, name)?;
         let ca = std::fs::read(self.pki.dir().join("ca.pem"))?;
-        let tls = sdk::ClientTls::from_pem(
-            &ca,
-            issued.cert_pem.as_bytes(),
-            issued.key_pem.as_bytes(),
-        )?;
+        let tls =
+            sdk::ClientTls::from_pem(&ca, issued.cert_pem.as_bytes(), issued.key_pem.as_bytes())?;
         Ok(tls.channel(&self.endpoint()).await?)
     }
 
@@ -586,7 +588,9 @@ impl TestServer {
         let client = self.client_for_new_principal(role, name).await?;
         let principal = kms_cli::pki::principal(TestPki::TRUST_DOMAIN, role, name);
         let officer = self.client_as("officer-1").await?;
-        let request = officer.propose_role_binding(&principal, role, false).await?;
+        let request = officer
+            .propose_role_binding(&principal, role, false)
+            .await?;
         let done = self
             .client_as("officer-2")
             .await?

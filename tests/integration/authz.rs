@@ -4,7 +4,7 @@
 use kms_server::authz::{Role, RULES};
 use prost::Message;
 use sdk::{Code, GrantSpec, NewKey};
-use softhsm_test::{ManualClock, ServerOptions, TestServer, DEV_ROLES};
+use softhsm_test::{ManualClock, ServerOptions, TestPki, TestServer, DEV_ROLES};
 
 use crate::support::{ctx, on_both_stores, TestDb};
 
@@ -28,7 +28,10 @@ fn every_rpc_of_the_proto_has_exactly_one_rule() {
         assert_eq!(rules, 1, "{method} must have exactly one rule");
     }
     for (name, _) in RULES {
-        assert!(methods.iter().any(|m| m == name), "rule for unknown RPC {name}");
+        assert!(
+            methods.iter().any(|m| m == name),
+            "rule for unknown RPC {name}"
+        );
     }
 }
 
@@ -68,14 +71,16 @@ async fn role_matrix(db: TestDb) {
             let denied_by_role =
                 status.code() == Code::PermissionDenied && status.message() == ROLE_DENIED;
             assert_eq!(
-                !allowed,
-                denied_by_role,
+                !allowed, denied_by_role,
                 "{identity} ({role:?}) calling {method}: {status:?}"
             );
         }
     }
     // A certificate from the right CA whose principal holds no role: denied everywhere.
-    let nobody = server.channel_for_new_principal("app", "nobody-1").await.expect("channel");
+    let nobody = server
+        .channel_for_new_principal("app", "nobody-1")
+        .await
+        .expect("channel");
     for method in &methods {
         let status = call_raw(&nobody, method).await;
         assert_eq!(status.code(), Code::PermissionDenied, "{method}");
@@ -86,7 +91,11 @@ async fn role_matrix(db: TestDb) {
 on_both_stores!(role_x_rpc_matrix_is_enforced_over_mtls, role_matrix);
 
 #[track_caller]
-fn assert_code<T: std::fmt::Debug>(result: Result<T, sdk::Error>, code: Code, what: &str) -> String {
+fn assert_code<T: std::fmt::Debug>(
+    result: Result<T, sdk::Error>,
+    code: Code,
+    what: &str,
+) -> String {
     match result {
         Err(sdk::Error::Rpc { code: c, message }) if c == code => message,
         other => panic!("{what}: expected {code:?}, got {other:?}"),
@@ -105,7 +114,10 @@ async fn grants_with_context_constraints(db: TestDb) {
         })
         .await
         .expect("create");
-    let other = officer.create_key(NewKey::default()).await.expect("other key");
+    let other = officer
+        .create_key(NewKey::default())
+        .await
+        .expect("other key");
 
     // Before any grant: nothing.
     let good = ctx(&[("purpose", "treatment"), ("dept", "cardiology")]);
@@ -133,15 +145,24 @@ async fn grants_with_context_constraints(db: TestDb) {
         Code::PermissionDenied,
         "pending grant",
     );
-    let approved = second.approve(&proposal.approval_id).await.expect("approve");
+    let approved = second
+        .approve(&proposal.approval_id)
+        .await
+        .expect("approve");
     assert_eq!(approved.state, "executed");
 
-    let dk = app.generate_data_key("cardio", &good).await.expect("allowed context");
+    let dk = app
+        .generate_data_key("cardio", &good)
+        .await
+        .expect("allowed context");
     assert_eq!(dk.key_id, key.key_id);
     app.decrypt(&dk.blob, &good, None).await.expect("decrypt");
     for (bad, what) in [
         (ctx(&[("dept", "cardiology")]), "missing required key"),
-        (ctx(&[("purpose", "treatment"), ("dept", "oncology")]), "wrong value"),
+        (
+            ctx(&[("purpose", "treatment"), ("dept", "oncology")]),
+            "wrong value",
+        ),
         (ctx(&[("purpose", "treatment")]), "missing exact entry"),
     ] {
         let message = assert_code(
@@ -170,9 +191,15 @@ async fn grants_with_context_constraints(db: TestDb) {
     );
 
     // Revocation takes effect at once.
-    let grants = officer.list_grants(Some(&server.principal("app-1")), None).await.expect("list");
+    let grants = officer
+        .list_grants(Some(&server.principal("app-1")), None)
+        .await
+        .expect("list");
     assert_eq!(grants.len(), 1);
-    officer.revoke_grant(&grants[0].grant_id).await.expect("revoke");
+    officer
+        .revoke_grant(&grants[0].grant_id)
+        .await
+        .expect("revoke");
     assert_code(
         app.decrypt(&dk.blob, &good, None).await,
         Code::PermissionDenied,
@@ -180,11 +207,17 @@ async fn grants_with_context_constraints(db: TestDb) {
     );
     server.stop().await.expect("stop");
 }
-on_both_stores!(grants_enforce_operations_keys_and_context, grants_with_context_constraints);
+on_both_stores!(
+    grants_enforce_operations_keys_and_context,
+    grants_with_context_constraints
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_and_approvals_expire_on_the_clock() {
-    let db = TestDb::new(softhsm_test::StoreKind::Sqlite).await.expect("db").expect("sqlite");
+    let db = TestDb::new(softhsm_test::StoreKind::Sqlite)
+        .await
+        .expect("db")
+        .expect("sqlite");
     let clock = ManualClock::new(1_900_000_000);
     let server = TestServer::start_opts(
         &db,
@@ -214,9 +247,13 @@ async fn grants_and_approvals_expire_on_the_clock() {
     };
     let a = officer.propose_grant(spec.clone()).await.expect("propose");
     second.approve(&a.approval_id).await.expect("approve");
-    app.encrypt("short", b"x", &ctx(&[])).await.expect("in time");
+    app.encrypt("short", b"x", &ctx(&[]))
+        .await
+        .expect("in time");
     clock.advance(100);
-    app.encrypt("short", b"x", &ctx(&[])).await.expect("last second");
+    app.encrypt("short", b"x", &ctx(&[]))
+        .await
+        .expect("last second");
     clock.advance(1);
     let message = assert_code(
         app.encrypt("short", b"x", &ctx(&[])).await,
@@ -240,19 +277,33 @@ async fn grants_and_approvals_expire_on_the_clock() {
         "expired request",
     );
     assert!(message.contains("expired"), "{message}");
-    assert_eq!(officer.approval(&late.approval_id).await.expect("get").state, "expired");
+    assert_eq!(
+        officer
+            .approval(&late.approval_id)
+            .await
+            .expect("get")
+            .state,
+        "expired"
+    );
     server.stop().await.expect("stop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn separation_of_duties_invariants_hold() {
-    let db = TestDb::new(softhsm_test::StoreKind::Sqlite).await.expect("db").expect("sqlite");
+    let db = TestDb::new(softhsm_test::StoreKind::Sqlite)
+        .await
+        .expect("db")
+        .expect("sqlite");
     let server = TestServer::start(&db).await.expect("server");
     let officer = server.client_as("officer-1").await.expect("officer");
     let second = server.client_as("officer-2").await.expect("officer 2");
 
     // An app cannot also become an officer, nor an officer an app.
-    for (who, role) in [("app-1", "security-officer"), ("officer-2", "app"), ("auditor-1", "security-officer")] {
+    for (who, role) in [
+        ("app-1", "security-officer"),
+        ("officer-2", "app"),
+        ("auditor-1", "security-officer"),
+    ] {
         let message = assert_code(
             officer
                 .propose_role_binding(&server.principal(who), role, false)
@@ -263,7 +314,13 @@ async fn separation_of_duties_invariants_hold() {
         assert!(message.contains("separation of duties"), "{message}");
     }
 
-    officer.create_key(NewKey { alias: Some("k".into()), ..NewKey::default() }).await.expect("create");
+    officer
+        .create_key(NewKey {
+            alias: Some("k".into()),
+            ..NewKey::default()
+        })
+        .await
+        .expect("create");
     let a = officer
         .propose_grant(GrantSpec {
             principal: server.principal("app-1"),
@@ -274,17 +331,37 @@ async fn separation_of_duties_invariants_hold() {
         .await
         .expect("propose");
     // Nobody approves their own request.
-    let message = assert_code(officer.approve(&a.approval_id).await, Code::PermissionDenied, "own");
+    let message = assert_code(
+        officer.approve(&a.approval_id).await,
+        Code::PermissionDenied,
+        "own",
+    );
     assert!(message.contains("own request"), "{message}");
     // An auditor may read requests but not approve them.
     let auditor = server.client_as("auditor-1").await.expect("auditor");
-    auditor.approval(&a.approval_id).await.expect("auditor reads");
-    assert_code(auditor.approve(&a.approval_id).await, Code::PermissionDenied, "auditor approves");
+    auditor
+        .approval(&a.approval_id)
+        .await
+        .expect("auditor reads");
+    assert_code(
+        auditor.approve(&a.approval_id).await,
+        Code::PermissionDenied,
+        "auditor approves",
+    );
 
     // With a quorum of two, one principal cannot count twice.
-    let officer3 = server.add_principal("security-officer", "officer-3").await.expect("officer 3");
-    let q = officer.propose_quorum("grant", 2, "security-officer").await.expect("quorum");
-    second.approve(&q.approval_id).await.expect("quorum approved");
+    let officer3 = server
+        .add_principal("security-officer", "officer-3")
+        .await
+        .expect("officer 3");
+    let q = officer
+        .propose_quorum("grant", 2, "security-officer")
+        .await
+        .expect("quorum");
+    second
+        .approve(&q.approval_id)
+        .await
+        .expect("quorum approved");
     let b = officer
         .propose_grant(GrantSpec {
             principal: server.principal("app-1"),
@@ -295,22 +372,51 @@ async fn separation_of_duties_invariants_hold() {
         .await
         .expect("propose");
     assert_eq!(b.required, 2);
-    assert_eq!(second.approve(&b.approval_id).await.expect("first").state, "pending");
-    let message = assert_code(second.approve(&b.approval_id).await, Code::FailedPrecondition, "twice");
+    assert_eq!(
+        second.approve(&b.approval_id).await.expect("first").state,
+        "pending"
+    );
+    let message = assert_code(
+        second.approve(&b.approval_id).await,
+        Code::FailedPrecondition,
+        "twice",
+    );
     assert!(message.contains("already approved"), "{message}");
-    assert_eq!(officer3.approve(&b.approval_id).await.expect("second").state, "executed");
+    assert_eq!(
+        officer3
+            .approve(&b.approval_id)
+            .await
+            .expect("second")
+            .state,
+        "executed"
+    );
     // Executed, rejected: never again.
-    let message = assert_code(officer3.approve(&b.approval_id).await, Code::FailedPrecondition, "re-run");
+    let message = assert_code(
+        officer3.approve(&b.approval_id).await,
+        Code::FailedPrecondition,
+        "re-run",
+    );
     assert!(message.contains("already executed"), "{message}");
     second.reject(&a.approval_id).await.expect("reject");
-    let message = assert_code(officer3.approve(&a.approval_id).await, Code::FailedPrecondition, "rejected");
+    let message = assert_code(
+        officer3.approve(&a.approval_id).await,
+        Code::FailedPrecondition,
+        "rejected",
+    );
     assert!(message.contains("rejected"), "{message}");
     // The last two officers cannot be removed.
     let binding_removal = officer
-        .propose_role_binding(&server.principal("officer-3"), "security-officer", true)
+        .propose_role_binding(
+            &kms_cli::pki::principal(TestPki::TRUST_DOMAIN, "security-officer", "officer-3"),
+            "security-officer",
+            true,
+        )
         .await
         .expect("three officers: one may go");
-    officer3.reject(&binding_removal.approval_id).await.expect("reject");
+    officer3
+        .reject(&binding_removal.approval_id)
+        .await
+        .expect("reject");
     server.stop().await.expect("stop");
 }
 
@@ -319,9 +425,20 @@ async fn concurrent_approvals(db: TestDb) {
     let officer = server.client_as("officer-1").await.expect("officer");
     let mut approvers = vec![server.client_as("officer-2").await.expect("officer 2")];
     for name in ["officer-3", "officer-4", "officer-5"] {
-        approvers.push(server.add_principal("security-officer", name).await.expect("officer"));
+        approvers.push(
+            server
+                .add_principal("security-officer", name)
+                .await
+                .expect("officer"),
+        );
     }
-    officer.create_key(NewKey { alias: Some("race".into()), ..NewKey::default() }).await.expect("create");
+    officer
+        .create_key(NewKey {
+            alias: Some("race".into()),
+            ..NewKey::default()
+        })
+        .await
+        .expect("create");
     for round in 0..5 {
         let a = officer
             .propose_grant(GrantSpec {
@@ -332,7 +449,8 @@ async fn concurrent_approvals(db: TestDb) {
             })
             .await
             .expect("propose");
-        let outcomes = futures::future::join_all(approvers.iter().map(|c| c.approve(&a.approval_id))).await;
+        let outcomes =
+            futures::future::join_all(approvers.iter().map(|c| c.approve(&a.approval_id))).await;
         let executed = outcomes
             .iter()
             .filter(|o| matches!(o, Ok(a) if a.state == "executed"))
@@ -340,21 +458,35 @@ async fn concurrent_approvals(db: TestDb) {
         assert!(executed >= 1, "round {round}: {outcomes:?}");
         for outcome in &outcomes {
             if let Err(e) = outcome {
-                assert_eq!(e.code(), Some(Code::FailedPrecondition), "round {round}: {e}");
+                assert_eq!(
+                    e.code(),
+                    Some(Code::FailedPrecondition),
+                    "round {round}: {e}"
+                );
             }
         }
         let grants = officer.list_grants(None, Some("race")).await.expect("list");
-        assert_eq!(grants.len(), round + 1, "round {round}: exactly one grant per request");
+        assert_eq!(
+            grants.len(),
+            round + 1,
+            "round {round}: exactly one grant per request"
+        );
         let done = officer.approval(&a.approval_id).await.expect("get");
         assert_eq!(done.state, "executed");
     }
     server.stop().await.expect("stop");
 }
-on_both_stores!(approval_runs_exactly_once_under_concurrent_approvers, concurrent_approvals);
+on_both_stores!(
+    approval_runs_exactly_once_under_concurrent_approvers,
+    concurrent_approvals
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn break_glass_window_needs_approval_and_closes_on_time() {
-    let db = TestDb::new(softhsm_test::StoreKind::Sqlite).await.expect("db").expect("sqlite");
+    let db = TestDb::new(softhsm_test::StoreKind::Sqlite)
+        .await
+        .expect("db")
+        .expect("sqlite");
     let clock = ManualClock::new(1_900_000_000);
     let server = TestServer::start_opts(
         &db,
@@ -370,17 +502,33 @@ async fn break_glass_window_needs_approval_and_closes_on_time() {
     let medic = server.client_as("breakglass-1").await.expect("break-glass");
     let app = server.client().await.expect("app");
     let key = server.create_key_for_app("ehr").await.expect("key");
-    let blob = app.encrypt("ehr", b"allergy: penicillin", &ctx(&[("record", "r1")])).await.expect("encrypt").blob;
+    let blob = app
+        .encrypt("ehr", b"allergy: penicillin", &ctx(&[("record", "r1")]))
+        .await
+        .expect("encrypt")
+        .blob;
 
-    assert_code(medic.decrypt(&blob, &ctx(&[("record", "r1")]), None).await, Code::PermissionDenied, "no window");
+    assert_code(
+        medic.decrypt(&blob, &ctx(&[("record", "r1")]), None).await,
+        Code::PermissionDenied,
+        "no window",
+    );
     let short = assert_code(
-        medic.open_break_glass(&["ehr".into()], "too short", 600).await,
+        medic
+            .open_break_glass(&["ehr".into()], "too short", 600)
+            .await,
         Code::InvalidArgument,
         "justification",
     );
     assert!(short.contains("justification"), "{short}");
     assert_code(
-        medic.open_break_glass(&["ehr".into()], "ER patient unconscious, EHR decrypt", 5 * 3600).await,
+        medic
+            .open_break_glass(
+                &["ehr".into()],
+                "ER patient unconscious, EHR decrypt",
+                5 * 3600,
+            )
+            .await,
         Code::InvalidArgument,
         "longer than the 4 h maximum",
     );
@@ -390,20 +538,37 @@ async fn break_glass_window_needs_approval_and_closes_on_time() {
         .expect("open");
     let approval = asked.approval.expect("needs approval by default");
     assert!(asked.window.is_none());
-    assert_code(medic.decrypt(&blob, &ctx(&[("record", "r1")]), None).await, Code::PermissionDenied, "pending");
+    assert_code(
+        medic.decrypt(&blob, &ctx(&[("record", "r1")]), None).await,
+        Code::PermissionDenied,
+        "pending",
+    );
     // The break-glass principal cannot approve its own window; an officer can.
-    assert_code(medic.approve(&approval.approval_id).await, Code::PermissionDenied, "self");
-    let done = officer.approve(&approval.approval_id).await.expect("approve");
+    assert_code(
+        medic.approve(&approval.approval_id).await,
+        Code::PermissionDenied,
+        "self",
+    );
+    let done = officer
+        .approve(&approval.approval_id)
+        .await
+        .expect("approve");
     assert_eq!(done.state, "executed");
     let windows = second.list_break_glass_windows().await.expect("windows");
     assert_eq!(windows.len(), 1);
     assert_eq!(windows[0].key_ids, vec![key.key_id.clone()]);
     assert_eq!(windows[0].closes_at, 1_900_000_600);
 
-    let opened = medic.decrypt(&blob, &ctx(&[("record", "r1")]), None).await.expect("inside the window");
+    let opened = medic
+        .decrypt(&blob, &ctx(&[("record", "r1")]), None)
+        .await
+        .expect("inside the window");
     assert_eq!(&opened.plaintext[..], b"allergy: penicillin");
     clock.advance(600);
-    medic.decrypt(&blob, &ctx(&[("record", "r1")]), None).await.expect("last second");
+    medic
+        .decrypt(&blob, &ctx(&[("record", "r1")]), None)
+        .await
+        .expect("last second");
     clock.advance(1);
     let message = assert_code(
         medic.decrypt(&blob, &ctx(&[("record", "r1")]), None).await,
@@ -431,14 +596,19 @@ async fn break_glass_window_needs_approval_and_closes_on_time() {
         .filter(|r| r["operation"] == "Decrypt" && r["outcome"] == "ok")
         .count();
     assert_eq!(decrypts, 2, "{uses:#?}");
-    assert!(uses.iter().all(|r| r["break_glass"] == windows[0].window_id.as_str()));
+    assert!(uses
+        .iter()
+        .all(|r| r["break_glass"] == windows[0].window_id.as_str()));
     assert!(uses.iter().all(|r| r["severity"] == "high"), "{uses:#?}");
     server.stop().await.expect("stop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn break_glass_without_approval_opens_at_once_and_is_loud() {
-    let db = TestDb::new(softhsm_test::StoreKind::Sqlite).await.expect("db").expect("sqlite");
+    let db = TestDb::new(softhsm_test::StoreKind::Sqlite)
+        .await
+        .expect("db")
+        .expect("sqlite");
     let server = TestServer::start_opts(
         &db,
         ServerOptions {
@@ -451,11 +621,18 @@ async fn break_glass_without_approval_opens_at_once_and_is_loud() {
     let medic = server.client_as("breakglass-1").await.expect("break-glass");
     server.create_key_for_app("ehr").await.expect("key");
     let opened = medic
-        .open_break_glass(&["ehr".into()], "mass casualty incident, downtime procedure", 60)
+        .open_break_glass(
+            &["ehr".into()],
+            "mass casualty incident, downtime procedure",
+            60,
+        )
         .await
         .expect("open");
     let window = opened.window.expect("open at once");
-    medic.generate_data_key("ehr", &ctx(&[])).await.expect("use");
+    medic
+        .generate_data_key("ehr", &ctx(&[]))
+        .await
+        .expect("use");
     let auditor = server.client_as("auditor-1").await.expect("auditor");
     let page = auditor
         .list_audit_records(sdk::governance::ListAuditRecordsRequest {
@@ -469,10 +646,19 @@ async fn break_glass_without_approval_opens_at_once_and_is_loud() {
         .iter()
         .map(|l| serde_json::from_str(l).expect("json"))
         .collect();
-    assert!(records.iter().any(|r| r["operation"] == "OpenBreakGlass" && r["severity"] == "high"));
-    assert!(records.iter().any(|r| r["operation"] == "GenerateDataKey" && r["break_glass"] == window.window_id.as_str()));
+    assert!(records
+        .iter()
+        .any(|r| r["operation"] == "OpenBreakGlass" && r["severity"] == "high"));
+    assert!(records
+        .iter()
+        .any(|r| r["operation"] == "GenerateDataKey"
+            && r["break_glass"] == window.window_id.as_str()));
     // The break-glass principal holds no grant: outside its window's keys it has nothing.
     let other = server.create_key_for_app("other").await.expect("key");
-    assert_code(medic.generate_data_key(&other.key_id, &ctx(&[])).await, Code::PermissionDenied, "other key");
+    assert_code(
+        medic.generate_data_key(&other.key_id, &ctx(&[])).await,
+        Code::PermissionDenied,
+        "other key",
+    );
     server.stop().await.expect("stop");
 }

@@ -6,9 +6,15 @@ use kms_cli::Cli;
 
 use crate::support::*;
 
+/// Runs `kms-cli` as officer-1, the key manager.
 async fn cli(server: &TestServer, args: &[&str]) -> anyhow::Result<String> {
+    cli_as(server, "officer-1", args).await
+}
+
+/// Runs `kms-cli --identity DIR/<name>`.
+async fn cli_as(server: &TestServer, name: &str, args: &[&str]) -> anyhow::Result<String> {
     let endpoint = server.endpoint();
-    let identity = server.identity("officer-1");
+    let identity = server.identity(name);
     let mut argv = vec![
         "kms-cli",
         "--endpoint",
@@ -24,9 +30,13 @@ async fn cli(server: &TestServer, args: &[&str]) -> anyhow::Result<String> {
 }
 
 async fn cli_json(server: &TestServer, args: &[&str]) -> serde_json::Value {
+    cli_json_as(server, "officer-1", args).await
+}
+
+async fn cli_json_as(server: &TestServer, name: &str, args: &[&str]) -> serde_json::Value {
     let mut argv = vec!["--output", "json"];
     argv.extend_from_slice(args);
-    let text = cli(server, &argv)
+    let text = cli_as(server, name, &argv)
         .await
         .unwrap_or_else(|e| panic!("{args:?}: {e:#}"));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {text}"))
@@ -78,14 +88,52 @@ async fn key_commands_in_both_output_formats() {
         .contains("key(s)"));
     assert_eq!(cli(&server, &["ping"]).await.expect("ping").trim(), "ok");
 
-    let dk = cli_json(
+    // Data keys are the app's: officer-1 proposes a grant, officer-2 approves it.
+    let app = server.principal("app-1");
+    let proposed = cli_json(
         &server,
+        &[
+            "grants",
+            "propose",
+            "--principal",
+            &app,
+            "--key",
+            "cli-key",
+            "--operation",
+            "generate-data-key",
+        ],
+    )
+    .await;
+    assert_eq!(proposed["state"], "pending", "{proposed}");
+    let approved = cli_json_as(
+        &server,
+        "officer-2",
+        &[
+            "approvals",
+            "approve",
+            proposed["approval_id"].as_str().expect("approval id"),
+        ],
+    )
+    .await;
+    assert_eq!(approved["state"], "executed", "{approved}");
+    let dk = cli_json_as(
+        &server,
+        "app-1",
         &["datakey", "--key", "cli-key", "--context", "a=b"],
     )
     .await;
     assert_eq!(dk["plaintext_hex"].as_str().expect("plaintext").len(), 64);
-    let wrapped_only = cli_json(&server, &["datakey", "--key", "cli-key", "--no-plaintext"]).await;
+    let wrapped_only = cli_json_as(
+        &server,
+        "app-1",
+        &["datakey", "--key", "cli-key", "--no-plaintext"],
+    )
+    .await;
     assert!(wrapped_only.get("plaintext_hex").is_none());
+    // The officer manages the key but never uses it.
+    assert!(cli(&server, &["datakey", "--key", "cli-key"])
+        .await
+        .is_err());
 
     let rotated = cli_json(&server, &["key", "rotate", "cli-key"]).await;
     assert_eq!(rotated["primary_version"], 2);
@@ -143,6 +191,82 @@ async fn key_commands_in_both_output_formats() {
         .expect("describe");
     assert!(human.contains("version 1       retired"), "{human}");
 
+    // Scheduling a deletion prints an approval request; officer-2 approves it.
+    let human = cli(
+        &server,
+        &["key", "schedule-deletion", "cli-key", "--days", "7"],
+    )
+    .await
+    .expect("propose deletion");
+    let approval_id = human
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("approval request "))
+        .unwrap_or_else(|| panic!("no approval request printed: {human}"))
+        .trim()
+        .to_string();
+    assert!(
+        human.contains("key-deletion") && human.contains("pending"),
+        "{human}"
+    );
+    assert_eq!(
+        cli_json(&server, &["key", "describe", "cli-key"]).await["state"],
+        "enabled",
+        "nothing happens before the approval"
+    );
+    let approved = cli_json_as(
+        &server,
+        "officer-2",
+        &["approvals", "approve", &approval_id],
+    )
+    .await;
+    assert_eq!(approved["state"], "executed", "{approved}");
+    assert_eq!(approved["kind"], "key-deletion", "{approved}");
+    assert_eq!(
+        cli_json(&server, &["key", "describe", "cli-key"]).await["state"],
+        "pending_deletion"
+    );
+    assert_eq!(
+        cli_json(&server, &["key", "cancel-deletion", "cli-key"]).await["state"],
+        "disabled"
+    );
+    let proposed = cli_json(&server, &["key", "schedule-deletion", "cli-key"]).await;
+    assert_eq!(
+        (&proposed["kind"], &proposed["state"]),
+        (
+            &serde_json::json!("key-deletion"),
+            &serde_json::json!("pending")
+        ),
+        "{proposed}"
+    );
+    // The proposer cannot approve its own request.
+    assert!(cli(
+        &server,
+        &[
+            "approvals",
+            "approve",
+            proposed["approval_id"].as_str().expect("id")
+        ]
+    )
+    .await
+    .is_err());
+    let human = cli_as(
+        &server,
+        "officer-2",
+        &[
+            "approvals",
+            "approve",
+            proposed["approval_id"].as_str().expect("id"),
+        ],
+    )
+    .await
+    .expect("approve");
+    assert!(human.contains("executed"), "{human}");
+    assert_eq!(
+        cli_json(&server, &["key", "describe", "cli-key"]).await["state"],
+        "pending_deletion"
+    );
+
     let err = cli(&server, &["key", "describe", "missing-key"])
         .await
         .expect_err("unknown key");
@@ -168,13 +292,15 @@ async fn folder_encryption_of_the_synthea_sample_round_trips() {
     cli(&server, &["key", "create", "--alias", "synthea"])
         .await
         .expect("key");
+    server.grant_app("synthea").await.expect("grant");
     let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/synthea");
     let work = tempfile::tempdir().expect("dir");
     let enc = work.path().join("enc");
     let dec = work.path().join("dec");
     let s = |p: &std::path::Path| p.to_string_lossy().to_string();
-    let summary = cli_json(
+    let summary = cli_json_as(
         &server,
+        "app-1",
         &[
             "encrypt",
             "--key",
@@ -192,8 +318,9 @@ async fn folder_encryption_of_the_synthea_sample_round_trips() {
     .await;
     assert!(summary["files"].as_u64().expect("files") >= 17);
     assert_eq!(summary["kms_calls"], 1, "one data key for the whole folder");
-    let back = cli_json(
+    let back = cli_json_as(
         &server,
+        "app-1",
         &[
             "decrypt",
             "--context",
@@ -235,16 +362,21 @@ async fn folder_encryption_of_the_synthea_sample_round_trips() {
         "--out",
         &s(&enc),
     ];
-    let err = cli(&server, &again).await.expect_err("outputs exist");
+    let err = cli_as(&server, "app-1", &again)
+        .await
+        .expect_err("outputs exist");
     assert!(format!("{err:#}").contains("pass --force"), "{err:#}");
     let mut forced = again.to_vec();
     forced.push("--force");
-    cli(&server, &forced).await.expect("--force overwrites");
+    cli_as(&server, "app-1", &forced)
+        .await
+        .expect("--force overwrites");
 
     // Wrong context: the command fails and writes nothing.
     let single = work.path().join("patients.csv");
-    let err = cli(
+    let err = cli_as(
         &server,
+        "app-1",
         &[
             "decrypt",
             "--context",

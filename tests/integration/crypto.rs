@@ -5,17 +5,8 @@ use crate::support::*;
 async fn round_trips(db: TestDb) {
     let server = TestServer::start(&db).await.expect("server");
     let client = server.client().await.expect("client");
-    let a = client
-        .create_key(sdk::NewKey {
-            alias: Some("ward-a".into()),
-            ..Default::default()
-        })
-        .await
-        .expect("key a");
-    let b = client
-        .create_key(sdk::NewKey::default())
-        .await
-        .expect("key b");
+    let a = server.create_key_for_app("ward-a").await.expect("key a");
+    let b = server.create_key_for_app("").await.expect("key b");
     let context = ctx(&[("patient_ref", "p-7f3a"), ("record", "lab-result")]);
 
     // Data key: generate, then decrypt the wrapped copy back to the same bytes.
@@ -101,10 +92,7 @@ on_both_stores!(round_trips_on, round_trips);
 async fn wrong_missing_or_extra_context_fails() {
     let (_db, server) = sqlite_server().await;
     let client = server.client().await.expect("client");
-    let key = client
-        .create_key(sdk::NewKey::default())
-        .await
-        .expect("key");
+    let key = server.create_key_for_app("").await.expect("key");
     let context = ctx(&[("patient_ref", "p-1"), ("record", "note")]);
     let sealed = client
         .encrypt(&key.key_id, b"note", &context)
@@ -135,10 +123,7 @@ async fn wrong_missing_or_extra_context_fails() {
 async fn every_byte_flip_and_truncation_is_the_generic_error() {
     let (_db, server) = sqlite_server().await;
     let client = server.client().await.expect("client");
-    let key = client
-        .create_key(sdk::NewKey::default())
-        .await
-        .expect("key");
+    let key = server.create_key_for_app("").await.expect("key");
     let context = ctx(&[("k", "v")]);
     let blob = client
         .generate_data_key_without_plaintext(&key.key_id, &context)
@@ -175,8 +160,8 @@ async fn every_byte_flip_and_truncation_is_the_generic_error() {
 async fn a_blob_of_key_a_presented_for_key_b_fails() {
     let (_db, server) = sqlite_server().await;
     let client = server.client().await.expect("client");
-    let a = client.create_key(sdk::NewKey::default()).await.expect("a");
-    let b = client.create_key(sdk::NewKey::default()).await.expect("b");
+    let a = server.create_key_for_app("").await.expect("a");
+    let b = server.create_key_for_app("").await.expect("b");
     let sealed = client
         .encrypt(&a.key_id, b"x", &ctx(&[]))
         .await

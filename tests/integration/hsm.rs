@@ -16,11 +16,7 @@ fn label_of(key_id: &str) -> Vec<u8> {
 #[tokio::test]
 async fn master_keys_are_sensitive_and_never_readable() {
     let (_db, server) = sqlite_server().await;
-    let client = server.client().await.expect("client");
-    let key = client
-        .create_key(sdk::NewKey::default())
-        .await
-        .expect("key");
+    let key = server.create_key_for_app("").await.expect("key");
 
     let session = softhsm_test::user_session().expect("session");
     let found = session
@@ -100,10 +96,7 @@ async fn master_keys_are_sensitive_and_never_readable() {
 async fn a_lost_login_is_recovered_by_reopening_sessions() {
     let (_db, server, token) = private_token_server("recover").await;
     let client = server.client().await.expect("client");
-    let key = client
-        .create_key(sdk::NewKey::default())
-        .await
-        .expect("key");
+    let key = server.create_key_for_app("").await.expect("key");
     let sealed = client
         .encrypt(&key.key_id, b"before", &ctx(&[]))
         .await
@@ -129,10 +122,7 @@ async fn a_lost_login_is_recovered_by_reopening_sessions() {
 async fn a_lost_login_before_the_first_lookup_is_recovered() {
     let (db, server, token) = private_token_server("uncached").await;
     let client = server.client().await.expect("client");
-    let key = client
-        .create_key(sdk::NewKey::default())
-        .await
-        .expect("key");
+    let key = server.create_key_for_app("").await.expect("key");
     let sealed = client
         .encrypt(&key.key_id, b"cold", &ctx(&[]))
         .await
@@ -154,10 +144,7 @@ async fn a_lost_login_before_the_first_lookup_is_recovered() {
 async fn a_token_refusing_login_is_unavailable_and_recovers() {
     let (_db, server, token) = private_token_server("refuse").await;
     let client = server.client().await.expect("client");
-    let key = client
-        .create_key(sdk::NewKey::default())
-        .await
-        .expect("key");
+    let key = server.create_key_for_app("").await.expect("key");
     token.set_user_pin(softhsm_test::USER_PIN, "another-pin-0000");
     token.logout_everyone();
     let err = client
@@ -183,17 +170,19 @@ async fn start_up_fails_on_unknown_token_or_wrong_pin() {
     let pki = softhsm_test::TestPki::generate().expect("pki");
     let open = |label: String, pin: &str| {
         kms_server::server::Ready::open(kms_server::server::Parts {
-            pkcs11: softhsm_test::pkcs11(),
             hsm: kms_server::hsm::HsmParams {
                 token_label: label,
                 pin: AuthPin::from(pin),
                 pool_size: 1,
             },
-            store_url: db.url.clone(),
             store_max_connections: 1,
-            clock: std::sync::Arc::new(kms_server::service::SystemClock),
-            rotation: Default::default(),
-            tls: pki.server_params(),
+            ..softhsm_test::parts(
+                &db,
+                1,
+                std::sync::Arc::new(kms_server::service::SystemClock),
+                Default::default(),
+                &pki,
+            )
         })
     };
     let err = open("no-such-token".into(), softhsm_test::USER_PIN)
@@ -272,17 +261,19 @@ async fn private_token_server(name: &str) -> (TestDb, TestServer, PrivateToken) 
 async fn serve_on(db: &TestDb, token: &PrivateToken) -> TestServer {
     let pki = softhsm_test::TestPki::generate().expect("pki");
     let ready = kms_server::server::Ready::open(kms_server::server::Parts {
-        pkcs11: softhsm_test::pkcs11(),
         hsm: kms_server::hsm::HsmParams {
             token_label: token.label.clone(),
             pin: AuthPin::from(softhsm_test::USER_PIN),
             pool_size: 2,
         },
-        store_url: db.url.clone(),
         store_max_connections: 2,
-        clock: std::sync::Arc::new(kms_server::service::SystemClock),
-        rotation: Default::default(),
-        tls: pki.server_params(),
+        ..softhsm_test::parts(
+            db,
+            2,
+            std::sync::Arc::new(kms_server::service::SystemClock),
+            Default::default(),
+            &pki,
+        )
     })
     .await
     .expect("ready");

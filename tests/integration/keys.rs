@@ -4,7 +4,8 @@ use crate::support::*;
 
 async fn create_describe_list(db: TestDb) {
     let server = TestServer::start(&db).await.expect("server");
-    let client = server.client().await.expect("client");
+    // Key management is the security officer's.
+    let client = officer(&server).await;
     let tags = [("owner".to_string(), "radiology".to_string())].into();
     let created = client
         .create_key(sdk::NewKey {
@@ -68,7 +69,7 @@ on_both_stores!(create_describe_list_on, create_describe_list);
 /// not a check-then-insert); the loser's HSM object is destroyed again.
 async fn concurrent_alias_yields_one_key(db: TestDb) {
     let server = TestServer::start(&db).await.expect("server");
-    let client = server.client().await.expect("client");
+    let client = officer(&server).await;
     let attempts = (0..8).map(|_| {
         let c = client.clone();
         tokio::spawn(async move {
@@ -104,11 +105,14 @@ on_both_stores!(concurrent_alias_on, concurrent_alias_yields_one_key);
 #[tokio::test]
 async fn unknown_keys_and_bad_arguments_have_their_codes() {
     let (_db, server) = sqlite_server().await;
+    // The app uses keys, the officer manages them: each sees unknown keys as NOT_FOUND.
     let client = server.client().await.expect("client");
+    let officer = officer(&server).await;
     let unknown = uuid::Uuid::new_v4().to_string();
     for result in [
+        officer.describe_key(&unknown).await.map(|_| ()),
+        officer.describe_key("no-such-alias").await.map(|_| ()),
         client.describe_key(&unknown).await.map(|_| ()),
-        client.describe_key("no-such-alias").await.map(|_| ()),
         client
             .generate_data_key(&unknown, &ctx(&[]))
             .await
@@ -124,7 +128,7 @@ async fn unknown_keys_and_bad_arguments_have_their_codes() {
         );
     }
     for bad_alias in ["has space", "ü", &"a".repeat(65)] {
-        let err = client
+        let err = officer
             .create_key(sdk::NewKey {
                 alias: Some(bad_alias.to_string()),
                 ..Default::default()
@@ -162,34 +166,44 @@ async fn unknown_keys_and_bad_arguments_have_their_codes() {
 /// with its connections): calls that need it fail with UNAVAILABLE — including every
 /// encryption, which must be counted durably before it happens (fail closed) — while
 /// decryption under cached keys keeps working and the server keeps serving.
+///
+/// This half runs without the audit trail (the benchmark baseline), so that the usage
+/// counter's own fail-closed behaviour is what is tested; with the trail on (production),
+/// see [`a_lost_database_stops_every_audited_call`].
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_database_is_unavailable_and_the_server_keeps_serving() {
     let Some(db) = TestDb::new(StoreKind::Postgres).await.expect("db") else {
         return;
     };
-    let server = TestServer::start(&db).await.expect("server");
+    let server = TestServer::start_opts(
+        &db,
+        softhsm_test::ServerOptions {
+            audit: false,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("server");
+    let officer = officer(&server).await;
     let client = server.client().await.expect("client");
-    let key = client
-        .create_key(sdk::NewKey::default())
-        .await
-        .expect("key");
+    let key = server.create_key_for_app("").await.expect("key");
     let dk = client
         .generate_data_key(&key.key_id, &ctx(&[]))
         .await
         .expect("data key");
     db.drop_now().await.expect("drop database");
     for err in [
-        client
+        officer
             .create_key(sdk::NewKey::default())
             .await
             .map(|_| ())
             .expect_err("store gone"),
-        client
+        officer
             .list_keys(10, None)
             .await
             .map(|_| ())
             .expect_err("store gone"),
-        client
+        officer
             .rotate_key(&key.key_id)
             .await
             .map(|_| ())
@@ -222,4 +236,70 @@ async fn a_lost_database_is_unavailable_and_the_server_keeps_serving() {
         .await
         .expect("decryption under a cached key");
     assert_eq!(opened.plaintext.as_slice(), dk.plaintext.as_slice());
+}
+
+/// With the audit trail on (as in production), a lost database stops every call, decryption
+/// and Ping included: nothing is served that cannot be recorded (fail closed). The server
+/// still answers each call at once with UNAVAILABLE, without driver details, and keeps
+/// answering health checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_database_stops_every_audited_call() {
+    let Some(db) = TestDb::new(StoreKind::Postgres).await.expect("db") else {
+        return;
+    };
+    let server = TestServer::start(&db).await.expect("server");
+    let officer = officer(&server).await;
+    let client = server.client().await.expect("client");
+    let key = server.create_key_for_app("").await.expect("key");
+    let dk = client
+        .generate_data_key(&key.key_id, &ctx(&[]))
+        .await
+        .expect("data key");
+    client
+        .decrypt(&dk.blob, &ctx(&[]), None)
+        .await
+        .expect("the key is cached");
+    db.drop_now().await.expect("drop database");
+    for (what, result) in [
+        (
+            "create",
+            officer.create_key(sdk::NewKey::default()).await.map(drop),
+        ),
+        (
+            "describe",
+            officer.describe_key(&key.key_id).await.map(drop),
+        ),
+        (
+            "data key",
+            client
+                .generate_data_key(&key.key_id, &ctx(&[]))
+                .await
+                .map(drop),
+        ),
+        (
+            "decrypt",
+            client.decrypt(&dk.blob, &ctx(&[]), None).await.map(drop),
+        ),
+        ("ping", client.ping().await),
+    ] {
+        let err = result.expect_err(what);
+        assert_eq!(
+            err.code(),
+            Some(tonic::Code::Unavailable),
+            "{what}: {err:?}"
+        );
+        assert!(
+            !err.to_string().contains("kms_test_"),
+            "{what}: driver details leaked: {err}"
+        );
+    }
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        crate::tls::channel(&server, "app-1").await,
+    );
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "kms.v1.KeyManagement".into(),
+        })
+        .await
+        .expect("health still answers");
 }

@@ -28,14 +28,10 @@ fn objects_labelled(key_id: &str, version: u32) -> usize {
 
 async fn rotation_and_retirement(db: TestDb) {
     let server = TestServer::start(&db).await.expect("server");
+    // The officer manages the key; the app (with a grant) uses it.
+    let officer = officer(&server).await;
     let client = server.client().await.expect("client");
-    let key = client
-        .create_key(sdk::NewKey {
-            alias: Some("rotating".into()),
-            ..Default::default()
-        })
-        .await
-        .expect("key");
+    let key = server.create_key_for_app("rotating").await.expect("key");
     let context = ctx(&[("record", "lab")]);
     let mut blobs = vec![
         client
@@ -45,7 +41,7 @@ async fn rotation_and_retirement(db: TestDb) {
             .blob,
     ];
     for expected in 2..=3u32 {
-        let rotated = client.rotate_key("rotating").await.expect("rotate");
+        let rotated = officer.rotate_key("rotating").await.expect("rotate");
         assert_eq!(rotated.primary_version, expected);
         assert_eq!(
             objects_labelled(&key.key_id, expected),
@@ -62,7 +58,7 @@ async fn rotation_and_retirement(db: TestDb) {
         );
         blobs.push(sealed.blob);
     }
-    let described = client.describe_key("rotating").await.expect("describe");
+    let described = officer.describe_key("rotating").await.expect("describe");
     let states: Vec<_> = described
         .versions
         .iter()
@@ -88,7 +84,7 @@ async fn rotation_and_retirement(db: TestDb) {
         .expect("rewrap");
     assert_eq!(moved.key_version, 3);
 
-    let retired = client
+    let retired = officer
         .set_min_decryption_version("rotating", 3)
         .await
         .expect("retire 1 and 2");
@@ -130,23 +126,27 @@ async fn rotation_and_retirement(db: TestDb) {
     );
 
     for bad in [0, 4] {
-        let err = client
+        let err = officer
             .set_min_decryption_version("rotating", bad)
             .await
             .expect_err("out of range");
         assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{bad}");
     }
-    client
+    officer
         .set_min_decryption_version("rotating", 1)
         .await
         .expect("lower again: versions still exist");
     assert!(client.decrypt(&blobs[0], &context, None).await.is_ok());
     server.stop().await.expect("stop");
 
-    // Versions, the primary and the minimum survive a restart.
+    // Versions, the primary and the minimum (and the app's grant) survive a restart.
     let server = TestServer::start(&db).await.expect("restart");
     let client = server.client().await.expect("client");
-    let again = client.describe_key(&key.key_id).await.expect("describe");
+    let again = crate::support::officer(&server)
+        .await
+        .describe_key(&key.key_id)
+        .await
+        .expect("describe");
     assert_eq!(
         (
             again.primary_version,
@@ -167,15 +167,10 @@ on_both_stores!(rotation_and_retirement_on, rotation_and_retirement);
 
 async fn disable_and_enable(db: TestDb) {
     let server = TestServer::start(&db).await.expect("server");
+    let officer = officer(&server).await;
     let client = server.client().await.expect("client");
-    let key = client
-        .create_key(sdk::NewKey::default())
-        .await
-        .expect("key");
-    let other = client
-        .create_key(sdk::NewKey::default())
-        .await
-        .expect("other");
+    let key = server.create_key_for_app("").await.expect("key");
+    let other = server.create_key_for_app("").await.expect("other");
     let context = ctx(&[]);
     let blob = client
         .encrypt(&key.key_id, b"kept", &context)
@@ -188,7 +183,7 @@ async fn disable_and_enable(db: TestDb) {
         .expect("encrypt")
         .blob;
 
-    let disabled = client.disable_key(&key.key_id).await.expect("disable");
+    let disabled = officer.disable_key(&key.key_id).await.expect("disable");
     assert_eq!(disabled.state, "disabled");
     let refused = (tonic::Code::FailedPrecondition, "key is disabled");
     assert_code(
@@ -226,13 +221,13 @@ async fn disable_and_enable(db: TestDb) {
         "re-encrypt to",
     );
     assert_code(
-        client.rotate_key(&key.key_id).await,
+        officer.rotate_key(&key.key_id).await,
         refused.0,
         refused.1,
         "rotate",
     );
     assert_eq!(
-        client
+        officer
             .describe_key(&key.key_id)
             .await
             .expect("describable")
@@ -241,7 +236,7 @@ async fn disable_and_enable(db: TestDb) {
     );
 
     assert_eq!(
-        client.enable_key(&key.key_id).await.expect("enable").state,
+        officer.enable_key(&key.key_id).await.expect("enable").state,
         "enabled"
     );
     assert_eq!(
@@ -253,7 +248,7 @@ async fn disable_and_enable(db: TestDb) {
             .as_slice(),
         b"kept"
     );
-    let err = client
+    let err = officer
         .disable_key(&uuid::Uuid::new_v4().to_string())
         .await
         .expect_err("unknown");
@@ -267,21 +262,19 @@ on_both_stores!(disable_and_enable_on, disable_and_enable);
 /// losers destroy the objects they generated.
 async fn concurrent_rotations_stay_consistent(db: TestDb) {
     let server = TestServer::start(&db).await.expect("server");
+    let officer = officer(&server).await;
     let client = server.client().await.expect("client");
-    let key = client
-        .create_key(sdk::NewKey::default())
-        .await
-        .expect("key");
+    let key = server.create_key_for_app("").await.expect("key");
     let tasks: Vec<_> = (0..6)
         .map(|_| {
-            let (c, id) = (client.clone(), key.key_id.clone());
+            let (c, id) = (officer.clone(), key.key_id.clone());
             tokio::spawn(async move { c.rotate_key(&id).await })
         })
         .collect();
     for t in tasks {
         t.await.expect("join").expect("rotate");
     }
-    let described = client.describe_key(&key.key_id).await.expect("describe");
+    let described = officer.describe_key(&key.key_id).await.expect("describe");
     let versions: Vec<u32> = described.versions.iter().map(|v| v.version).collect();
     assert_eq!(
         versions,
@@ -319,15 +312,10 @@ async fn scheduled_deletion_destroys_the_key(db: TestDb) {
     )
     .await
     .expect("server");
+    let officer = officer(&server).await;
     let client = server.client().await.expect("client");
-    let key = client
-        .create_key(sdk::NewKey {
-            alias: Some("doomed".into()),
-            ..Default::default()
-        })
-        .await
-        .expect("key");
-    client.rotate_key("doomed").await.expect("version 2");
+    let key = server.create_key_for_app("doomed").await.expect("key");
+    officer.rotate_key("doomed").await.expect("version 2");
     let context = ctx(&[]);
     let envelope = sdk::Envelope::new(client.clone(), sdk::CachePolicy::disabled());
     let message = envelope
@@ -341,16 +329,39 @@ async fn scheduled_deletion_destroys_the_key(db: TestDb) {
         .blob;
 
     for days in [1, 6, 366] {
-        let err = client
+        let err = officer
             .schedule_key_deletion("doomed", days)
             .await
             .expect_err("window out of range");
         assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{days}");
     }
-    let pending = client
+    // Scheduling is a proposal: until a second officer approves, the key stays in use.
+    let proposal = officer
         .schedule_key_deletion("doomed", 7)
         .await
-        .expect("schedule");
+        .expect("propose");
+    assert_eq!(
+        (proposal.kind.as_str(), proposal.state.as_str()),
+        ("key-deletion", "pending")
+    );
+    assert_eq!(
+        officer
+            .describe_key("doomed")
+            .await
+            .expect("describe")
+            .state,
+        "enabled"
+    );
+    assert!(client.decrypt(&blob, &context, None).await.is_ok());
+    let approved = server
+        .client_as("officer-2")
+        .await
+        .expect("approver")
+        .approve(&proposal.approval_id)
+        .await
+        .expect("approve");
+    assert_eq!(approved.state, "executed", "{approved:?}");
+    let pending = officer.describe_key("doomed").await.expect("describe");
     assert_eq!(pending.state, "pending_deletion");
     assert_eq!(pending.deletion_due_at, Some(1_800_000_000 + 7 * 86_400));
     let refused = (tonic::Code::FailedPrecondition, "key is pending deletion");
@@ -367,29 +378,27 @@ async fn scheduled_deletion_destroys_the_key(db: TestDb) {
         "data key while pending",
     );
     assert_code(
-        client.enable_key("doomed").await,
+        officer.enable_key("doomed").await,
         refused.0,
         refused.1,
         "enable while pending",
     );
 
     assert_eq!(
-        client
+        officer
             .cancel_key_deletion("doomed")
             .await
             .expect("cancel")
             .state,
         "disabled"
     );
-    client
+    officer
         .enable_key("doomed")
         .await
         .expect("enable after cancel");
     assert!(client.decrypt(&blob, &context, None).await.is_ok());
-    client
-        .schedule_key_deletion("doomed", 7)
-        .await
-        .expect("schedule again");
+    let again = schedule_deletion_approved(&server, "doomed", 7).await;
+    assert_eq!(again.state, "pending_deletion");
 
     clock.advance(6 * 86_400);
     assert!(
@@ -431,13 +440,13 @@ async fn scheduled_deletion_destroys_the_key(db: TestDb) {
         "data key after destruction",
     );
     assert_code(
-        client.enable_key("doomed").await,
+        officer.enable_key("doomed").await,
         gone.0,
         gone.1,
         "enable after destruction",
     );
     assert_code(
-        client.cancel_key_deletion("doomed").await,
+        officer.cancel_key_deletion("doomed").await,
         gone.0,
         gone.1,
         "cancel after destruction",
@@ -453,7 +462,7 @@ async fn scheduled_deletion_destroys_the_key(db: TestDb) {
             other.map(|_| ())
         ),
     }
-    let tombstone = client
+    let tombstone = officer
         .describe_key(&key.key_id)
         .await
         .expect("still describable");

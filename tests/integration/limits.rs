@@ -1,5 +1,5 @@
-//! Oversize requests are refused and the server keeps serving; only loopback until
-//! authorization exists; health and reflection are served (over mutual TLS).
+//! Oversize requests are refused and the server keeps serving; only loopback addresses are
+//! served; health and reflection are served (over mutual TLS).
 
 use crate::support::*;
 
@@ -7,10 +7,7 @@ use crate::support::*;
 async fn oversize_requests_are_rejected_and_the_server_keeps_serving() {
     let (_db, server) = sqlite_server().await;
     let client = server.client().await.expect("client");
-    let key = client
-        .create_key(sdk::NewKey::default())
-        .await
-        .expect("key");
+    let key = server.create_key_for_app("").await.expect("key");
 
     let ok = client.encrypt(&key.key_id, &[1u8; 4096], &ctx(&[])).await;
     assert!(ok.is_ok(), "4 KiB is allowed");
@@ -67,13 +64,14 @@ async fn refuses_to_serve_on_a_non_loopback_address() {
         .expect("sqlite");
     let pki = softhsm_test::TestPki::generate().expect("pki");
     let ready = kms_server::server::Ready::open(kms_server::server::Parts {
-        pkcs11: softhsm_test::pkcs11(),
-        hsm: softhsm_test::hsm_params(1),
-        store_url: db.url.clone(),
         store_max_connections: 1,
-        clock: std::sync::Arc::new(kms_server::service::SystemClock),
-        rotation: Default::default(),
-        tls: pki.server_params(),
+        ..softhsm_test::parts(
+            &db,
+            1,
+            std::sync::Arc::new(kms_server::service::SystemClock),
+            Default::default(),
+            &pki,
+        )
     })
     .await
     .expect("ready");

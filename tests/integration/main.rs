@@ -7,9 +7,11 @@
 mod support;
 
 mod audit;
+mod audited;
 mod authz;
 mod cli;
 mod crypto;
+mod governance_cli;
 mod hsm;
 mod keys;
 mod lifecycle;

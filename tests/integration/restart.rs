@@ -6,13 +6,7 @@ async fn survives_restart(db: TestDb) {
     let context = ctx(&[("dataset", "synthea-demo")]);
     let server = TestServer::start(&db).await.expect("server");
     let client = server.client().await.expect("client");
-    let key = client
-        .create_key(sdk::NewKey {
-            alias: Some("restart-me".into()),
-            ..Default::default()
-        })
-        .await
-        .expect("key");
+    let key = server.create_key_for_app("restart-me").await.expect("key");
     let sealed = client
         .encrypt("restart-me", b"persisted", &context)
         .await

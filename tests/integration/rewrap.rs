@@ -9,15 +9,10 @@ use crate::support::*;
 
 async fn batches_report_each_item(db: TestDb) {
     let server = TestServer::start(&db).await.expect("server");
+    let officer = officer(&server).await;
     let client = server.client().await.expect("client");
-    let key = client
-        .create_key(sdk::NewKey::default())
-        .await
-        .expect("key");
-    let other = client
-        .create_key(sdk::NewKey::default())
-        .await
-        .expect("other");
+    let key = server.create_key_for_app("").await.expect("key");
+    let other = server.create_key_for_app("").await.expect("other");
     let context = ctx(&[("record", "x")]);
     let good = client
         .encrypt(&key.key_id, b"good", &context)
@@ -29,8 +24,8 @@ async fn batches_report_each_item(db: TestDb) {
         .await
         .expect("encrypt")
         .blob;
-    client.rotate_key(&other.key_id).await.expect("rotate");
-    client
+    officer.rotate_key(&other.key_id).await.expect("rotate");
+    officer
         .set_min_decryption_version(&other.key_id, 2)
         .await
         .expect("retire v1");
@@ -146,13 +141,7 @@ async fn rewrap_of_synthea_files_resumes_and_leaves_bodies_untouched() {
             )
         }
     };
-    client
-        .create_key(sdk::NewKey {
-            alias: Some("rewrap-me".into()),
-            ..Default::default()
-        })
-        .await
-        .expect("key");
+    server.create_key_for_app("rewrap-me").await.expect("key");
     let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/synthea");
     let work = tempfile::tempdir().expect("dir");
     let enc = work.path().join("enc");
@@ -176,7 +165,8 @@ async fn rewrap_of_synthea_files_resumes_and_leaves_bodies_untouched() {
         .map(|f| std::fs::read(f).expect("read")[header_len_and_version(f).0..].to_vec())
         .collect();
 
-    client.rotate_key("rewrap-me").await.expect("rotate");
+    let officer = officer(&server).await;
+    officer.rotate_key("rewrap-me").await.expect("rotate");
     // "Interrupted half-way": only the first half gets rewrapped.
     let half = files.len() / 2;
     let envelope = sdk::Envelope::new(client.clone(), sdk::CachePolicy::disabled());
@@ -220,7 +210,7 @@ async fn rewrap_of_synthea_files_resumes_and_leaves_bodies_untouched() {
         );
     }
     // Version 1 can now be retired without losing anything.
-    client
+    officer
         .set_min_decryption_version("rewrap-me", 2)
         .await
         .expect("retire v1");
@@ -259,13 +249,7 @@ async fn rewrap_of_synthea_files_resumes_and_leaves_bodies_untouched() {
 async fn a_damaged_file_fails_alone_in_a_rewrap() {
     let (_db, server) = sqlite_server().await;
     let client = server.client().await.expect("client");
-    client
-        .create_key(sdk::NewKey {
-            alias: Some("rw".into()),
-            ..Default::default()
-        })
-        .await
-        .expect("key");
+    server.create_key_for_app("rw").await.expect("key");
     let envelope = sdk::Envelope::new(client.clone(), sdk::CachePolicy::default());
     let dir = tempfile::tempdir().expect("dir");
     for name in ["a", "b", "c"] {
@@ -279,7 +263,11 @@ async fn a_damaged_file_fails_alone_in_a_rewrap() {
     let mut bytes = std::fs::read(&damaged).expect("read");
     bytes[10] ^= 1; // inside the key id text
     std::fs::write(&damaged, bytes).expect("write");
-    client.rotate_key("rw").await.expect("rotate");
+    officer(&server)
+        .await
+        .rotate_key("rw")
+        .await
+        .expect("rotate");
     let argv = [
         "kms-cli",
         "--endpoint",

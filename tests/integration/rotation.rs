@@ -61,11 +61,9 @@ async fn usage_limit_forces_rotation(db: TestDb) {
         .await
         .expect("server");
     let client = server.client().await.expect("client");
-    let key = client
-        .create_key(sdk::NewKey::default())
+    let key = server.create_key_for_app("").await.expect("key");
+    let policy = officer(&server)
         .await
-        .expect("key");
-    let policy = client
         .set_rotation_policy(&key.key_id, 0, LIMIT)
         .await
         .expect("policy");
@@ -80,7 +78,11 @@ async fn usage_limit_forces_rotation(db: TestDb) {
     let client = server.client().await.expect("client");
     generate(&client, &key.key_id, 1_450, &mut per_version).await;
 
-    let described = client.describe_key(&key.key_id).await.expect("describe");
+    let described = officer(&server)
+        .await
+        .describe_key(&key.key_id)
+        .await
+        .expect("describe");
     assert!(
         described.primary_version >= 3,
         "2,900 encryptions at 1,000 per version: {per_version:?}"
@@ -116,13 +118,10 @@ async fn period_rotation_on_a_moved_clock(db: TestDb) {
     let (server, service) = TestServer::start_custom(&db, clock.clone(), RotationParams::default())
         .await
         .expect("server");
-    let client = server.client().await.expect("client");
-    let key = client
-        .create_key(sdk::NewKey::default())
-        .await
-        .expect("key");
-    let idle = client
-        .create_key(sdk::NewKey::default())
+    let client = officer(&server).await;
+    let key = server.create_key_for_app("").await.expect("key");
+    let idle = server
+        .create_key_for_app("")
         .await
         .expect("key without a period");
     client
@@ -185,13 +184,10 @@ async fn two_servers_rotate_a_due_key_once(db: TestDb) {
     let (b, service_b) = TestServer::start_custom(&db, clock.clone(), RotationParams::default())
         .await
         .expect("b");
-    let client = a.client().await.expect("client");
+    let client = officer(&a).await;
     let mut keys = Vec::new();
     for _ in 0..5 {
-        let key = client
-            .create_key(sdk::NewKey::default())
-            .await
-            .expect("key");
+        let key = a.create_key_for_app("").await.expect("key");
         client
             .set_rotation_policy(&key.key_id, 3600, 0)
             .await
@@ -216,13 +212,9 @@ async fn two_servers_rotate_a_due_key_once(db: TestDb) {
         "each due key rotated exactly once: {ra:?} {rb:?}"
     );
     for key in &keys {
-        let described = b
-            .client()
-            .await
-            .expect("client")
-            .describe_key(key)
-            .await
-            .expect("describe");
+        // Through b, as an officer (who sees every key): b does not see app-1's grants made
+        // through a until it reloads its authorization cache.
+        let described = officer(&b).await.describe_key(key).await.expect("describe");
         assert_eq!(described.primary_version, 2, "{key}");
     }
     a.stop().await.expect("stop a");

@@ -11,10 +11,7 @@ const FRAME: u32 = 4096;
 
 async fn envelope_for(server: &TestServer, policy: CachePolicy) -> (Envelope, String) {
     let client = server.client().await.expect("client");
-    let key = client
-        .create_key(sdk::NewKey::default())
-        .await
-        .expect("key");
+    let key = server.create_key_for_app("").await.expect("key");
     (
         Envelope::new(client, policy)
             .with_frame_size(FRAME)

@@ -62,3 +62,48 @@ pub fn assert_invalid_ciphertext<T>(result: Result<T, sdk::Error>, what: &str) {
         Err(other) => panic!("{what}: wrong error {other:?}"),
     }
 }
+
+/// The key-management client of a test server: officer-1 (creates, rotates, disables keys).
+pub async fn officer(server: &TestServer) -> sdk::KmsClient {
+    server.client_as("officer-1").await.expect("officer client")
+}
+
+/// Schedules the deletion of `key` after `days`, as dual control requires: officer-1
+/// proposes, officer-2 approves; asserts the approval executed and returns the key as
+/// officer-1 then describes it.
+pub async fn schedule_deletion_approved(server: &TestServer, key: &str, days: u32) -> sdk::KeyInfo {
+    let officer = officer(server).await;
+    let proposal = officer
+        .schedule_key_deletion(key, days)
+        .await
+        .expect("deletion proposed");
+    assert_eq!(proposal.kind, "key-deletion", "{proposal:?}");
+    assert_eq!(proposal.state, "pending", "{proposal:?}");
+    let done = server
+        .client_as("officer-2")
+        .await
+        .expect("approver client")
+        .approve(&proposal.approval_id)
+        .await
+        .expect("deletion approved");
+    assert_eq!(done.state, "executed", "{done:?}");
+    officer.describe_key(key).await.expect("describe")
+}
+
+/// Binds principal `principal` (any text, e.g. a certificate's bare CN) to `role`: proposed
+/// by officer-1, approved by officer-2.
+pub async fn bind_role(server: &TestServer, principal: &str, role: &str) {
+    let request = officer(server)
+        .await
+        .propose_role_binding(principal, role, false)
+        .await
+        .expect("binding proposed");
+    let done = server
+        .client_as("officer-2")
+        .await
+        .expect("approver client")
+        .approve(&request.approval_id)
+        .await
+        .expect("binding approved");
+    assert_eq!(done.state, "executed", "{done:?}");
+}

@@ -291,9 +291,25 @@ async fn a_certificate_naming_no_principal_is_refused() {
         Some((&nameless.cert_pem, &nameless.key_pem)),
     );
     assert!(probe(server.addr, config).await.is_err());
-    // A CN alone is enough.
+    // A CN alone is enough to name the principal: the handshake passes and the server asks
+    // for that principal's roles (none yet: PERMISSION_DENIED, not a TLS failure)...
     let cn_only = client_cert(server.pki().ca(), None, "legacy-app");
+    let err = ping_with(&server, &cn_only)
+        .await
+        .expect_err("no role bound yet");
+    assert_eq!(err.code(), Some(tonic::Code::PermissionDenied), "{err:?}");
+    // ... and once that CN is bound to a role, it is served.
+    bind_role(&server, "legacy-app", "app").await;
     ping_with(&server, &cn_only).await.expect("CN fallback");
+    let config = rustls_client(
+        server.pki(),
+        &[&rustls::version::TLS13],
+        Some((&cn_only.cert_pem, &cn_only.key_pem)),
+    );
+    assert_eq!(
+        probe(server.addr, config).await,
+        Ok(rustls::ProtocolVersion::TLSv1_3)
+    );
 }
 
 /// Handlers see the caller: tonic 0.14 copies `Connected::connect_info` of our connection type

@@ -27,7 +27,11 @@ pub struct GrantSpec {
 impl KmsClient {
     /// The caller's principal and roles.
     pub async fn who_am_i(&self) -> Result<pb::WhoAmIResponse, Error> {
-        Ok(self.rpc().who_am_i(pb::WhoAmIRequest {}).await?.into_inner())
+        Ok(self
+            .rpc()
+            .who_am_i(pb::WhoAmIRequest {})
+            .await?
+            .into_inner())
     }
 
     /// Every role binding.

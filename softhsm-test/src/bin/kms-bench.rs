@@ -6,9 +6,12 @@
 //!    ([`softhsm_test::token`]) and starts the release `kms-server` binary as a child process on
 //!    `127.0.0.1:<free port>`, configured only through `KMS_*` variables, with a SQLite store in
 //!    a temporary directory and a development PKI ([`softhsm_test::TestPki`]): every connection
-//!    is mutual TLS 1.3, as `app-1`, exactly as in production; it waits (at most 30 s) until
-//!    `Ping` answers;
-//! 2. creates one key through the SDK and one data-key blob under it;
+//!    is mutual TLS 1.3, exactly as in production, with `officer-1` and `officer-2` as the
+//!    bootstrap security officers; it waits (at most 30 s) until `Ping` answers;
+//! 2. sets up separation of duties as in production: officer-1 binds `app-1` to the `app` role
+//!    and creates one key, and grants app-1 `generate-data-key` and `decrypt` on it (each
+//!    change approved by officer-2); app-1 makes every measured call and one data-key blob
+//!    under the key;
 //! 3. for every concurrency level (`--concurrency`, default `1,8,64`) and every client set-up
 //!    (`--connections`, default `1,4` HTTP/2 connections shared round-robin by the tasks),
 //!    runs for `--seconds` (after `--warmup`), recording every call's latency:
@@ -22,8 +25,10 @@
 //!    (target ≥ 0.75 at concurrency 64) and KMS p99 / Ping p99 (target ≤ 1.3);
 //! 5. samples the server's `VmRSS` during the load and reads its `VmHWM` at the end
 //!    (target ≤ 200 MiB);
-//! 6. creates keys until there are `--keys` (default 1,000) and compares `GenerateDataKey` at
-//!    concurrency 8 spread round-robin over 10 keys and over all keys (target: ≤ 1.2×).
+//! 6. creates keys (officer-1, each with an approved grant for app-1) until there are `--keys`
+//!    (default 1,000) and compares `GenerateDataKey` at concurrency 8 spread round-robin over
+//!    10 keys and over all keys (target: ≤ 1.2×); the on-demand rotations of the last phase
+//!    are officer-1's too.
 //!
 //! Run it from the workspace root:
 //!
@@ -151,7 +156,17 @@ fn main() -> anyhow::Result<()> {
 
     let db_dir = tempfile::Builder::new().prefix("kms-bench-db-").tempdir()?;
     let pki = softhsm_test::TestPki::generate().context("development PKI")?;
-    let tls = pki.client_tls("app-1")?;
+    let ids = Identities {
+        app: pki.client_tls("app-1")?,
+        app_principal: pki.principal("app-1"),
+        officer: pki.client_tls("officer-1")?,
+        approver: pki.client_tls("officer-2")?,
+    };
+    let officers = format!(
+        "{},{}",
+        pki.principal("officer-1"),
+        pki.principal("officer-2")
+    );
     let server_tls = pki.server_params();
     let port = free_port()?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
@@ -172,6 +187,7 @@ fn main() -> anyhow::Result<()> {
         .env("KMS_TLS_CA_CERT", &server_tls.ca_cert)
         .env("KMS_TLS_CERT", &server_tls.cert)
         .env("KMS_TLS_KEY", &server_tls.key)
+        .env("KMS_BOOTSTRAP_SECURITY_OFFICERS", officers)
         .env("KMS_HSM_SESSION_POOL_SIZE", args.pool.to_string())
         .env("KMS_LOG", "warn")
         .stdin(Stdio::null())
@@ -187,7 +203,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let outcome = run(&args, &rt, &pkcs11, &token_label, addr, pid, &server, &tls);
+    let outcome = run(&args, &rt, &pkcs11, &token_label, addr, pid, &server, &ids);
     if outcome.is_err() {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
         if !text.trim().is_empty() {
@@ -209,6 +225,18 @@ fn main() -> anyhow::Result<()> {
     outcome
 }
 
+/// The TLS identities the bench connects with.
+struct Identities {
+    /// `app-1`: every measured call.
+    app: sdk::ClientTls,
+    /// The principal of `app-1`, for its role binding and grants.
+    app_principal: String,
+    /// `officer-1`: key management; proposes the binding and the grants.
+    officer: sdk::ClientTls,
+    /// `officer-2`: approves officer-1's proposals.
+    approver: sdk::ClientTls,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run(
     args: &Args,
@@ -218,23 +246,39 @@ fn run(
     addr: SocketAddr,
     pid: u32,
     server: &ServerGuard,
-    tls: &sdk::ClientTls,
+    ids: &Identities,
 ) -> anyhow::Result<()> {
     let endpoint = format!("https://{addr}");
     let load_before = loadavg();
     let started = Instant::now();
-    let probe = rt.block_on(wait_ready(&endpoint, tls, server))?;
+    // Only the bootstrap officers hold a role on a fresh server.
+    let officer = rt.block_on(wait_ready(&endpoint, &ids.officer, server))?;
     let startup_ms = started.elapsed().as_secs_f64() * 1000.0;
     eprintln!("kms-server ready on {addr} after {startup_ms:.0} ms (pid {pid})");
+    let approver = rt
+        .block_on(connect_many(&endpoint, &ids.approver, 1))?
+        .remove(0);
+    let app = ids.app_principal.as_str();
+    rt.block_on(async {
+        let proposal = officer
+            .propose_role_binding(app, "app", false)
+            .await
+            .context("ProposeRoleBinding app-1")?;
+        approve(&approver, &proposal.approval_id).await
+    })
+    .context("bind app-1 to the app role")?;
 
     let ctx: sdk::Context = BTreeMap::from([("bench".to_string(), "1".to_string())]);
     let key = rt
-        .block_on(probe.create_key(sdk::NewKey {
+        .block_on(officer.create_key(sdk::NewKey {
             description: "kms-bench".into(),
             ..Default::default()
         }))
         .context("CreateKey")?;
     let key_id = key.key_id.clone();
+    rt.block_on(grant_app(&officer, &approver, app, &key_id))?;
+    let tls = &ids.app;
+    let probe = rt.block_on(connect_many(&endpoint, tls, 1))?.remove(0);
     let blob = rt
         .block_on(probe.generate_data_key(&key_id, &ctx))
         .context("GenerateDataKey (set-up)")?
@@ -299,11 +343,20 @@ fn run(
 
     let scaling = if args.keys > 0 {
         let connections = args.connections[0];
-        eprintln!("creating keys up to {} in total", args.keys);
+        eprintln!(
+            "creating keys (each with an approved grant for app-1) up to {} in total",
+            args.keys
+        );
         let clients = rt.block_on(connect_many(&endpoint, tls, connections))?;
+        let officers = rt.block_on(connect_many(&endpoint, &ids.officer, connections))?;
         let t = Instant::now();
         let mut keys = vec![key_id.clone()];
-        let created = rt.block_on(create_keys(&clients, args.keys.saturating_sub(1)))?;
+        let created = rt.block_on(create_keys(
+            &officers,
+            &approver,
+            app,
+            args.keys.saturating_sub(1),
+        ))?;
         keys.extend(created);
         let create_secs = t.elapsed().as_secs_f64();
         eprintln!(
@@ -341,7 +394,7 @@ fn run(
         let quiet = rt.block_on(gdk_round_robin(&clients, &one_key, &ctx, warmup, measure))?;
         let stop = Arc::new(AtomicBool::new(false));
         let rotator = {
-            let (client, key, stop) = (clients[0].clone(), key_id.clone(), Arc::clone(&stop));
+            let (client, key, stop) = (officer.clone(), key_id.clone(), Arc::clone(&stop));
             rt.spawn(async move {
                 let mut rotations = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -638,12 +691,57 @@ where
     merge(parts)
 }
 
-/// Creates `count` keys from [`SCALING_CONCURRENCY`] tasks; returns their ids.
-async fn create_keys(clients: &[KmsClient], count: usize) -> anyhow::Result<Vec<String>> {
+/// Approves request `approval_id` as `approver`; fails unless it executed.
+async fn approve(approver: &KmsClient, approval_id: &str) -> anyhow::Result<()> {
+    let done = tokio::time::timeout(CALL_TIMEOUT, approver.approve(approval_id))
+        .await
+        .context("Approve timed out")?
+        .context("Approve")?;
+    if done.state != "executed" {
+        bail!("approval {approval_id}: {} {}", done.state, done.result);
+    }
+    Ok(())
+}
+
+/// Grants `app` the operations the bench measures on `key`: proposed by `officer`, approved
+/// by `approver`.
+async fn grant_app(
+    officer: &KmsClient,
+    approver: &KmsClient,
+    app: &str,
+    key: &str,
+) -> anyhow::Result<()> {
+    let proposal = tokio::time::timeout(
+        CALL_TIMEOUT,
+        officer.propose_grant(sdk::GrantSpec {
+            principal: app.to_string(),
+            key: key.to_string(),
+            operations: vec!["generate-data-key".into(), "decrypt".into()],
+            ..sdk::GrantSpec::default()
+        }),
+    )
+    .await
+    .context("ProposeGrant timed out")?
+    .context("ProposeGrant")?;
+    approve(approver, &proposal.approval_id)
+        .await
+        .context("grant app-1 a key")
+}
+
+/// Creates `count` keys from [`SCALING_CONCURRENCY`] tasks as the officers of `clients`, each
+/// with an approved grant for `app`; returns their ids.
+async fn create_keys(
+    clients: &[KmsClient],
+    approver: &KmsClient,
+    app: &str,
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for i in 0..SCALING_CONCURRENCY {
         let client = clients[i % clients.len()].clone();
+        let approver = approver.clone();
+        let app = app.to_string();
         let next = Arc::clone(&next);
         tasks.push(tokio::spawn(async move {
             let mut ids = Vec::new();
@@ -658,6 +756,7 @@ async fn create_keys(clients: &[KmsClient], count: usize) -> anyhow::Result<Vec<
                 .await
                 .context("CreateKey timed out")?
                 .context("CreateKey")?;
+                grant_app(&client, &approver, &app, &key.key_id).await?;
                 ids.push(key.key_id);
             }
             anyhow::Ok(ids)
