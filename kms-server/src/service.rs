@@ -410,7 +410,12 @@ impl KeyService {
             .source_of(access, KeyOp::ReEncrypt, source_context, blob, source_key)
             .await?;
         let destination = self
-            .usable_for(access, KeyOp::ReEncrypt, destination_key, destination_context)
+            .usable_for(
+                access,
+                KeyOp::ReEncrypt,
+                destination_key,
+                destination_context,
+            )
             .await?;
         let destination = self.spend(destination).await?;
         let new = NewBlob::new(
@@ -451,17 +456,19 @@ impl KeyService {
         expected_key: Option<&str>,
     ) -> Result<(Blob<'b>, KeyRef), KmsError> {
         let parsed = Blob::parse(blob)?;
-        if let Some(expected) = expected_key.filter(|k| !k.is_empty()) {
-            if self.resolve_for(access, expected).await?.key_id != parsed.key_id {
-                return Err(KmsError::InvalidCiphertext);
-            }
-        }
         let record = match self.resolve_id(parsed.key_id).await {
             Ok(record) => record,
             Err(KmsError::KeyNotFound) => return Err(KmsError::InvalidCiphertext),
             Err(other) => return Err(other),
         };
         access.check(op, record.key_id, context)?;
+        if let Some(expected) = expected_key.filter(|k| !k.is_empty()) {
+            match self.resolve(expected).await {
+                Ok(named) if named.key_id == record.key_id => {}
+                Ok(_) | Err(KmsError::KeyNotFound) => return Err(KmsError::InvalidCiphertext),
+                Err(other) => return Err(other),
+            }
+        }
         ensure_usable(&record)?;
         let source = record
             .key_ref(parsed.key_version)

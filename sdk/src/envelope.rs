@@ -149,6 +149,11 @@ impl Header {
             return Err(Error::InvalidCiphertext);
         }
         let wrapped_dek = read_vec(reader, wrapped_len, &mut encoded)?;
+        // The header names the key the server's blob names: a header whose key id was edited
+        // is damaged, and is refused here rather than sent to the server under a wrong key.
+        if wrapped_key_id(&wrapped_dek).is_some_and(|id| id != key_id) {
+            return Err(Error::InvalidCiphertext);
+        }
         let context_len = u32::from_be_bytes(read_array(reader, &mut encoded)?) as usize;
         if context_len > MAX_CONTEXT_LEN {
             return Err(Error::InvalidCiphertext);
@@ -180,6 +185,12 @@ impl Header {
         let b = &self.wrapped_dek;
         (b.len() >= 23 && b[..3] == *b"KW\x01")
             .then(|| u32::from_be_bytes([b[19], b[20], b[21], b[22]]))
+    }
+
+    /// The master key id of the wrapped data key, read from the server's blob format, if
+    /// it is one.
+    pub fn wrapped_key_id(&self) -> Option<String> {
+        wrapped_key_id(&self.wrapped_dek)
     }
 
     /// The header's bytes as written.
@@ -388,6 +399,23 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> Result<usize, Error> {
         }
     }
     Ok(filled)
+}
+
+/// The key id (canonical UUID text) of a version-1 server blob (`docs/formats.md`: bytes
+/// 3..19), if `blob` is one.
+fn wrapped_key_id(blob: &[u8]) -> Option<String> {
+    if blob.len() < 23 || blob[..3] != *b"KW\x01" {
+        return None;
+    }
+    let hex: String = blob[3..19].iter().map(|b| format!("{b:02x}")).collect();
+    Some(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    ))
 }
 
 fn read_array<const N: usize>(

@@ -109,9 +109,28 @@ async fn unknown_keys_and_bad_arguments_have_their_codes() {
     let client = server.client().await.expect("client");
     let officer = officer(&server).await;
     let unknown = uuid::Uuid::new_v4().to_string();
+    // Key managers are told a key does not exist.
     for result in [
         officer.describe_key(&unknown).await.map(|_| ()),
         officer.describe_key("no-such-alias").await.map(|_| ()),
+    ] {
+        assert_eq!(
+            result.expect_err("unknown key").code(),
+            Some(tonic::Code::NotFound)
+        );
+    }
+    // Key users learn nothing about keys outside their grants, not even whether they exist:
+    // an unknown key looks exactly like an existing key they hold no grant for.
+    let ungranted = officer
+        .create_key(sdk::NewKey::default())
+        .await
+        .expect("key")
+        .key_id;
+    let denied = client
+        .generate_data_key(&ungranted, &ctx(&[]))
+        .await
+        .expect_err("no grant");
+    for result in [
         client.describe_key(&unknown).await.map(|_| ()),
         client
             .generate_data_key(&unknown, &ctx(&[]))
@@ -122,10 +141,9 @@ async fn unknown_keys_and_bad_arguments_have_their_codes() {
             .await
             .map(|_| ()),
     ] {
-        assert_eq!(
-            result.expect_err("unknown key").code(),
-            Some(tonic::Code::NotFound)
-        );
+        let e = result.expect_err("unknown key");
+        assert_eq!(e.code(), Some(tonic::Code::PermissionDenied));
+        assert_eq!(e.to_string(), denied.to_string());
     }
     for bad_alias in ["has space", "ü", &"a".repeat(65)] {
         let err = officer

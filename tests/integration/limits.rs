@@ -57,36 +57,6 @@ async fn oversize_requests_are_rejected_and_the_server_keeps_serving() {
 }
 
 #[tokio::test]
-async fn refuses_to_serve_on_a_non_loopback_address() {
-    let db = TestDb::new(StoreKind::Sqlite)
-        .await
-        .expect("db")
-        .expect("sqlite");
-    let pki = softhsm_test::TestPki::generate().expect("pki");
-    let ready = kms_server::server::Ready::open(kms_server::server::Parts {
-        store_max_connections: 1,
-        ..softhsm_test::parts(
-            &db,
-            1,
-            std::sync::Arc::new(kms_server::service::SystemClock),
-            Default::default(),
-            &pki,
-        )
-    })
-    .await
-    .expect("ready");
-    // Binding the wildcard address sends no traffic; the server must refuse to use it.
-    let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
-        .await
-        .expect("bind");
-    let err = ready
-        .serve(listener, std::future::pending())
-        .await
-        .expect_err("must refuse");
-    assert!(err.to_string().contains("loopback"), "{err}");
-}
-
-#[tokio::test]
 async fn health_and_reflection_are_served() {
     let (_db, server) = sqlite_server().await;
     let channel = crate::tls::channel(&server, "app-1").await;

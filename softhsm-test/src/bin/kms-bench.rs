@@ -118,6 +118,13 @@ struct Args {
     /// Hard limit on the whole run: the server is killed and the bench exits after it.
     #[arg(long, default_value_t = 900)]
     max_total_seconds: u64,
+    /// Run the server with its audit trail off (`KMS_AUDIT_ENABLED=false`): only as the
+    /// baseline of `scripts/bench-audit.sh`, which measures what durable auditing costs.
+    #[arg(long)]
+    audit_off: bool,
+    /// Skip the rotation-under-load phase.
+    #[arg(long)]
+    no_rotation: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -189,6 +196,10 @@ fn main() -> anyhow::Result<()> {
         .env("KMS_TLS_KEY", &server_tls.key)
         .env("KMS_BOOTSTRAP_SECURITY_OFFICERS", officers)
         .env("KMS_HSM_SESSION_POOL_SIZE", args.pool.to_string())
+        .env(
+            "KMS_AUDIT_ENABLED",
+            if args.audit_off { "false" } else { "true" },
+        )
         .env("KMS_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -387,8 +398,10 @@ fn run(
 
     // Rotation under load: GenerateDataKey at the scaling concurrency on one key, first
     // undisturbed, then while another connection rotates that key every 250 ms.
-    eprintln!("GenerateDataKey with and without rotations every 250 ms");
-    let rotation = {
+    let rotation = if args.no_rotation {
+        None
+    } else {
+        eprintln!("GenerateDataKey with and without rotations every 250 ms");
         let clients = rt.block_on(connect_many(&endpoint, tls, 1))?;
         let one_key = [key_id.clone()];
         let quiet = rt.block_on(gdk_round_robin(&clients, &one_key, &ctx, warmup, measure))?;
@@ -408,7 +421,7 @@ fn run(
         let rotating = rt.block_on(gdk_round_robin(&clients, &one_key, &ctx, warmup, measure))?;
         stop.store(true, Ordering::Relaxed);
         let rotations = rt.block_on(rotator).context("rotator panicked")??;
-        (quiet, rotating, rotations)
+        Some((quiet, rotating, rotations))
     };
 
     let rss_max_kib = rss.stop();
@@ -431,29 +444,30 @@ fn run(
         memory,
     };
     print!("{}", report.markdown());
-    let (quiet, rotating, rotations) = rotation;
-    let p99_ratio = rotating.p99() as f64 / quiet.p99().max(1) as f64;
-    println!("\n## Rotation under load\n");
-    println!(
-        "GenerateDataKey at concurrency {SCALING_CONCURRENCY} on one key; the second run rotates that key every 250 ms ({rotations} rotations). Target: p99 within 1.5x.\n"
-    );
-    println!("| run | calls/s | p50 µs | p99 µs |\n|---|---:|---:|---:|");
-    println!(
-        "| no rotation | {:.0} | {} | {} |",
-        quiet.per_sec(),
-        quiet.p50(),
-        quiet.p99()
-    );
-    println!(
-        "| rotating | {:.0} | {} | {} |",
-        rotating.per_sec(),
-        rotating.p50(),
-        rotating.p99()
-    );
-    println!(
-        "\np99 ratio rotating / quiet: {p99_ratio:.2} ({})",
-        if p99_ratio <= 1.5 { "PASS" } else { "FAIL" }
-    );
+    if let Some((quiet, rotating, rotations)) = rotation {
+        let p99_ratio = rotating.p99() as f64 / quiet.p99().max(1) as f64;
+        println!("\n## Rotation under load\n");
+        println!(
+            "GenerateDataKey at concurrency {SCALING_CONCURRENCY} on one key; the second run rotates that key every 250 ms ({rotations} rotations). Target: p99 within 1.5x.\n"
+        );
+        println!("| run | calls/s | p50 µs | p99 µs |\n|---|---:|---:|---:|");
+        println!(
+            "| no rotation | {:.0} | {} | {} |",
+            quiet.per_sec(),
+            quiet.p50(),
+            quiet.p99()
+        );
+        println!(
+            "| rotating | {:.0} | {} | {} |",
+            rotating.per_sec(),
+            rotating.p50(),
+            rotating.p99()
+        );
+        println!(
+            "\np99 ratio rotating / quiet: {p99_ratio:.2} ({})",
+            if p99_ratio <= 1.5 { "PASS" } else { "FAIL" }
+        );
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, report.json()).with_context(|| format!("write {}", path.display()))?;
         eprintln!("JSON written to {}", path.display());
