@@ -9,7 +9,7 @@
 //! | `hsm.pin_file`            | `KMS_HSM_PIN_FILE`       | — (or the PIN itself in `KMS_HSM_PIN`) |
 //! | `hsm.session_pool_size`   | `KMS_HSM_SESSION_POOL_SIZE` | `8`                               |
 //! | `store.url`               | `KMS_STORE_URL`          | (required) `sqlite://…` or `postgres://…` |
-//! | `store.max_connections`   | `KMS_STORE_MAX_CONNECTIONS` | `8`                               |
+//! | `store.max_connections`   | `KMS_STORE_MAX_CONNECTIONS` | `8` (plus one the audit writer keeps) |
 //! | `log.format`              | `KMS_LOG_FORMAT`         | `text` (or `json`)                   |
 //! | `rotation.max_usage_per_version` | `KMS_ROTATION_MAX_USAGE` | `4000000000` (below 2^32)    |
 //! | `rotation.reservation_block` | `KMS_ROTATION_BLOCK`   | `1000`                               |

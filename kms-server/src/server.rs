@@ -93,7 +93,8 @@ impl Ready {
             .map_err(|_| HsmError::Other("HSM open panicked".into()))??;
         hsm.self_test().await?;
         tracing::info!("HSM self-test passed");
-        let store = Store::connect(&parts.store_url, parts.store_max_connections).await?;
+        // One connection more than configured: the audit writer keeps one for itself.
+        let store = Store::connect(&parts.store_url, parts.store_max_connections + 1).await?;
         tracing::info!(backend = ?store.backend(), "store ready");
         let service = Arc::new(
             KeyService::new(hsm.clone(), store.clone(), Arc::clone(&parts.clock))

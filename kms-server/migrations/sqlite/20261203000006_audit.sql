@@ -22,8 +22,6 @@ CREATE TABLE audit_records (
     prev_hash   TEXT NOT NULL,
     hash        TEXT NOT NULL
 );
-CREATE INDEX audit_records_principal ON audit_records (principal, seq);
-CREATE INDEX audit_records_key ON audit_records (key_id, seq);
 CREATE INDEX audit_records_break_glass ON audit_records (break_glass, seq) WHERE break_glass IS NOT NULL;
 
 -- Checkpoints: the chain hash at seq, MACed inside the HSM with the audit key itself.

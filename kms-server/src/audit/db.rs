@@ -15,8 +15,9 @@ const COLUMNS: &str =
     "seq, recorded_at, request_id, principal, role, operation, key_id, key_version, \
      outcome, error_code, context, identifiers, break_glass, severity, detail, prev_hash, hash";
 const COLUMN_COUNT: usize = 17;
-/// Rows per `INSERT` statement: 32 × 17 = 544 parameters, below every SQLite build's limit.
-const ROWS_PER_STATEMENT: usize = 32;
+/// Most rows per `INSERT`: 512 × 17 = 8,704 parameters, within SQLite's limit (32,766 since
+/// 3.32; the bundled library is newer) and PostgreSQL's (65,535).
+const MAX_ROWS_PER_STATEMENT: usize = 512;
 
 /// The registered audit key's `CKA_ID`.
 pub(super) async fn audit_key(pool: &AnyPool) -> Result<Option<Vec<u8>>, AuditError> {
@@ -85,53 +86,83 @@ pub(super) async fn last_checkpoint(pool: &AnyPool) -> Result<Option<LastCheckpo
     .transpose()
 }
 
-/// Inserts `records` in one transaction.
+/// Inserts `records` atomically on `conn` (the writer's own connection): one multi-row
+/// `INSERT` — a single statement is its own transaction, so a batch costs one round trip to
+/// the database and one durable commit — or, for a batch larger than one statement holds,
+/// several inside one transaction.
 pub(super) async fn insert_records(
-    pool: &AnyPool,
+    conn: &mut sqlx::AnyConnection,
     records: &[&AuditRecord],
 ) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    for chunk in records.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = format!("INSERT INTO audit_records ({COLUMNS}) VALUES ");
-        let mut n = 0;
-        for (i, _) in chunk.iter().enumerate() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push('(');
-            for c in 0..COLUMN_COUNT {
-                if c > 0 {
-                    sql.push_str(", ");
-                }
-                n += 1;
-                sql.push_str(&format!("${n}"));
-            }
-            sql.push(')');
-        }
-        let mut query = sqlx::query(&sql);
-        for r in chunk {
-            query = query
-                .bind(r.seq as i64)
-                .bind(r.time)
-                .bind(r.request_id.clone())
-                .bind(r.principal.clone())
-                .bind(r.role.clone())
-                .bind(r.operation.clone())
-                .bind(r.key_id.clone())
-                .bind(r.key_version.map(i64::from))
-                .bind(r.outcome.as_str())
-                .bind(r.error_code.clone())
-                .bind(json(&r.context))
-                .bind(json(&r.identifiers))
-                .bind(r.break_glass.clone())
-                .bind(r.severity.as_str())
-                .bind(json(&r.detail))
-                .bind(r.prev_hash.clone())
-                .bind(r.hash.clone());
-        }
-        query.execute(&mut *tx).await?;
+    use sqlx::Connection as _;
+    if records.len() <= MAX_ROWS_PER_STATEMENT {
+        let sql = insert_sql(records.len());
+        return insert_statement(&sql, records)
+            .execute(&mut *conn)
+            .await
+            .map(drop);
+    }
+    let mut tx = conn.begin().await?;
+    for chunk in records.chunks(MAX_ROWS_PER_STATEMENT) {
+        let sql = insert_sql(chunk.len());
+        insert_statement(&sql, chunk).execute(&mut *tx).await?;
     }
     tx.commit().await
+}
+
+/// The text of an `INSERT` of `rows` rows. Statements are cached per connection by their
+/// text, so a steady load reuses the few batch sizes it produces.
+fn insert_sql(rows: usize) -> String {
+    let mut sql = String::with_capacity(40 + rows * COLUMN_COUNT * 6);
+    sql.push_str("INSERT INTO audit_records (");
+    sql.push_str(COLUMNS);
+    sql.push_str(") VALUES ");
+    let mut n = 0;
+    for i in 0..rows {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for c in 0..COLUMN_COUNT {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            n += 1;
+            sql.push('$');
+            sql.push_str(&n.to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// `sql` (from [`insert_sql`]) bound to `chunk`'s rows.
+fn insert_statement<'q>(
+    sql: &'q str,
+    chunk: &[&'q AuditRecord],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    let mut query = sqlx::query(sql);
+    for r in chunk {
+        query = query
+            .bind(r.seq as i64)
+            .bind(r.time)
+            .bind(r.request_id.as_str())
+            .bind(r.principal.as_str())
+            .bind(r.role.as_str())
+            .bind(r.operation.as_str())
+            .bind(r.key_id.as_deref())
+            .bind(r.key_version.map(i64::from))
+            .bind(r.outcome.as_str())
+            .bind(r.error_code.as_deref())
+            .bind(json(&r.context))
+            .bind(json(&r.identifiers))
+            .bind(r.break_glass.as_deref())
+            .bind(r.severity.as_str())
+            .bind(json(&r.detail))
+            .bind(r.prev_hash.as_str())
+            .bind(r.hash.as_str());
+    }
+    query
 }
 
 /// Inserts a checkpoint (nothing if another writer already checkpointed this seq).

@@ -92,6 +92,7 @@ pub(super) struct Writer {
     /// `None`: unknown (after a failure); reloaded before the next batch.
     head: Option<Option<Head>>,
     last_checkpoint: LastCheckpoint,
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
 }
 
 impl Writer {
@@ -108,6 +109,7 @@ impl Writer {
             head: Some(head),
             // Without a checkpoint yet, the interval counts from start-up.
             last_checkpoint: last_checkpoint.unwrap_or(LastCheckpoint { seq: 0, time: now }),
+            conn: None,
         }
     }
 
@@ -201,7 +203,15 @@ impl Writer {
                 prev = hash;
             }
             let records: Vec<&AuditRecord> = batch.iter().map(|p| &p.record).collect();
-            match db::insert_records(self.ports.store.pool(), &records).await {
+            let written = match self.connection().await {
+                Ok(conn) => db::insert_records(conn, &records).await,
+                Err(e) => Err(e),
+            };
+            if written.is_err() {
+                // A connection that failed mid-transaction is not reused.
+                self.conn = None;
+            }
+            match written {
                 Ok(()) => {
                     self.set_head(Some(Head { seq, hash: prev }));
                     stats.flushes.fetch_add(1, Ordering::Relaxed);
@@ -230,6 +240,18 @@ impl Writer {
         stats.failed_flushes.fetch_add(1, Ordering::Relaxed);
         for p in batch {
             let _ = p.reply.send(Err(AuditError::NotDurable));
+        }
+    }
+
+    /// The writer's own connection, taken from the pool once and kept: its statement cache
+    /// stays warm and no batch waits for a free pool connection.
+    async fn connection(&mut self) -> Result<&mut sqlx::AnyConnection, sqlx::Error> {
+        if self.conn.is_none() {
+            self.conn = Some(self.ports.store.pool().acquire().await?);
+        }
+        match self.conn.as_mut() {
+            Some(conn) => Ok(&mut **conn),
+            None => Err(sqlx::Error::PoolClosed),
         }
     }
 
