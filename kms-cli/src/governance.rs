@@ -402,12 +402,18 @@ pub async fn audit(
                 json,
                 json!({"intact": r.intact, "records_checked": r.records_checked,
                     "checkpoints_checked": r.checkpoints_checked,
+                    "unsealed_records": r.unsealed_records,
                     "first_bad_seq": r.first_bad_seq, "problem": r.problem}),
                 || {
                     if r.intact {
                         format!(
-                            "audit trail intact: {} records, {} checkpoints verified",
-                            r.records_checked, r.checkpoints_checked
+                            "audit trail intact: {} records, {} checkpoints verified{}",
+                            r.records_checked,
+                            r.checkpoints_checked,
+                            match r.unsealed_records {
+                                0 => String::new(),
+                                n => format!(" ({n} newest records not yet under a checkpoint)"),
+                            }
                         )
                     } else {
                         format!(

@@ -1240,6 +1240,9 @@ impl KeyManagement for GrpcService {
             request,
             |_| Facts::default(),
             |_caller, _r, facts| async move {
+                if let Err(e) = self.audit.checkpoint_now().await {
+                    tracing::warn!(error = %e, "audit: no checkpoint before verification");
+                }
                 let result = self
                     .audit
                     .verify()
@@ -1253,6 +1256,7 @@ impl KeyManagement for GrpcService {
                         VerifyAuditResponse {
                             records_checked: report.records,
                             checkpoints_checked: report.checkpoints,
+                            unsealed_records: report.unsealed,
                             intact: first_bad_seq == 0,
                             first_bad_seq,
                             problem,

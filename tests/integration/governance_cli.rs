@@ -110,6 +110,12 @@ async fn grant_approve_use_and_audit_from_the_command_line() {
 
     let verified = json_as(&server, "auditor-1", &["audit", "verify"]).await;
     assert_eq!(verified["intact"], true, "{verified}");
+    // Verification seals what was written first: everything is under a checkpoint.
+    assert!(
+        verified["checkpoints_checked"].as_u64() >= Some(1),
+        "{verified}"
+    );
+    assert_eq!(verified["unsealed_records"], 0, "{verified}");
     let export = cli_as(&server, "auditor-1", &["audit", "export"])
         .await
         .expect("export");
