@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use crate::error::KmsError;
 use crate::service::{Clock, Context, KeyAccess, KeyOp, KeyService};
-use crate::store::{db_error, KeyState, Store};
+use crate::store::{db_error, Backend, KeyState, Store};
 
 /// What a principal may be. Roles are bound to principals in the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -1266,6 +1266,50 @@ impl Authz {
             _ => String::new(),
         };
         let mut tx = self.store.pool().begin().await.map_err(db_error)?;
+        // One privilege change at a time, so that every check below reads a state no other
+        // execution is changing: a global advisory lock on PostgreSQL; on SQLite, a first
+        // write takes the database's single write lock.
+        match self.store.backend() {
+            Backend::Postgres => {
+                sqlx::query("SELECT pg_advisory_xact_lock(7243010)")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+            }
+            Backend::Sqlite => {
+                sqlx::query("UPDATE approvals SET state = state WHERE approval_id = $1")
+                    .bind(approval.approval_id.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+            }
+        }
+        // The quorum in force now, counted over approvers who hold its role now: an approver
+        // unbound since voting no longer counts, and a raised quorum applies to pending
+        // requests too.
+        let quorum = quorum_in(&mut tx, approval.proposal.kind()).await?;
+        let valid: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM approval_votes v JOIN role_bindings b \
+             ON b.principal = v.approver WHERE v.approval_id = $1 AND b.role = $2 \
+             AND v.approver <> $3",
+        )
+        .bind(approval.approval_id.as_str())
+        .bind(quorum.approver_role.as_str())
+        .bind(approval.proposer.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_error)?
+        .try_get("n")
+        .map_err(db_error)?;
+        let required = i64::from(quorum.required.max(approval.required));
+        if valid < required {
+            return Ok(());
+        }
+        if let Err(refusal) = recheck_in(&mut tx, &approval.proposal).await {
+            drop(tx);
+            self.fail(&approval.approval_id, now, &refusal).await?;
+            return Ok(());
+        }
         let claimed = sqlx::query(
             "UPDATE approvals SET state = $1, decided_at = $2, result = $3 \
              WHERE approval_id = $4 AND state = $5",
@@ -1311,22 +1355,17 @@ impl Authz {
                 principal,
                 role,
                 remove: false,
-            } => {
-                let mut next = self.caller(principal).roles.to_vec();
-                next.push(*role);
-                check_compatible(&next)?;
-                sqlx::query(
-                    "INSERT INTO role_bindings (principal, role, created_at, approval_id) \
+            } => sqlx::query(
+                "INSERT INTO role_bindings (principal, role, created_at, approval_id) \
                      VALUES ($1, $2, $3, $4)",
-                )
-                .bind(principal.as_str())
-                .bind(role.as_str())
-                .bind(now)
-                .bind(approval.approval_id.as_str())
-                .execute(&mut *tx)
-                .await
-                .map(|_| ())
-            }
+            )
+            .bind(principal.as_str())
+            .bind(role.as_str())
+            .bind(now)
+            .bind(approval.approval_id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map(|_| ()),
             Proposal::RoleBinding {
                 principal,
                 role,
@@ -1411,6 +1450,25 @@ impl Authz {
                 .map_err(db_error)?;
         }
         self.reload().await
+    }
+
+    /// Marks a request that can no longer run as it was approved (the state changed since it
+    /// was proposed) as `failed`, with the reason.
+    async fn fail(&self, approval_id: &str, now: i64, why: &KmsError) -> Result<(), KmsError> {
+        tracing::warn!(approval_id, reason = %why, "approved request refused at execution");
+        sqlx::query(
+            "UPDATE approvals SET state = $1, decided_at = $2, result = $3 \
+             WHERE approval_id = $4 AND state = $5",
+        )
+        .bind(ApprovalState::Failed.as_str())
+        .bind(now)
+        .bind(why.to_string())
+        .bind(approval_id)
+        .bind(ApprovalState::Pending.as_str())
+        .execute(self.store.pool())
+        .await
+        .map_err(db_error)?;
+        Ok(())
     }
 
     /// Revokes a grant at once.
@@ -1523,6 +1581,134 @@ impl Authz {
             decided_at: row.try_get("decided_at").map_err(db_error)?,
             result: row.try_get("result").map_err(db_error)?,
         })
+    }
+}
+
+type Tx<'c> = sqlx::Transaction<'c, sqlx::Any>;
+
+/// The quorum of `kind`, read inside `tx`.
+async fn quorum_in(tx: &mut Tx<'_>, kind: Kind) -> Result<Quorum, KmsError> {
+    Ok(quorums_in(tx)
+        .await?
+        .into_iter()
+        .find(|q| q.kind == kind)
+        .unwrap_or_else(|| default_quorum(kind)))
+}
+
+/// Every kind's quorum (stored, or the default), read inside `tx`.
+async fn quorums_in(tx: &mut Tx<'_>) -> Result<Vec<Quorum>, KmsError> {
+    let rows = sqlx::query("SELECT kind, required, approver_role FROM approval_quorums")
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db_error)?;
+    let mut quorums: Vec<Quorum> = Kind::ALL.into_iter().map(default_quorum).collect();
+    for row in rows {
+        let kind: String = row.try_get("kind").map_err(db_error)?;
+        let required: i64 = row.try_get("required").map_err(db_error)?;
+        let role: String = row.try_get("approver_role").map_err(db_error)?;
+        let kind = Kind::parse(&kind).map_err(|_| corrupt())?;
+        if let Some(q) = quorums.iter_mut().find(|q| q.kind == kind) {
+            q.required = u32::try_from(required).map_err(|_| corrupt())?;
+            q.approver_role = Role::parse(&role).map_err(|_| corrupt())?;
+        }
+    }
+    Ok(quorums)
+}
+
+/// The roles `principal` holds, read inside `tx`.
+async fn roles_in(tx: &mut Tx<'_>, principal: &str) -> Result<Vec<Role>, KmsError> {
+    sqlx::query("SELECT role FROM role_bindings WHERE principal = $1")
+        .bind(principal)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(|row| {
+            let role: String = row.try_get("role").map_err(db_error)?;
+            Role::parse(&role).map_err(|_| corrupt())
+        })
+        .collect()
+}
+
+/// How many principals hold `role`, read inside `tx`.
+async fn holders_in(tx: &mut Tx<'_>, role: Role) -> Result<u32, KmsError> {
+    let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM role_bindings WHERE role = $1")
+        .bind(role.as_str())
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(db_error)?
+        .try_get("n")
+        .map_err(db_error)?;
+    Ok(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+/// The invariants a privilege change must keep, checked against the store inside the
+/// executing transaction (the checks at proposal time may be stale by now: other requests
+/// may have run in between, possibly through another server).
+async fn recheck_in(tx: &mut Tx<'_>, proposal: &Proposal) -> Result<(), KmsError> {
+    match proposal {
+        Proposal::RoleBinding {
+            principal,
+            role,
+            remove: false,
+        } => {
+            let mut roles = roles_in(tx, principal).await?;
+            if roles.contains(role) {
+                return Err(KmsError::Conflict {
+                    reason: "role binding already exists",
+                });
+            }
+            roles.push(*role);
+            check_compatible(&roles)
+        }
+        Proposal::RoleBinding {
+            principal,
+            role,
+            remove: true,
+        } => {
+            if !roles_in(tx, principal).await?.contains(role) {
+                return Err(KmsError::NotFound {
+                    what: "role binding",
+                });
+            }
+            let remaining = holders_in(tx, *role).await?.saturating_sub(1);
+            if *role == SecurityOfficer && remaining < 2 {
+                return Err(KmsError::Conflict {
+                    reason: "at least two security officers must remain",
+                });
+            }
+            let needed = quorums_in(tx)
+                .await?
+                .iter()
+                .filter(|q| q.approver_role == *role)
+                .map(|q| q.required)
+                .max()
+                .unwrap_or(0);
+            if remaining < needed {
+                return Err(KmsError::Conflict {
+                    reason: "removing this binding would leave a quorum unreachable",
+                });
+            }
+            Ok(())
+        }
+        Proposal::Quorum { quorum } => {
+            if holders_in(tx, quorum.approver_role).await? < quorum.required {
+                return Err(KmsError::Conflict {
+                    reason: "fewer principals hold the approver role than the quorum needs",
+                });
+            }
+            Ok(())
+        }
+        Proposal::Grant { principal, .. } => {
+            let roles = roles_in(tx, principal).await?;
+            if !roles.iter().any(|r| *r != BreakGlass && r.uses_keys()) {
+                return Err(KmsError::Conflict {
+                    reason: "grantee holds no app, tokenizer or reidentifier role",
+                });
+            }
+            Ok(())
+        }
+        Proposal::KeyDeletion { .. } | Proposal::BreakGlass { .. } => Ok(()),
     }
 }
 

@@ -662,3 +662,151 @@ async fn break_glass_without_approval_opens_at_once_and_is_loud() {
     );
     server.stop().await.expect("stop");
 }
+
+fn officer_principal(name: &str) -> String {
+    kms_cli::pki::principal(TestPki::TRUST_DOMAIN, "security-officer", name)
+}
+
+/// Regressions from a break test: the invariants of a privilege change are checked again,
+/// against the store, when the request runs — not only when it was proposed.
+async fn rechecked_at_execution(db: TestDb) {
+    let server = TestServer::start(&db).await.expect("server");
+    let o1 = server.client_as("officer-1").await.expect("officer");
+    let o2 = server.client_as("officer-2").await.expect("officer 2");
+    let o3 = server
+        .add_principal("security-officer", "officer-3")
+        .await
+        .expect("o3");
+    let o4 = server
+        .add_principal("security-officer", "officer-4")
+        .await
+        .expect("o4");
+    o1.create_key(NewKey {
+        alias: Some("k".into()),
+        ..NewKey::default()
+    })
+    .await
+    .expect("key");
+    let grant = |ops: &str| GrantSpec {
+        principal: server.principal("app-1"),
+        key: "k".into(),
+        operations: vec![ops.to_string()],
+        ..GrantSpec::default()
+    };
+
+    // A quorum raised after a request was proposed applies to it.
+    let early = o1.propose_grant(grant("encrypt")).await.expect("propose");
+    assert_eq!(early.required, 1);
+    let q = o1
+        .propose_quorum("grant", 2, "security-officer")
+        .await
+        .expect("quorum");
+    o2.approve(&q.approval_id).await.expect("quorum 2");
+    assert_eq!(
+        o2.approve(&early.approval_id).await.expect("1 of 2").state,
+        "pending"
+    );
+    assert_eq!(
+        o4.approve(&early.approval_id).await.expect("2 of 2").state,
+        "executed"
+    );
+
+    // The vote of an approver who lost the role no longer counts.
+    let late = o1.propose_grant(grant("decrypt")).await.expect("propose");
+    o3.approve(&late.approval_id).await.expect("o3 votes");
+    let unbind = o1
+        .propose_role_binding(&officer_principal("officer-3"), "security-officer", true)
+        .await
+        .expect("unbind o3");
+    assert_eq!(
+        o2.approve(&unbind.approval_id)
+            .await
+            .expect("approve")
+            .state,
+        "executed"
+    );
+    assert_eq!(
+        o4.approve(&late.approval_id).await.expect("o4").state,
+        "pending"
+    );
+    assert_eq!(
+        o2.approve(&late.approval_id).await.expect("o2").state,
+        "executed"
+    );
+
+    // Removals proposed while enough officers existed cannot, run one after another, leave
+    // fewer than two.
+    let a = o1
+        .propose_role_binding(&officer_principal("officer-4"), "security-officer", true)
+        .await
+        .expect("unbind o4");
+    let b = o1
+        .propose_role_binding(&server.principal("officer-2"), "security-officer", true)
+        .await
+        .expect("unbind o2 (3 officers now)");
+    assert_eq!(
+        o2.approve(&a.approval_id).await.expect("a").state,
+        "executed"
+    );
+    let refused = o2.approve(&b.approval_id).await.expect("b");
+    assert_eq!(refused.state, "failed", "{refused:?}");
+    assert!(
+        refused.result.contains("two security officers"),
+        "{}",
+        refused.result
+    );
+    let officers = o1
+        .list_role_bindings()
+        .await
+        .expect("bindings")
+        .into_iter()
+        .filter(|b| b.role == "security-officer")
+        .count();
+    assert_eq!(officers, 2);
+
+    // Conflicting bindings approved at the same time: never both.
+    for i in 0..6 {
+        let who = kms_cli::pki::principal(TestPki::TRUST_DOMAIN, "x", &format!("race-{i}"));
+        let user = o1
+            .propose_role_binding(&who, "app", false)
+            .await
+            .expect("app");
+        let admin = o1
+            .propose_role_binding(
+                &who,
+                if i % 2 == 0 {
+                    "security-officer"
+                } else {
+                    "auditor"
+                },
+                false,
+            )
+            .await
+            .expect("admin");
+        let (x, y) = tokio::join!(
+            o2.approve(&user.approval_id),
+            o2.approve(&admin.approval_id)
+        );
+        let states = [x.expect("x").state, y.expect("y").state];
+        assert!(
+            states.contains(&"executed".to_string()) && states.contains(&"failed".to_string()),
+            "round {i}: {states:?}"
+        );
+        let roles = o1
+            .list_role_bindings()
+            .await
+            .expect("bindings")
+            .into_iter()
+            .filter(|b| b.principal == who)
+            .count();
+        assert_eq!(
+            roles, 1,
+            "round {i}: one principal, one side of the duty split"
+        );
+    }
+    server.stop().await.expect("stop");
+}
+on_both_stores!(
+    privilege_invariants_are_rechecked_when_a_request_runs,
+    rechecked_at_execution
+);
