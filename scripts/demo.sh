@@ -40,9 +40,11 @@ diff -r "$INPUT" "$STATE/decrypted" > /dev/null
 if grep -rq "Synthea\|Patient" "$STATE/encrypted"; then echo "plaintext found in ciphertext"; exit 1; fi
 
 echo "==> checking separation of duties: officer-1 may not decrypt"
-if "$BIN/kms-cli" --identity "$KMS_PKI/officer-1" decrypt "${CONTEXT[@]}" --in "$STATE/encrypted" --out "$STATE/officer-try" > /dev/null 2>&1; then
+if "$BIN/kms-cli" --identity "$KMS_PKI/officer-1" decrypt "${CONTEXT[@]}" --in "$STATE/encrypted" --out "$STATE/officer-try" > "$STATE/officer-try.log" 2>&1; then
   echo "an officer decrypted data"; exit 1
 fi
+grep -q "PermissionDenied" "$STATE/officer-try.log" || { echo "officer refused for another reason:"; cat "$STATE/officer-try.log"; exit 1; }
+rm -rf "$STATE/officer-try"
 echo "==> verifying the audit trail (as auditor-1)"
 "$BIN/kms-cli" --identity "$KMS_PKI/auditor-1" --output json audit verify > "$STATE/audit-verify.json"
 "$BIN/kms-cli" --identity "$KMS_PKI/auditor-1" audit export > "$STATE/audit.jsonl"

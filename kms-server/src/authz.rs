@@ -1079,11 +1079,23 @@ impl Authz {
                 reason: "1 to 16 keys",
             });
         }
-        let length = justification.trim().chars().count();
-        if !(10..=1000).contains(&length) {
+        let visible = justification
+            .chars()
+            .filter(|c| !c.is_whitespace() && !deceptive(*c))
+            .count();
+        if !(10..=1000).contains(&visible) || justification.chars().count() > 1000 {
             return Err(KmsError::InvalidArgument {
                 field: "justification",
                 reason: "10 to 1000 characters",
+            });
+        }
+        if justification
+            .chars()
+            .any(|c| c.is_control() || deceptive(c))
+        {
+            return Err(KmsError::InvalidArgument {
+                field: "justification",
+                reason: "one line of text without control or invisible characters",
             });
         }
         if duration_secs == 0 || duration_secs > self.params.break_glass_max_secs {
@@ -1516,12 +1528,26 @@ impl Authz {
             justification,
             duration_secs,
         };
+        self.validate(caller, &proposal).await?;
+        // One window at a time: back-to-back windows would stretch the maximum length.
+        let now = self.clock.now_unix();
+        let open = self
+            .cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .windows
+            .get(&caller.principal)
+            .is_some_and(|w| w.iter().any(|w| w.opened_at <= now && now <= w.closes_at));
+        if open {
+            return Err(KmsError::Conflict {
+                reason: "a break-glass window is already open for this principal",
+            });
+        }
         if self.params.break_glass_requires_approval {
             return Ok(BreakGlassOutcome::Pending(
                 self.propose(caller, proposal).await?,
             ));
         }
-        self.validate(caller, &proposal).await?;
         let Proposal::BreakGlass {
             principal,
             key_ids,
@@ -1774,12 +1800,21 @@ pub fn parse_operations(names: &[String]) -> Result<Vec<KeyOp>, KmsError> {
     Ok(ops)
 }
 
+/// Characters that change how text looks without being seen: bidirectional overrides and
+/// isolates, zero-width characters, the byte-order mark. Refused in principals and
+/// justifications, where they could make an approver or auditor read something else.
+pub fn deceptive(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+}
+
 fn validate_principal(principal: &str) -> Result<(), KmsError> {
     if principal.is_empty()
         || principal.len() > MAX_PRINCIPAL
         || principal
             .chars()
-            .any(|c| c.is_control() || c.is_whitespace())
+            .any(|c| c.is_control() || c.is_whitespace() || deceptive(c))
     {
         return Err(KmsError::InvalidArgument {
             field: "principal",

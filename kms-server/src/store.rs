@@ -186,6 +186,9 @@ impl Store {
             Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
         };
         migrator.run(&pool).await.map_err(StoreError::Migrate)?;
+        if backend == Backend::Sqlite {
+            restrict_sqlite_files(&url);
+        }
         Ok(Store { pool, backend })
     }
 
@@ -556,6 +559,31 @@ pub(crate) fn db_error(e: sqlx::Error) -> KmsError {
         other => {
             tracing::error!(error = %other, "store error");
             KmsError::StoreUnavailable
+        }
+    }
+}
+
+/// Makes the SQLite database file (and its WAL and shared-memory files, which SQLite creates
+/// with the database's mode) readable by the server's user only: it holds key metadata, grants
+/// and the audit trail.
+fn restrict_sqlite_files(url: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:")
+        .split('?')
+        .next()
+        .unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        return;
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let file = format!("{path}{suffix}");
+        if std::path::Path::new(&file).exists() {
+            if let Err(e) = std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+            {
+                tracing::warn!(error = %e, "cannot restrict the database file to its owner");
+            }
         }
     }
 }

@@ -214,9 +214,14 @@ pub fn principal_of(cert_der: &[u8]) -> Result<String, PrincipalError> {
             if cns.next().is_some() {
                 return Err(PrincipalError::Ambiguous);
             }
-            cn.as_str()
-                .map_err(|_| PrincipalError::Malformed)?
-                .to_string()
+            let cn = cn.as_str().map_err(|_| PrincipalError::Malformed)?;
+            // A CN is a plain name: one that looks like a URI could pose as the URI SAN
+            // principal of another identity (a CA that lets requesters choose the CN would
+            // then issue officers).
+            if cn.contains(':') || cn.contains('/') {
+                return Err(PrincipalError::Malformed);
+            }
+            cn.to_string()
         }
         _ => return Err(PrincipalError::Ambiguous),
     };
@@ -224,7 +229,7 @@ pub fn principal_of(cert_der: &[u8]) -> Result<String, PrincipalError> {
         || principal.len() > MAX_PRINCIPAL_LEN
         || principal
             .chars()
-            .any(|c| c.is_control() || c.is_whitespace())
+            .any(|c| c.is_control() || c.is_whitespace() || crate::authz::deceptive(c))
     {
         return Err(PrincipalError::Malformed);
     }

@@ -261,6 +261,15 @@ async fn no_secret_reaches_the_log_the_database_or_the_audit_trail() {
     assert!(status.success());
     server.0.wait().expect("server exits");
 
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&db_path)
+            .expect("db")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "the database file is the server user's only");
+    }
     let mut places: Vec<(String, Vec<u8>)> = Vec::new();
     for name in ["kms.db", "kms.db-wal", "kms.db-shm", "server.log"] {
         let path = dir.path().join(name);

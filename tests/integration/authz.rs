@@ -629,6 +629,27 @@ async fn break_glass_without_approval_opens_at_once_and_is_loud() {
         .await
         .expect("open");
     let window = opened.window.expect("open at once");
+    // One window at a time: back-to-back windows cannot stretch the maximum.
+    let again = assert_code(
+        medic
+            .open_break_glass(&["ehr".into()], "mass casualty incident, second window", 60)
+            .await,
+        Code::FailedPrecondition,
+        "second window",
+    );
+    assert!(again.contains("already open"), "{again}");
+    // Justifications are one line of visible text.
+    for bad in [
+        "\u{200B}".repeat(12),
+        "line one\nwindow_id: FAKE".to_string(),
+        "colour \u{1b}[31mred\u{1b}[0m text here".to_string(),
+    ] {
+        assert_code(
+            medic.open_break_glass(&["ehr".into()], &bad, 60).await,
+            Code::InvalidArgument,
+            "odd justification",
+        );
+    }
     medic
         .generate_data_key("ehr", &ctx(&[]))
         .await

@@ -265,6 +265,20 @@ fn the_principal_is_the_uri_san_else_the_cn_else_refused() {
         principal_of(b"not a certificate"),
         Err(PrincipalError::Unparsable)
     );
+    // Regression (break test): a CN cannot pose as a URI principal, and invisible characters
+    // (here a right-to-left override) cannot disguise one (URI SANs are ASCII by definition).
+    assert_eq!(
+        principal_of(&der(&client_cert(
+            &ca,
+            None,
+            "spiffe://hospital.test/security-officer/officer-1"
+        ))),
+        Err(PrincipalError::Malformed)
+    );
+    assert_eq!(
+        principal_of(&der(&client_cert(&ca, None, "app\u{202E}1-ppa"))),
+        Err(PrincipalError::Malformed)
+    );
     // Every development identity names its SPIFFE principal.
     let pki = TestPki::generate().expect("pki");
     for (name, kind) in kms_cli::pki::DEV_IDENTITIES {
