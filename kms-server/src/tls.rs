@@ -387,7 +387,7 @@ async fn accept_loop(
                     // The receiver is gone only when the server stops: drop the connection.
                     let _ = tx.send(connection).await;
                 }
-                Err(reason) => tracing::debug!(%remote, %reason, "TLS connection refused"),
+                Err(reason) => tracing::info!(%remote, %reason, "TLS connection refused"),
             }
         });
     }
