@@ -203,8 +203,9 @@ impl Writer {
                 prev = hash;
             }
             let records: Vec<&AuditRecord> = batch.iter().map(|p| &p.record).collect();
+            let backend = self.ports.store.backend();
             let written = match self.connection().await {
-                Ok(conn) => db::insert_records(conn, &records).await,
+                Ok(conn) => db::insert_records(conn, backend, &records).await,
                 Err(e) => Err(e),
             };
             if written.is_err() {
