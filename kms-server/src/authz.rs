@@ -870,30 +870,13 @@ impl Authz {
 
     /// The quorum of every kind (stored, or the default).
     pub async fn quorums(&self) -> Result<Vec<Quorum>, KmsError> {
-        let mut out = Vec::new();
-        for kind in Kind::ALL {
-            out.push(self.quorum(kind).await?);
-        }
-        Ok(out)
+        let mut conn = self.store.pool().acquire().await.map_err(db_error)?;
+        quorums_in(&mut conn).await
     }
 
     async fn quorum(&self, kind: Kind) -> Result<Quorum, KmsError> {
-        let row =
-            sqlx::query("SELECT required, approver_role FROM approval_quorums WHERE kind = $1")
-                .bind(kind.as_str())
-                .fetch_optional(self.store.pool())
-                .await
-                .map_err(db_error)?;
-        let Some(row) = row else {
-            return Ok(default_quorum(kind));
-        };
-        let required: i64 = row.try_get("required").map_err(db_error)?;
-        let role: String = row.try_get("approver_role").map_err(db_error)?;
-        Ok(Quorum {
-            kind,
-            required: u32::try_from(required).map_err(|_| corrupt())?,
-            approver_role: Role::parse(&role).map_err(|_| corrupt())?,
-        })
+        let mut conn = self.store.pool().acquire().await.map_err(db_error)?;
+        quorum_in(&mut conn, kind).await
     }
 
     /// Records a proposal as a pending approval request, after checking that it could run now.
@@ -1610,10 +1593,11 @@ impl Authz {
     }
 }
 
-type Tx<'c> = sqlx::Transaction<'c, sqlx::Any>;
+/// A connection, or a transaction (which dereferences to one).
+type Conn = sqlx::AnyConnection;
 
-/// The quorum of `kind`, read inside `tx`.
-async fn quorum_in(tx: &mut Tx<'_>, kind: Kind) -> Result<Quorum, KmsError> {
+/// The quorum of `kind`, read on `tx`.
+async fn quorum_in(tx: &mut Conn, kind: Kind) -> Result<Quorum, KmsError> {
     Ok(quorums_in(tx)
         .await?
         .into_iter()
@@ -1621,10 +1605,10 @@ async fn quorum_in(tx: &mut Tx<'_>, kind: Kind) -> Result<Quorum, KmsError> {
         .unwrap_or_else(|| default_quorum(kind)))
 }
 
-/// Every kind's quorum (stored, or the default), read inside `tx`.
-async fn quorums_in(tx: &mut Tx<'_>) -> Result<Vec<Quorum>, KmsError> {
+/// Every kind's quorum (stored, or the default), read on `tx`.
+async fn quorums_in(tx: &mut Conn) -> Result<Vec<Quorum>, KmsError> {
     let rows = sqlx::query("SELECT kind, required, approver_role FROM approval_quorums")
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db_error)?;
     let mut quorums: Vec<Quorum> = Kind::ALL.into_iter().map(default_quorum).collect();
@@ -1641,11 +1625,11 @@ async fn quorums_in(tx: &mut Tx<'_>) -> Result<Vec<Quorum>, KmsError> {
     Ok(quorums)
 }
 
-/// The roles `principal` holds, read inside `tx`.
-async fn roles_in(tx: &mut Tx<'_>, principal: &str) -> Result<Vec<Role>, KmsError> {
+/// The roles `principal` holds, read on `tx`.
+async fn roles_in(tx: &mut Conn, principal: &str) -> Result<Vec<Role>, KmsError> {
     sqlx::query("SELECT role FROM role_bindings WHERE principal = $1")
         .bind(principal)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db_error)?
         .iter()
@@ -1656,11 +1640,11 @@ async fn roles_in(tx: &mut Tx<'_>, principal: &str) -> Result<Vec<Role>, KmsErro
         .collect()
 }
 
-/// How many principals hold `role`, read inside `tx`.
-async fn holders_in(tx: &mut Tx<'_>, role: Role) -> Result<u32, KmsError> {
+/// How many principals hold `role`, read on `tx`.
+async fn holders_in(tx: &mut Conn, role: Role) -> Result<u32, KmsError> {
     let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM role_bindings WHERE role = $1")
         .bind(role.as_str())
-        .fetch_one(&mut **tx)
+        .fetch_one(&mut *tx)
         .await
         .map_err(db_error)?
         .try_get("n")
@@ -1671,7 +1655,7 @@ async fn holders_in(tx: &mut Tx<'_>, role: Role) -> Result<u32, KmsError> {
 /// The invariants a privilege change must keep, checked against the store inside the
 /// executing transaction (the checks at proposal time may be stale by now: other requests
 /// may have run in between, possibly through another server).
-async fn recheck_in(tx: &mut Tx<'_>, proposal: &Proposal) -> Result<(), KmsError> {
+async fn recheck_in(tx: &mut Conn, proposal: &Proposal) -> Result<(), KmsError> {
     match proposal {
         Proposal::RoleBinding {
             principal,
