@@ -386,6 +386,37 @@ fn ok_status() -> ItemStatus {
     }
 }
 
+/// The status and response of every item of a batch, in order; each item's outcome (`describe`
+/// of a success, the code of a failure) goes into the call's audit record as `item.N`.
+fn batch_results<'f, T>(
+    rpc: &'static str,
+    outcomes: Vec<Result<T, KmsError>>,
+    facts: &'f mut Facts,
+    describe: impl Fn(&T) -> String + 'f,
+) -> impl Iterator<Item = (ItemStatus, Option<T>)> + 'f
+where
+    T: 'f,
+{
+    outcomes
+        .into_iter()
+        .enumerate()
+        .map(move |(i, outcome)| match outcome {
+            Ok(response) => {
+                facts
+                    .detail
+                    .insert(format!("item.{i}"), describe(&response));
+                (ok_status(), Some(response))
+            }
+            Err(e) => {
+                let status = item_status(rpc, e);
+                facts
+                    .detail
+                    .insert(format!("item.{i}"), code_name(status.code));
+                (status, None)
+            }
+        })
+}
+
 /// A failed item's status, mapped by [`to_status`] like any single call.
 fn item_status(rpc: &'static str, e: KmsError) -> ItemStatus {
     let status = fail(rpc, &e);
@@ -673,31 +704,14 @@ impl KeyManagement for GrpcService {
                 )
                 .await;
                 facts.used(&access);
-                let mut results = Vec::with_capacity(outcomes.len());
-                for (i, outcome) in outcomes.into_iter().enumerate() {
-                    results.push(match outcome {
-                        Ok(response) => {
-                            facts.detail.insert(
-                                format!("item.{i}"),
-                                format!("OK {} v{}", response.key_id, response.key_version),
-                            );
-                            DecryptResult {
-                                status: Some(ok_status()),
-                                response: Some(response),
-                            }
-                        }
-                        Err(e) => {
-                            let status = item_status("BatchDecrypt", e);
-                            facts
-                                .detail
-                                .insert(format!("item.{i}"), code_name(status.code));
-                            DecryptResult {
-                                status: Some(status),
-                                response: None,
-                            }
-                        }
-                    });
-                }
+                let results = batch_results("BatchDecrypt", outcomes, &mut facts, |r| {
+                    format!("OK {} v{}", r.key_id, r.key_version)
+                })
+                .map(|(status, response)| DecryptResult {
+                    status: Some(status),
+                    response,
+                })
+                .collect();
                 (Ok(BatchDecryptResponse { results }), facts)
             },
         )
@@ -725,37 +739,17 @@ impl KeyManagement for GrpcService {
                 )
                 .await;
                 facts.used(&access);
-                let mut results = Vec::with_capacity(outcomes.len());
-                for (i, outcome) in outcomes.into_iter().enumerate() {
-                    results.push(match outcome {
-                        Ok(response) => {
-                            facts.detail.insert(
-                                format!("item.{i}"),
-                                format!(
-                                    "OK {} v{} -> {} v{}",
-                                    response.source_key_id,
-                                    response.source_key_version,
-                                    response.key_id,
-                                    response.key_version
-                                ),
-                            );
-                            ReEncryptResult {
-                                status: Some(ok_status()),
-                                response: Some(response),
-                            }
-                        }
-                        Err(e) => {
-                            let status = item_status("BatchReEncrypt", e);
-                            facts
-                                .detail
-                                .insert(format!("item.{i}"), code_name(status.code));
-                            ReEncryptResult {
-                                status: Some(status),
-                                response: None,
-                            }
-                        }
-                    });
-                }
+                let results = batch_results("BatchReEncrypt", outcomes, &mut facts, |r| {
+                    format!(
+                        "OK {} v{} -> {} v{}",
+                        r.source_key_id, r.source_key_version, r.key_id, r.key_version
+                    )
+                })
+                .map(|(status, response)| ReEncryptResult {
+                    status: Some(status),
+                    response,
+                })
+                .collect();
                 (Ok(BatchReEncryptResponse { results }), facts)
             },
         )

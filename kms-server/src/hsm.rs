@@ -906,22 +906,28 @@ fn hex_array<const N: usize>(s: &str) -> [u8; N] {
 mod tests {
     use super::*;
 
-    /// The self-test vector is exactly Wycheproof's test case 102.
-    #[test]
-    fn self_test_vector_matches_wycheproof_file() {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/data/vectors/wycheproof/aes_gcm_test.json"
-        ))
-        .expect("vector file in ../shared");
+    /// Test case `tc_id` of the Wycheproof file `name` in `../shared/data/vectors/wycheproof`.
+    fn wycheproof_case(name: &str, tc_id: u64) -> serde_json::Value {
+        let path = format!(
+            "{}/../../shared/data/vectors/wycheproof/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(path).expect("vector file in ../shared");
         let json: serde_json::Value = serde_json::from_str(&text).expect("json");
-        let case = json["testGroups"]
+        json["testGroups"]
             .as_array()
             .expect("groups")
             .iter()
             .flat_map(|g| g["tests"].as_array().expect("tests").iter())
-            .find(|t| t["tcId"] == 102)
-            .expect("tcId 102");
+            .find(|t| t["tcId"] == tc_id)
+            .expect("test case")
+            .clone()
+    }
+
+    /// The self-test vector is exactly Wycheproof's test case 102.
+    #[test]
+    fn self_test_vector_matches_wycheproof_file() {
+        let case = wycheproof_case("aes_gcm_test.json", 102);
         let v = self_test_vector();
         assert_eq!(hex::encode(v.key), case["key"].as_str().expect("key"));
         assert_eq!(hex::encode(v.iv), case["iv"].as_str().expect("iv"));
@@ -935,19 +941,7 @@ mod tests {
     /// The HMAC self-test vector is exactly Wycheproof's HMAC-SHA256 test case 23.
     #[test]
     fn hmac_self_test_vector_matches_wycheproof_file() {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/data/vectors/wycheproof/hmac_sha256_test.json"
-        ))
-        .expect("vector file in ../shared");
-        let json: serde_json::Value = serde_json::from_str(&text).expect("json");
-        let case = json["testGroups"]
-            .as_array()
-            .expect("groups")
-            .iter()
-            .flat_map(|g| g["tests"].as_array().expect("tests").iter())
-            .find(|t| t["tcId"] == 23)
-            .expect("tcId 23");
+        let case = wycheproof_case("hmac_sha256_test.json", 23);
         let v = hmac_self_test_vector();
         assert_eq!(hex::encode(v.key), case["key"].as_str().expect("key"));
         assert_eq!(hex::encode(v.msg), case["msg"].as_str().expect("msg"));
