@@ -17,8 +17,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sdk::{CachePolicy, ClientTls, Envelope, KeyInfo, KmsClient, NewKey};
 use serde_json::json;
 
+pub mod custodian;
 pub mod governance;
 pub mod pki;
+pub mod recovery;
 
 /// Set by the binary's signal handler (Ctrl-C, SIGTERM): file operations stop at their next
 /// read and remove their temporary output, so an interrupted decryption leaves no plaintext.
@@ -117,6 +119,12 @@ pub enum Command {
     /// Development PKI for mutual TLS.
     #[command(subcommand)]
     Pki(pki::PkiCommand),
+    /// A key custodian's key pair (for M-of-N recovery shares).
+    #[command(subcommand)]
+    Custodian(custodian::CustodianCommand),
+    /// M-of-N recovery of the master keys: ceremonies, backups, restore, re-share.
+    #[command(subcommand)]
+    Recovery(recovery::RecoveryCommand),
 }
 
 /// Key management commands.
@@ -308,6 +316,9 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     if let Command::Pki(command) = cli.command {
         return pki::run(command, out, json);
     }
+    if let Command::Custodian(custodian::CustodianCommand::Keygen(args)) = cli.command {
+        return custodian::keygen_command(out, json, args);
+    }
     let client = KmsClient::connect(&cli.endpoint, &cli.client_tls()?).await?;
     match cli.command {
         // Handled above, before connecting: the PKI is what a connection needs.
@@ -384,6 +395,8 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Approvals(c) => governance::approvals(&client, out, json, c).await,
         Command::BreakGlass(c) => governance::break_glass(&client, out, json, c).await,
         Command::Audit(c) => governance::audit(&client, out, json, c).await,
+        Command::Custodian(c) => custodian::run(&client, out, json, c).await,
+        Command::Recovery(c) => recovery::run(&client, out, json, c).await,
         Command::Key(KeyCommand::CancelDeletion { key }) => {
             let key = client.cancel_key_deletion(&key).await?;
             emit(out, json, key_json(&key), || key_text(&key))

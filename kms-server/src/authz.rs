@@ -25,6 +25,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use crate::error::KmsError;
+use crate::recovery::Recovery;
 use crate::service::{Clock, Context, KeyAccess, KeyOp, KeyService};
 use crate::store::{db_error, Backend, KeyState, Store};
 
@@ -100,6 +101,7 @@ const OFFICER: &[Role] = &[SecurityOfficer];
 const OVERSIGHT: &[Role] = &[SecurityOfficer, Auditor];
 const KEY_USERS: &[Role] = &[App, BreakGlass];
 const APPROVERS: &[Role] = &[SecurityOfficer, Custodian, Auditor];
+const RECOVERY_WATCHERS: &[Role] = &[SecurityOfficer, Custodian, Auditor];
 
 /// Which roles may call each RPC of `kms.v1.KeyManagement`, by method name. The only place
 /// where this is decided; a method that is not listed is denied to everyone (a test checks
@@ -150,6 +152,22 @@ pub const RULES: &[(&str, &[Role])] = &[
     ("VerifyAudit", &[Auditor]),
     ("ListAuditRecords", &[Auditor]),
     ("HashIdentifier", &[Auditor]),
+    // Recovery: officers run ceremonies, custodians hold shares (each call further checks
+    // that the share is the caller's own), auditors watch.
+    ("RegisterCustodianKey", &[Custodian]),
+    ("ListCustodianKeys", RECOVERY_WATCHERS),
+    ("ProposeRecoveryInit", OFFICER),
+    ("ProposeRecoveryReshare", OFFICER),
+    ("ProposeRecoveryBackup", OFFICER),
+    ("GetRecoveryBackup", OFFICER),
+    ("VerifyRecoveryBackup", OVERSIGHT),
+    ("GetRecoveryStatus", RECOVERY_WATCHERS),
+    ("GetRecoveryShare", &[Custodian]),
+    ("ConfirmRecoveryShare", &[Custodian]),
+    ("CloseRecoveryCeremony", OFFICER),
+    ("BeginRestore", OFFICER),
+    ("SubmitShare", &[Custodian]),
+    ("CancelRecoverySession", OFFICER),
 ];
 
 /// Whether any of `roles` may call `rpc`.
@@ -369,16 +387,25 @@ pub enum Kind {
     KeyDeletion,
     /// Opening a break-glass window.
     BreakGlass,
+    /// Creating (or replacing) the recovery domain.
+    RecoveryInit,
+    /// Handing the recovery key to new custodians.
+    RecoveryReshare,
+    /// Making a backup of the master keys.
+    RecoveryBackup,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Grant,
         Kind::RoleBinding,
         Kind::Quorum,
         Kind::KeyDeletion,
         Kind::BreakGlass,
+        Kind::RecoveryInit,
+        Kind::RecoveryReshare,
+        Kind::RecoveryBackup,
     ];
 
     /// The kind's name, as stored and shown.
@@ -389,6 +416,9 @@ impl Kind {
             Kind::Quorum => "quorum",
             Kind::KeyDeletion => "key-deletion",
             Kind::BreakGlass => "break-glass",
+            Kind::RecoveryInit => "recovery-init",
+            Kind::RecoveryReshare => "recovery-reshare",
+            Kind::RecoveryBackup => "recovery-backup",
         }
     }
 
@@ -478,6 +508,20 @@ pub enum Proposal {
         /// For how long, from approval.
         duration_secs: u64,
     },
+    /// Create the recovery domain, or replace it with a new recovery key (`rekey`).
+    RecoveryInit {
+        /// M and the custodians.
+        spec: crate::recovery::CeremonySpec,
+        /// Replace the existing domain.
+        rekey: bool,
+    },
+    /// Open a re-share session for new custodians / threshold.
+    RecoveryReshare {
+        /// The new M and custodians.
+        spec: crate::recovery::CeremonySpec,
+    },
+    /// Make a backup.
+    RecoveryBackup {},
 }
 
 impl Proposal {
@@ -489,6 +533,9 @@ impl Proposal {
             Proposal::Quorum { .. } => Kind::Quorum,
             Proposal::KeyDeletion { .. } => Kind::KeyDeletion,
             Proposal::BreakGlass { .. } => Kind::BreakGlass,
+            Proposal::RecoveryInit { .. } => Kind::RecoveryInit,
+            Proposal::RecoveryReshare { .. } => Kind::RecoveryReshare,
+            Proposal::RecoveryBackup {} => Kind::RecoveryBackup,
         }
     }
 
@@ -632,6 +679,7 @@ struct Cache {
 pub struct Authz {
     store: Store,
     service: Arc<KeyService>,
+    recovery: Arc<Recovery>,
     clock: Arc<dyn Clock>,
     params: AuthzParams,
     cache: RwLock<Cache>,
@@ -647,12 +695,14 @@ impl Authz {
     pub async fn open(
         store: Store,
         service: Arc<KeyService>,
+        recovery: Arc<Recovery>,
         clock: Arc<dyn Clock>,
         params: AuthzParams,
     ) -> Result<Self, KmsError> {
         let authz = Authz {
             store,
             service,
+            recovery,
             clock,
             params,
             cache: RwLock::default(),
@@ -660,6 +710,11 @@ impl Authz {
         authz.bootstrap().await?;
         authz.reload().await?;
         Ok(authz)
+    }
+
+    /// The recovery domain that approved recovery requests run in.
+    pub fn recovery(&self) -> &Arc<Recovery> {
+        &self.recovery
     }
 
     async fn bootstrap(&self) -> Result<(), KmsError> {
@@ -1047,6 +1102,19 @@ impl Authz {
                 self.validate_break_glass(key_ids, justification, *duration_secs)
                     .await
             }
+            Proposal::RecoveryInit { spec, rekey } => {
+                self.recovery.validate_init(spec, *rekey).await
+            }
+            Proposal::RecoveryReshare { spec } => self.recovery.validate_reshare(spec).await,
+            Proposal::RecoveryBackup {} => self.recovery.status().await.and_then(|status| {
+                if status.ceremony_id.is_empty() {
+                    Err(KmsError::Conflict {
+                        reason: "no recovery domain: run a recovery init first",
+                    })
+                } else {
+                    Ok(())
+                }
+            }),
         }
     }
 
@@ -1407,7 +1475,10 @@ impl Authz {
             )
             .await
             .map(|_| ()),
-            Proposal::KeyDeletion { .. } => Ok(()),
+            Proposal::KeyDeletion { .. }
+            | Proposal::RecoveryInit { .. }
+            | Proposal::RecoveryReshare { .. }
+            | Proposal::RecoveryBackup {} => Ok(()),
         };
         outcome.map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
@@ -1416,28 +1487,41 @@ impl Authz {
             kind = approval.proposal.kind().as_str(),
             "approved request executed"
         );
-        if let Proposal::KeyDeletion {
-            key_id,
-            pending_window_days,
-        } = &approval.proposal
-        {
-            let done = self
-                .service
-                .schedule_key_deletion(&key_id.to_string(), *pending_window_days)
-                .await;
-            let result = match &done {
-                Ok(record) => format!(
-                    "deletion due at {}",
-                    record.deletion_due_at.unwrap_or_default()
-                ),
-                Err(e) => e.to_string(),
+        let deferred: Option<Result<String, KmsError>> = match &approval.proposal {
+            Proposal::KeyDeletion {
+                key_id,
+                pending_window_days,
+            } => Some(
+                self.service
+                    .schedule_key_deletion(&key_id.to_string(), *pending_window_days)
+                    .await
+                    .map(|record| {
+                        format!(
+                            "deletion due at {}",
+                            record.deletion_due_at.unwrap_or_default()
+                        )
+                    }),
+            ),
+            Proposal::RecoveryInit { spec, .. } => {
+                Some(self.recovery.init(spec, &approval.approval_id).await)
+            }
+            Proposal::RecoveryReshare { spec } => Some(
+                self.recovery
+                    .open_reshare(spec, &approval.approval_id)
+                    .await,
+            ),
+            Proposal::RecoveryBackup {} => Some(self.recovery.backup(&approval.approval_id).await),
+            _ => None,
+        };
+        // Operations outside the store run right after the state change; their outcome (or
+        // failure) becomes the request's result.
+        if let Some(done) = deferred {
+            let (state, result) = match &done {
+                Ok(result) => (ApprovalState::Executed, result.clone()),
+                Err(e) => (ApprovalState::Failed, e.to_string()),
             };
             sqlx::query("UPDATE approvals SET state = $1, result = $2 WHERE approval_id = $3")
-                .bind(if done.is_ok() {
-                    ApprovalState::Executed.as_str()
-                } else {
-                    ApprovalState::Failed.as_str()
-                })
+                .bind(state.as_str())
                 .bind(result)
                 .bind(approval.approval_id.as_str())
                 .execute(self.store.pool())
@@ -1718,7 +1802,11 @@ async fn recheck_in(tx: &mut Conn, proposal: &Proposal) -> Result<(), KmsError> 
             }
             Ok(())
         }
-        Proposal::KeyDeletion { .. } | Proposal::BreakGlass { .. } => Ok(()),
+        Proposal::KeyDeletion { .. }
+        | Proposal::BreakGlass { .. }
+        | Proposal::RecoveryInit { .. }
+        | Proposal::RecoveryReshare { .. }
+        | Proposal::RecoveryBackup {} => Ok(()),
     }
 }
 

@@ -7,6 +7,7 @@
 //! | `hsm.module`              | `KMS_HSM_MODULE`         | `/usr/lib/softhsm/libsofthsm2.so`    |
 //! | `hsm.token_label`         | `KMS_HSM_TOKEN_LABEL`    | (required)                           |
 //! | `hsm.pin_file`            | `KMS_HSM_PIN_FILE`       | — (or the PIN itself in `KMS_HSM_PIN`) |
+//! | `hsm.so_pin_file`         | `KMS_HSM_SO_PIN_FILE`    | — (or `KMS_HSM_SO_PIN`; only recovery ceremonies need it) |
 //! | `hsm.session_pool_size`   | `KMS_HSM_SESSION_POOL_SIZE` | `8`                               |
 //! | `store.url`               | `KMS_STORE_URL`          | (required) `sqlite://…` or `postgres://…` |
 //! | `store.max_connections`   | `KMS_STORE_MAX_CONNECTIONS` | `8` (plus one the audit writer keeps) |
@@ -134,6 +135,7 @@ struct RawHsm {
     module: Option<PathBuf>,
     token_label: Option<String>,
     pin_file: Option<PathBuf>,
+    so_pin_file: Option<PathBuf>,
     session_pool_size: Option<usize>,
 }
 
@@ -265,6 +267,7 @@ impl ServerParams {
             return Err(invalid("hsm.token_label", "1-32 bytes"));
         }
         let pin = read_pin(&env, raw.hsm.pin_file)?;
+        let so_pin = read_so_pin(&env, raw.hsm.so_pin_file)?;
         let pool_size = match env("KMS_HSM_SESSION_POOL_SIZE") {
             Some(v) => v
                 .parse()
@@ -455,6 +458,7 @@ impl ServerParams {
             hsm: HsmParams {
                 token_label,
                 pin,
+                so_pin,
                 pool_size,
             },
             store_url,
@@ -484,6 +488,31 @@ fn read_pin(
         )
     })?);
     nonempty_pin(text.trim_end_matches(['\r', '\n']))
+}
+
+/// The security officer's PIN, needed only by recovery ceremonies (to create the trusted
+/// recovery key). Optional: without it the server refuses recovery init, rekey and restore.
+fn read_so_pin(
+    env: &impl Fn(&str) -> Option<String>,
+    file_setting: Option<PathBuf>,
+) -> Result<Option<AuthPin>, ConfigError> {
+    if let Some(pin) = env("KMS_HSM_SO_PIN") {
+        let pin = Zeroizing::new(pin);
+        return nonempty_pin(&pin).map(Some);
+    }
+    let Some(path) = env("KMS_HSM_SO_PIN_FILE")
+        .map(PathBuf::from)
+        .or(file_setting)
+    else {
+        return Ok(None);
+    };
+    let text = Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
+        invalid(
+            "hsm.so_pin_file",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?);
+    nonempty_pin(text.trim_end_matches(['\r', '\n'])).map(Some)
 }
 
 fn nonempty_pin(pin: &str) -> Result<AuthPin, ConfigError> {

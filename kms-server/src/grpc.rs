@@ -14,6 +14,7 @@ use zeroize::Zeroizing;
 use crate::audit::{Audit, AuditEvent, Outcome, Severity};
 use crate::authz::{self, Access, Authz, BreakGlassOutcome, Caller, Kind, Proposal, Role};
 use crate::error::KmsError;
+use crate::recovery::{CeremonySpec, Recovery};
 use crate::service::{Context, KeyService, NewKey};
 use crate::store::{KeyRecord, KeyState as StoredState};
 use crate::tls::PeerIdentity;
@@ -280,6 +281,32 @@ impl GrpcService {
                     facts.resolved(record.key_id, record.primary_version);
                 }
                 (result.map(|record| self.metadata(record)), facts)
+            },
+        )
+        .await
+    }
+
+    /// A recovery call: recorded as high severity, with the ceremony or session it concerns.
+    async fn recover<Q, T, F, Fut>(
+        &self,
+        rpc: &'static str,
+        request: Request<Q>,
+        call: F,
+    ) -> Result<Response<T>, Status>
+    where
+        F: FnOnce(Caller, Q, Arc<Recovery>) -> Fut,
+        Fut: Future<Output = Result<T, KmsError>>,
+    {
+        self.run(
+            rpc,
+            request,
+            |_| Facts {
+                high_severity: true,
+                ..Facts::default()
+            },
+            |caller, r, facts| async move {
+                let recovery = Arc::clone(self.authz.recovery());
+                (call(caller, r, recovery).await, facts)
             },
         )
         .await
@@ -1311,6 +1338,211 @@ impl KeyManagement for GrpcService {
                 (Ok(HashIdentifierResponse { hash }), facts)
             },
         )
+        .await
+    }
+
+    async fn register_custodian_key(
+        &self,
+        request: Request<RegisterCustodianKeyRequest>,
+    ) -> Result<Response<CustodianKey>, Status> {
+        self.recover(
+            "RegisterCustodianKey",
+            request,
+            |caller, r, rec| async move {
+                rec.register_custodian_key(&caller.principal, &r.recipient)
+                    .await
+            },
+        )
+        .await
+    }
+
+    async fn list_custodian_keys(
+        &self,
+        request: Request<ListCustodianKeysRequest>,
+    ) -> Result<Response<ListCustodianKeysResponse>, Status> {
+        self.recover("ListCustodianKeys", request, |_, _, rec| async move {
+            Ok(ListCustodianKeysResponse {
+                keys: rec.custodian_keys().await?,
+            })
+        })
+        .await
+    }
+
+    async fn propose_recovery_init(
+        &self,
+        request: Request<ProposeRecoveryInitRequest>,
+    ) -> Result<Response<Approval>, Status> {
+        self.run(
+            "ProposeRecoveryInit",
+            request,
+            |_| Facts {
+                high_severity: true,
+                ..Facts::default()
+            },
+            |caller, r, mut facts| async move {
+                let proposal = Proposal::RecoveryInit {
+                    spec: CeremonySpec {
+                        threshold: r.threshold,
+                        custodians: r.custodians,
+                    },
+                    rekey: r.rekey,
+                };
+                let result = self.propose(&caller, proposal, &mut facts).await;
+                (result, facts)
+            },
+        )
+        .await
+    }
+
+    async fn propose_recovery_reshare(
+        &self,
+        request: Request<ProposeRecoveryInitRequest>,
+    ) -> Result<Response<Approval>, Status> {
+        self.run(
+            "ProposeRecoveryReshare",
+            request,
+            |_| Facts {
+                high_severity: true,
+                ..Facts::default()
+            },
+            |caller, r, mut facts| async move {
+                let result = if r.rekey {
+                    Err(KmsError::InvalidArgument {
+                        field: "rekey",
+                        reason: "a re-share keeps the recovery key; propose an init with rekey",
+                    })
+                } else {
+                    let proposal = Proposal::RecoveryReshare {
+                        spec: CeremonySpec {
+                            threshold: r.threshold,
+                            custodians: r.custodians,
+                        },
+                    };
+                    self.propose(&caller, proposal, &mut facts).await
+                };
+                (result, facts)
+            },
+        )
+        .await
+    }
+
+    async fn propose_recovery_backup(
+        &self,
+        request: Request<ProposeRecoveryBackupRequest>,
+    ) -> Result<Response<Approval>, Status> {
+        self.run(
+            "ProposeRecoveryBackup",
+            request,
+            |_| Facts {
+                high_severity: true,
+                ..Facts::default()
+            },
+            |caller, _r, mut facts| async move {
+                let result = self
+                    .propose(&caller, Proposal::RecoveryBackup {}, &mut facts)
+                    .await;
+                (result, facts)
+            },
+        )
+        .await
+    }
+
+    async fn get_recovery_backup(
+        &self,
+        request: Request<GetRecoveryBackupRequest>,
+    ) -> Result<Response<RecoveryBackup>, Status> {
+        self.recover("GetRecoveryBackup", request, |_, r, rec| async move {
+            Ok(RecoveryBackup {
+                content: rec.backup_file(&r.backup_id).await?,
+            })
+        })
+        .await
+    }
+
+    async fn verify_recovery_backup(
+        &self,
+        request: Request<RecoveryBackup>,
+    ) -> Result<Response<VerifyRecoveryBackupResponse>, Status> {
+        self.recover("VerifyRecoveryBackup", request, |_, r, rec| async move {
+            rec.verify_backup(&r.content).await
+        })
+        .await
+    }
+
+    async fn get_recovery_status(
+        &self,
+        request: Request<GetRecoveryStatusRequest>,
+    ) -> Result<Response<RecoveryStatus>, Status> {
+        self.recover("GetRecoveryStatus", request, |_, _, rec| async move {
+            rec.status().await
+        })
+        .await
+    }
+
+    async fn get_recovery_share(
+        &self,
+        request: Request<GetRecoveryShareRequest>,
+    ) -> Result<Response<SealedShare>, Status> {
+        self.recover("GetRecoveryShare", request, |caller, _, rec| async move {
+            rec.sealed_share(&caller.principal).await
+        })
+        .await
+    }
+
+    async fn confirm_recovery_share(
+        &self,
+        request: Request<ConfirmRecoveryShareRequest>,
+    ) -> Result<Response<RecoveryStatus>, Status> {
+        self.recover(
+            "ConfirmRecoveryShare",
+            request,
+            |caller, r, rec| async move {
+                rec.confirm_share(&caller.principal, &r.ceremony_id, r.index, &r.commitment)
+                    .await
+            },
+        )
+        .await
+    }
+
+    async fn close_recovery_ceremony(
+        &self,
+        request: Request<CloseRecoveryCeremonyRequest>,
+    ) -> Result<Response<RecoveryStatus>, Status> {
+        self.recover("CloseRecoveryCeremony", request, |_, r, rec| async move {
+            rec.close(&r.ceremony_id).await
+        })
+        .await
+    }
+
+    async fn begin_restore(
+        &self,
+        request: Request<BeginRestoreRequest>,
+    ) -> Result<Response<RecoveryStatus>, Status> {
+        self.recover("BeginRestore", request, |_, r, rec| async move {
+            rec.begin_restore(&r.backup).await
+        })
+        .await
+    }
+
+    async fn submit_share(
+        &self,
+        request: Request<SubmitShareRequest>,
+    ) -> Result<Response<RecoveryStatus>, Status> {
+        self.recover("SubmitShare", request, |caller, r, rec| async move {
+            let done = rec.submit_share(&caller.principal, &r).await;
+            drop(Zeroizing::new(r.share));
+            done
+        })
+        .await
+    }
+
+    async fn cancel_recovery_session(
+        &self,
+        request: Request<CancelRecoverySessionRequest>,
+    ) -> Result<Response<RecoveryStatus>, Status> {
+        self.recover("CancelRecoverySession", request, |_, r, rec| async move {
+            rec.cancel(&r.session_id).await
+        })
         .await
     }
 }

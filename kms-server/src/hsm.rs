@@ -32,6 +32,9 @@ use zeroize::Zeroizing;
 
 use crate::blob::{NONCE_LEN, TAG_LEN};
 
+mod recovery;
+pub use recovery::{RecoveryKeys, RECOVERY_MAC_LABEL, RECOVERY_WRAP_LABEL};
+
 /// Serializes, within this process, the calls that create or destroy token objects
 /// (`C_GenerateKey`, `C_CreateObject`, `C_DestroyObject`). SoftHSM2's file object store fails
 /// object creation intermittently with `CKR_GENERAL_ERROR` or `CKR_TEMPLATE_INCONSISTENT`
@@ -75,9 +78,12 @@ pub enum HsmError {
     /// No initialized token carries the configured label.
     #[error("no token labelled {0:?}")]
     TokenNotFound(String),
-    /// The user PIN was refused.
+    /// The user PIN (or, for a recovery ceremony, the security officer PIN) was refused.
     #[error("token login refused")]
     LoginRefused,
+    /// A recovery ceremony needs the security officer PIN, and none is configured.
+    #[error("the HSM security officer PIN is not configured (hsm.so_pin_file)")]
+    NoSoPin,
     /// The token keeps failing (sessions cannot be opened, device errors after retries).
     #[error("HSM unavailable ({0})")]
     Unavailable(RvError),
@@ -130,6 +136,9 @@ pub struct HsmParams {
     pub token_label: String,
     /// The user PIN; zeroized on drop, never printed.
     pub pin: AuthPin,
+    /// The security officer's PIN, for creating the trusted recovery key (recovery ceremonies
+    /// only); zeroized on drop, never printed.
+    pub so_pin: Option<AuthPin>,
     /// How many logged-in sessions to keep.
     pub pool_size: usize,
 }
@@ -139,6 +148,7 @@ impl std::fmt::Debug for HsmParams {
         f.debug_struct("HsmParams")
             .field("token_label", &self.token_label)
             .field("pin", &"<redacted>")
+            .field("so_pin", &self.so_pin.as_ref().map(|_| "<redacted>"))
             .field("pool_size", &self.pool_size)
             .finish()
     }
@@ -163,8 +173,10 @@ struct Inner {
     pkcs11: Pkcs11,
     slot: Slot,
     pin: AuthPin,
+    so_pin: Option<AuthPin>,
     idle: Mutex<Vec<Session>>,
     permits: Semaphore,
+    pool_size: u32,
     handles: RwLock<HashMap<KeyRef, ObjectHandle>>,
 }
 
@@ -173,13 +185,15 @@ impl Hsm {
     /// at start-up rather than on the first request.
     pub fn open(pkcs11: Pkcs11, params: HsmParams) -> Result<Self, HsmError> {
         let slot = find_token(&pkcs11, &params.token_label)?;
-        let pool_size = params.pool_size.max(1);
+        let pool_size = params.pool_size.clamp(1, 1024);
         let inner = Inner {
             pkcs11,
             slot,
             pin: params.pin,
+            so_pin: params.so_pin,
             idle: Mutex::new(Vec::new()),
             permits: Semaphore::new(pool_size),
+            pool_size: pool_size as u32,
             handles: RwLock::new(HashMap::new()),
         };
         let first = inner.open_session()?;
@@ -192,27 +206,8 @@ impl Hsm {
     /// Generates a new master key version inside the token; returns its object handle.
     pub async fn generate_master_key(&self, key: KeyRef) -> Result<ObjectHandle, HsmError> {
         self.run_exclusive(move |inner, session| {
-            let template = [
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::AES),
-                Attribute::ValueLen(32.into()),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                // Extractable only through a trusted wrapping key (the recovery key), which
-                // only the token's security officer can mark trusted.
-                Attribute::Extractable(true),
-                Attribute::WrapWithTrusted(true),
-                Attribute::Encrypt(true),
-                Attribute::Decrypt(true),
-                Attribute::Wrap(false),
-                Attribute::Unwrap(false),
-                Attribute::Sign(false),
-                Attribute::Verify(false),
-                Attribute::Derive(false),
-                Attribute::Id(key.object_id()),
-                Attribute::Label(key.object_label().into_bytes()),
-            ];
+            let mut template = recovery::master_key_attributes(key);
+            template.push(Attribute::ValueLen(32.into()));
             // SoftHSM2 fails a creation now and then while the token is in use (see
             // OBJECT_MANAGEMENT): retry a few times before giving up. A failed C_GenerateKey
             // leaves no object behind. Session faults go to the normal recovery instead.
@@ -830,14 +825,15 @@ fn hmac_known_answer_test(session: &Session) -> Result<(), HsmError> {
     outcome
 }
 
-fn find_token(pkcs11: &Pkcs11, label: &str) -> Result<Slot, HsmError> {
-    let slots = pkcs11
-        .get_slots_with_initialized_token()
-        .map_err(classify)?;
+/// The slot of the one initialized token labelled `label`. A slot whose token cannot be read
+/// (SoftHSM2 answers `CKR_GENERAL_ERROR` for a token whose files were removed) is skipped
+/// rather than failing the search for every other token.
+pub fn find_token(pkcs11: &Pkcs11, label: &str) -> Result<Slot, HsmError> {
+    let slots = pkcs11.get_slots_with_token().map_err(classify)?;
     let mut matching = slots.into_iter().filter(|slot| {
         pkcs11
             .get_token_info(*slot)
-            .map(|info| info.label().trim_end() == label)
+            .map(|info| info.token_initialized() && info.label().trim_end() == label)
             .unwrap_or(false)
     });
     match (matching.next(), matching.next()) {

@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod hsm;
+pub mod recovery;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -15,6 +15,7 @@ use crate::config::{ConfigError, RotationParams};
 use crate::error::KmsError;
 use crate::grpc::GrpcService;
 use crate::hsm::{Hsm, HsmError, HsmParams};
+use crate::recovery::Recovery;
 use crate::service::{Clock, KeyService};
 use crate::store::{Store, StoreError};
 use crate::tls::{ServerTls, TlsError, TlsIncoming, TlsParams};
@@ -102,16 +103,22 @@ impl Ready {
         );
         let audit = match parts.audit {
             Some(params) => {
-                Audit::open(hsm, store.clone(), Arc::clone(&parts.clock), params).await?
+                Audit::open(hsm.clone(), store.clone(), Arc::clone(&parts.clock), params).await?
             }
             None => {
                 tracing::warn!("AUDIT TRAIL DISABLED: for benchmark baselines only");
                 Audit::disabled()
             }
         };
+        let recovery = Arc::new(Recovery::new(
+            hsm.clone(),
+            store.clone(),
+            Arc::clone(&parts.clock),
+        ));
         let authz = Authz::open(
             store.clone(),
             Arc::clone(&service),
+            recovery,
             parts.clock,
             parts.authz,
         )

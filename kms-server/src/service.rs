@@ -1009,8 +1009,11 @@ fn format_page_token(position: i64) -> String {
 
 /// Maps HSM failures into the domain: a failed tag check is an invalid ciphertext; a token
 /// that keeps failing is unavailable; anything else is internal (details go to the log only).
-fn hsm_error(e: HsmError) -> KmsError {
+pub(crate) fn hsm_error(e: HsmError) -> KmsError {
     match e {
+        HsmError::NoSoPin => KmsError::Conflict {
+            reason: "the HSM security officer PIN is not configured (hsm.so_pin_file)",
+        },
         HsmError::AuthFailed => KmsError::InvalidCiphertext,
         HsmError::Unavailable(_)
         | HsmError::LoginRefused

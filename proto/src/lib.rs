@@ -16,3 +16,4 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/kms_descriptor.bin"));
 
 pub mod context;
+pub mod share;

@@ -14,6 +14,7 @@ use crate::error::Error;
 use crate::tls::ClientTls;
 
 mod governance;
+mod recovery;
 pub use governance::GrantSpec;
 
 /// An encryption context. Stored and logged in clear: never PHI.

@@ -33,6 +33,13 @@ pub mod governance {
         OpenBreakGlassResponse, Quorum, RoleBinding, VerifyAuditResponse, WhoAmIResponse,
     };
 }
+/// The API's messages for recovery ceremonies, backups and share sessions.
+pub mod recovery {
+    pub use proto::v1::{
+        CustodianKey, RecoveryRejection, RecoverySession, RecoveryShareStatus, RecoveryStatus,
+        SealedShare, SubmitShareRequest, VerifyRecoveryBackupResponse,
+    };
+}
 pub use error::Error;
 pub use files::{Envelope, FileSummary, Rewrapped};
 pub use tls::{ClientIdentity, ClientTls};

@@ -144,16 +144,8 @@ pub fn init_token(pkcs11: &Pkcs11, label: &str) -> anyhow::Result<()> {
         .context("no free SoftHSM2 slot")?;
     pkcs11.init_token(free, &AuthPin::from(SO_PIN), label)?;
     // After C_InitToken SoftHSM2 may renumber slots: find the token again by label.
-    let slot = pkcs11
-        .get_slots_with_initialized_token()?
-        .into_iter()
-        .find(|s| {
-            pkcs11
-                .get_token_info(*s)
-                .map(|t| t.label().trim_end() == label)
-                .unwrap_or(false)
-        })
-        .context("new token not found by label")?;
+    let slot =
+        kms_server::hsm::find_token(pkcs11, label).context("new token not found by label")?;
     let session = pkcs11.open_rw_session(slot)?;
     session.login(UserType::So, Some(&AuthPin::from(SO_PIN)))?;
     session.init_pin(&AuthPin::from(USER_PIN))?;
@@ -161,20 +153,43 @@ pub fn init_token(pkcs11: &Pkcs11, label: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Initializes one more token (for tests that need a token of their own, such as an empty one
+/// to restore into, or one whose security officer logs in); returns its label.
+pub fn new_token() -> anyhow::Result<String> {
+    let label = format!(
+        "kms-own-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    init_token(&pkcs11(), &label)?;
+    Ok(label)
+}
+
+/// Deletes the files of the token labelled `label` from the token directory, as a lost or
+/// wiped HSM. Returns how many token folders were removed (one, normally).
+pub fn remove_token_files(label: &str) -> anyhow::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(&process().token_dir)? {
+        let dir = entry?.path();
+        let Ok(token_object) = std::fs::read(dir.join("token.object")) else {
+            continue;
+        };
+        if token_object
+            .windows(label.len())
+            .any(|w| w == label.as_bytes())
+        {
+            std::fs::remove_dir_all(&dir)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// A session on the run's token, logged in as its user: for tests that look into the token.
 pub fn user_session() -> anyhow::Result<cryptoki::session::Session> {
     let pkcs11 = pkcs11();
     let label = &token().label;
-    let slot = pkcs11
-        .get_slots_with_initialized_token()?
-        .into_iter()
-        .find(|s| {
-            pkcs11
-                .get_token_info(*s)
-                .map(|t| t.label().trim_end() == label)
-                .unwrap_or(false)
-        })
-        .context("the run's token is not there")?;
+    let slot =
+        kms_server::hsm::find_token(&pkcs11, label).context("the run's token is not there")?;
     let session = pkcs11.open_rw_session(slot)?;
     match session.login(UserType::User, Some(&AuthPin::from(USER_PIN))) {
         Ok(())
@@ -190,6 +205,7 @@ pub fn hsm_params(pool_size: usize) -> HsmParams {
     HsmParams {
         token_label: token().label.clone(),
         pin: AuthPin::from(USER_PIN),
+        so_pin: Some(AuthPin::from(SO_PIN)),
         pool_size,
     }
 }
@@ -510,6 +526,21 @@ impl TestServer {
         Ok((Self::serve(ready, pki).await?, service))
     }
 
+    /// Starts a server on the token labelled `token_label` (see [`new_token`]) and `db`.
+    pub async fn start_on_token(db: &TestDb, token_label: &str) -> anyhow::Result<Self> {
+        let pki = TestPki::generate()?;
+        let mut parts = parts(
+            db,
+            4,
+            Arc::new(SystemClock),
+            RotationParams::default(),
+            &pki,
+        );
+        parts.hsm.token_label = token_label.to_owned();
+        let ready = Ready::open(parts).await?;
+        Self::serve(ready, pki).await
+    }
+
     /// Starts a server set up by `options`.
     pub async fn start_opts(db: &TestDb, options: ServerOptions) -> anyhow::Result<Self> {
         let pki = TestPki::generate()?;
@@ -689,6 +720,12 @@ impl TestServer {
     /// The principal of development identity `name` (see [`TestPki::principal`]).
     pub fn principal(&self, name: &str) -> String {
         self.pki.principal(name)
+    }
+
+    /// The principal of a non-development identity `name` of `role` (see
+    /// [`TestServer::add_principal`]).
+    pub fn principal_of(&self, role: &str, name: &str) -> String {
+        kms_cli::pki::principal(TestPki::TRUST_DOMAIN, role, name)
     }
 
     /// The server's PKI folder.

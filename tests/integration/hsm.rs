@@ -173,6 +173,7 @@ async fn start_up_fails_on_unknown_token_or_wrong_pin() {
             hsm: kms_server::hsm::HsmParams {
                 token_label: label,
                 pin: AuthPin::from(pin),
+                so_pin: None,
                 pool_size: 1,
             },
             store_max_connections: 1,
@@ -239,12 +240,7 @@ fn private_token(name: &str) -> (String, PrivateToken) {
     let pkcs11 = softhsm_test::pkcs11();
     let label = format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     softhsm_test::init_token(&pkcs11, &label).expect("init token");
-    let slot = pkcs11
-        .get_slots_with_initialized_token()
-        .expect("slots")
-        .into_iter()
-        .find(|s| pkcs11.get_token_info(*s).expect("info").label().trim_end() == label)
-        .expect("token");
+    let slot = kms_server::hsm::find_token(&pkcs11, &label).expect("token");
     (label.clone(), PrivateToken { slot, label })
 }
 
@@ -264,6 +260,7 @@ async fn serve_on(db: &TestDb, token: &PrivateToken) -> TestServer {
         hsm: kms_server::hsm::HsmParams {
             token_label: token.label.clone(),
             pin: AuthPin::from(softhsm_test::USER_PIN),
+            so_pin: None,
             pool_size: 2,
         },
         store_max_connections: 2,

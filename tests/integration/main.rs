@@ -16,6 +16,7 @@ mod hsm;
 mod keys;
 mod lifecycle;
 mod limits;
+mod recovery;
 mod restart;
 mod rewrap;
 mod rotation;

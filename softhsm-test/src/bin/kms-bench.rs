@@ -834,15 +834,7 @@ struct HsmTarget {
 
 impl HsmTarget {
     fn open(pkcs11: &Pkcs11, token_label: &str, object_label: &str) -> anyhow::Result<Self> {
-        let slot = pkcs11
-            .get_slots_with_initialized_token()?
-            .into_iter()
-            .find(|s| {
-                pkcs11
-                    .get_token_info(*s)
-                    .map(|t| t.label().trim_end() == token_label)
-                    .unwrap_or(false)
-            })
+        let slot = kms_server::hsm::find_token(pkcs11, token_label)
             .context("the run's token is not visible in this process")?;
         let session = user_session(pkcs11, slot)?;
         let found = session.find_objects(&[
