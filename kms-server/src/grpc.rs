@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 use crate::audit::{Audit, AuditEvent, Outcome, Severity};
 use crate::authz::{self, Access, Authz, BreakGlassOutcome, Caller, Kind, Proposal, Role};
 use crate::error::KmsError;
-use crate::recovery::{CeremonySpec, Recovery};
+use crate::recovery::{CeremonySpec, Recovery, Submission};
 use crate::service::{Context, KeyService, NewKey};
 use crate::store::{KeyRecord, KeyState as StoredState};
 use crate::tls::PeerIdentity;
@@ -286,11 +286,13 @@ impl GrpcService {
         .await
     }
 
-    /// A recovery call: recorded as high severity, with the ceremony or session it concerns.
+    /// A recovery call: recorded as high severity, with what `facts` names of the request
+    /// (ceremony, session, share index; never share bytes) and, when refused, why.
     async fn recover<Q, T, F, Fut>(
         &self,
         rpc: &'static str,
         request: Request<Q>,
+        facts: impl FnOnce(&Q) -> Facts,
         call: F,
     ) -> Result<Response<T>, Status>
     where
@@ -300,13 +302,18 @@ impl GrpcService {
         self.run(
             rpc,
             request,
-            |_| Facts {
+            |r| Facts {
                 high_severity: true,
-                ..Facts::default()
+                ..facts(r)
             },
             |caller, r, facts| async move {
                 let recovery = Arc::clone(self.authz.recovery());
-                (call(caller, r, recovery).await, facts)
+                let result = call(caller, r, recovery).await;
+                let facts = match &result {
+                    Err(e) => facts.detail("refused", e.to_string()),
+                    Ok(_) => facts,
+                };
+                (result, facts)
             },
         )
         .await
@@ -1348,9 +1355,11 @@ impl KeyManagement for GrpcService {
         self.recover(
             "RegisterCustodianKey",
             request,
+            |_| Facts::default(),
             |caller, r, rec| async move {
                 rec.register_custodian_key(&caller.principal, &r.recipient)
                     .await
+                    .map(custodian_key)
             },
         )
         .await
@@ -1360,11 +1369,21 @@ impl KeyManagement for GrpcService {
         &self,
         request: Request<ListCustodianKeysRequest>,
     ) -> Result<Response<ListCustodianKeysResponse>, Status> {
-        self.recover("ListCustodianKeys", request, |_, _, rec| async move {
-            Ok(ListCustodianKeysResponse {
-                keys: rec.custodian_keys().await?,
-            })
-        })
+        self.recover(
+            "ListCustodianKeys",
+            request,
+            |_| Facts::default(),
+            |_, _, rec| async move {
+                Ok(ListCustodianKeysResponse {
+                    keys: rec
+                        .custodian_keys()
+                        .await?
+                        .into_iter()
+                        .map(custodian_key)
+                        .collect(),
+                })
+            },
+        )
         .await
     }
 
@@ -1447,25 +1466,40 @@ impl KeyManagement for GrpcService {
         .await
     }
 
+    type GetRecoveryBackupStream = BackupStream;
+
     async fn get_recovery_backup(
         &self,
         request: Request<GetRecoveryBackupRequest>,
-    ) -> Result<Response<RecoveryBackup>, Status> {
-        self.recover("GetRecoveryBackup", request, |_, r, rec| async move {
-            Ok(RecoveryBackup {
-                content: rec.backup_file(&r.backup_id).await?,
-            })
-        })
+    ) -> Result<Response<BackupStream>, Status> {
+        self.recover(
+            "GetRecoveryBackup",
+            request,
+            |r| Facts::default().detail("backup_id", r.backup_id.clone()),
+            |_, r, rec| async move { Ok(chunked(rec.backup_file(&r.backup_id).await?)) },
+        )
         .await
     }
 
     async fn verify_recovery_backup(
         &self,
-        request: Request<RecoveryBackup>,
+        request: Request<tonic::Streaming<BackupChunk>>,
     ) -> Result<Response<VerifyRecoveryBackupResponse>, Status> {
-        self.recover("VerifyRecoveryBackup", request, |_, r, rec| async move {
-            rec.verify_backup(&r.content).await
-        })
+        self.recover(
+            "VerifyRecoveryBackup",
+            request,
+            |_| Facts::default(),
+            |_, chunks, rec| async move {
+                let file = collect_backup(chunks).await?;
+                let checked = rec.verify_backup(&file).await?;
+                Ok(VerifyRecoveryBackupResponse {
+                    backup_id: checked.backup_id,
+                    ceremony_id: checked.ceremony_id,
+                    keys: checked.keys,
+                    key_versions: checked.key_versions,
+                })
+            },
+        )
         .await
     }
 
@@ -1473,9 +1507,12 @@ impl KeyManagement for GrpcService {
         &self,
         request: Request<GetRecoveryStatusRequest>,
     ) -> Result<Response<RecoveryStatus>, Status> {
-        self.recover("GetRecoveryStatus", request, |_, _, rec| async move {
-            rec.status().await
-        })
+        self.recover(
+            "GetRecoveryStatus",
+            request,
+            |_| Facts::default(),
+            |_, _, rec| async move { rec.status().await.map(recovery_status) },
+        )
         .await
     }
 
@@ -1483,9 +1520,19 @@ impl KeyManagement for GrpcService {
         &self,
         request: Request<GetRecoveryShareRequest>,
     ) -> Result<Response<SealedShare>, Status> {
-        self.recover("GetRecoveryShare", request, |caller, _, rec| async move {
-            rec.sealed_share(&caller.principal).await
-        })
+        self.recover(
+            "GetRecoveryShare",
+            request,
+            |_| Facts::default(),
+            |caller, _, rec| async move {
+                let share = rec.sealed_share(&caller.principal).await?;
+                Ok(SealedShare {
+                    ceremony_id: share.ceremony_id,
+                    index: share.index,
+                    sealed: share.sealed,
+                })
+            },
+        )
         .await
     }
 
@@ -1496,9 +1543,15 @@ impl KeyManagement for GrpcService {
         self.recover(
             "ConfirmRecoveryShare",
             request,
+            |r| {
+                Facts::default()
+                    .detail("ceremony_id", r.ceremony_id.clone())
+                    .detail("share_index", r.index.to_string())
+            },
             |caller, r, rec| async move {
                 rec.confirm_share(&caller.principal, &r.ceremony_id, r.index, &r.commitment)
                     .await
+                    .map(recovery_status)
             },
         )
         .await
@@ -1508,19 +1561,28 @@ impl KeyManagement for GrpcService {
         &self,
         request: Request<CloseRecoveryCeremonyRequest>,
     ) -> Result<Response<RecoveryStatus>, Status> {
-        self.recover("CloseRecoveryCeremony", request, |_, r, rec| async move {
-            rec.close(&r.ceremony_id).await
-        })
+        self.recover(
+            "CloseRecoveryCeremony",
+            request,
+            |r| Facts::default().detail("ceremony_id", r.ceremony_id.clone()),
+            |_, r, rec| async move { rec.close(&r.ceremony_id).await.map(recovery_status) },
+        )
         .await
     }
 
     async fn begin_restore(
         &self,
-        request: Request<BeginRestoreRequest>,
+        request: Request<tonic::Streaming<BackupChunk>>,
     ) -> Result<Response<RecoveryStatus>, Status> {
-        self.recover("BeginRestore", request, |_, r, rec| async move {
-            rec.begin_restore(&r.backup).await
-        })
+        self.recover(
+            "BeginRestore",
+            request,
+            |_| Facts::default(),
+            |_, chunks, rec| async move {
+                let file = collect_backup(chunks).await?;
+                rec.begin_restore(&file).await.map(recovery_status)
+            },
+        )
         .await
     }
 
@@ -1528,11 +1590,29 @@ impl KeyManagement for GrpcService {
         &self,
         request: Request<SubmitShareRequest>,
     ) -> Result<Response<RecoveryStatus>, Status> {
-        self.recover("SubmitShare", request, |caller, r, rec| async move {
-            let done = rec.submit_share(&caller.principal, &r).await;
-            drop(Zeroizing::new(r.share));
-            done
-        })
+        self.recover(
+            "SubmitShare",
+            request,
+            |r| {
+                Facts::default()
+                    .detail("session_id", r.session_id.clone())
+                    .detail("ceremony_id", r.ceremony_id.clone())
+                    .detail("share_index", r.index.to_string())
+            },
+            |caller, r, rec| async move {
+                let submission = Submission {
+                    session_id: r.session_id,
+                    nonce: r.nonce,
+                    ceremony_id: r.ceremony_id,
+                    index: r.index,
+                    custodian: r.custodian,
+                    share: Zeroizing::new(r.share),
+                };
+                rec.submit_share(&caller.principal, &submission)
+                    .await
+                    .map(recovery_status)
+            },
+        )
         .await
     }
 
@@ -1540,10 +1620,110 @@ impl KeyManagement for GrpcService {
         &self,
         request: Request<CancelRecoverySessionRequest>,
     ) -> Result<Response<RecoveryStatus>, Status> {
-        self.recover("CancelRecoverySession", request, |_, r, rec| async move {
-            rec.cancel(&r.session_id).await
-        })
+        self.recover(
+            "CancelRecoverySession",
+            request,
+            |r| Facts::default().detail("session_id", r.session_id.clone()),
+            |_, r, rec| async move { rec.cancel(&r.session_id).await.map(recovery_status) },
+        )
         .await
+    }
+}
+
+/// The response stream of a backup download.
+type BackupStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<BackupChunk, Status>> + Send>>;
+
+/// Largest chunk of a backup file in either direction.
+const BACKUP_CHUNK: usize = 32 * 1024;
+
+/// A backup file as a stream of chunks.
+fn chunked(file: Vec<u8>) -> BackupStream {
+    let chunks: Vec<Result<BackupChunk, Status>> = file
+        .chunks(BACKUP_CHUNK)
+        .map(|c| Ok(BackupChunk { data: c.to_vec() }))
+        .collect();
+    Box::pin(futures::stream::iter(chunks))
+}
+
+/// Reads an uploaded backup file, refusing chunks over [`BACKUP_CHUNK`] and files over
+/// [`crate::recovery::backup::MAX_BACKUP_BYTES`].
+async fn collect_backup(mut chunks: tonic::Streaming<BackupChunk>) -> Result<Vec<u8>, KmsError> {
+    use crate::recovery::backup::MAX_BACKUP_BYTES;
+    let mut file = Vec::new();
+    loop {
+        match chunks.message().await {
+            Ok(Some(chunk)) => {
+                if chunk.data.len() > BACKUP_CHUNK {
+                    return Err(KmsError::TooLarge {
+                        field: "backup chunk",
+                        max: BACKUP_CHUNK,
+                    });
+                }
+                if file.len() + chunk.data.len() > MAX_BACKUP_BYTES {
+                    return Err(KmsError::TooLarge {
+                        field: "backup",
+                        max: MAX_BACKUP_BYTES,
+                    });
+                }
+                file.extend_from_slice(&chunk.data);
+            }
+            Ok(None) => return Ok(file),
+            Err(_) => {
+                return Err(KmsError::InvalidArgument {
+                    field: "backup",
+                    reason: "the upload was interrupted",
+                })
+            }
+        }
+    }
+}
+
+fn custodian_key(k: crate::recovery::CustodianKey) -> CustodianKey {
+    CustodianKey {
+        principal: k.principal,
+        recipient: k.recipient,
+        registered_at: k.registered_at,
+    }
+}
+
+fn share_status(s: crate::recovery::ShareStatus) -> RecoveryShareStatus {
+    RecoveryShareStatus {
+        index: s.index,
+        custodian: s.custodian,
+        confirmed_at: s.confirmed_at,
+    }
+}
+
+fn recovery_status(s: crate::recovery::Status) -> RecoveryStatus {
+    RecoveryStatus {
+        ceremony_id: s.ceremony_id,
+        threshold: s.threshold,
+        share_count: s.share_count,
+        kcv: s.kcv,
+        created_at: s.created_at,
+        closed_at: s.closed_at,
+        shares: s.shares.into_iter().map(share_status).collect(),
+        session: s.session.map(|session| RecoverySession {
+            session_id: session.session_id,
+            purpose: session.purpose.to_owned(),
+            nonce: session.nonce,
+            ceremony_id: session.ceremony_id,
+            threshold: session.threshold,
+            accepted: session.accepted.into_iter().map(share_status).collect(),
+            rejected: session
+                .rejected
+                .into_iter()
+                .map(|r| RecoveryRejection {
+                    principal: r.principal,
+                    index: r.index,
+                    reason: r.reason,
+                    at: r.at,
+                })
+                .collect(),
+            opened_at: session.opened_at,
+        }),
+        completed: s.completed,
     }
 }
 

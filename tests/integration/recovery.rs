@@ -617,3 +617,119 @@ async fn reshare_moves_the_key_to_new_custodians_and_old_shares_stop_working() {
     server.stop().await.expect("stop");
     let _ = remove_token_files(&token);
 }
+
+/// A backup outgrows one request message (64 KiB) with a few hundred key versions: it travels
+/// in chunks both ways, verifies, and restores. A rekey gives a new recovery key: the old
+/// backup and the old shares stop working, the new ones restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rekey_replaces_the_recovery_key_and_a_large_backup_restores() {
+    let db = TestDb::new(StoreKind::Sqlite)
+        .await
+        .expect("db")
+        .expect("sqlite");
+    let keys_dir = tempfile::tempdir().expect("dir");
+    let token = new_token().expect("token");
+    let server = TestServer::start_on_token(&db, &token)
+        .await
+        .expect("server");
+    let two = custodians(&server, keys_dir.path(), 2).await;
+    let officer = server.client_as("officer-1").await.expect("officer");
+    const KEYS: usize = 40;
+    const ROTATIONS: usize = 7;
+    for i in 0..KEYS {
+        let alias = format!("bulk-{i}");
+        officer
+            .create_key(sdk::NewKey {
+                alias: Some(alias.clone()),
+                ..sdk::NewKey::default()
+            })
+            .await
+            .expect("create");
+        for _ in 0..ROTATIONS {
+            officer.rotate_key(&alias).await.expect("rotate");
+        }
+    }
+    let first = init(&server, 2, &two).await;
+    let old_shares = confirm_all(&two).await;
+    let old_kcv = officer.recovery_status().await.expect("status").kcv;
+    let old_backup = backup(&server).await;
+    assert!(
+        old_backup.len() > kms_server::server::MAX_REQUEST_BYTES,
+        "the backup ({} bytes) should outgrow one request message",
+        old_backup.len()
+    );
+
+    // Rekey: a new recovery key, new shares.
+    let proposal = officer
+        .propose_recovery_init(2, &principals(&two), true)
+        .await
+        .expect("propose rekey");
+    let second = approved(&server, proposal).await;
+    assert_ne!(second, first);
+    let status = officer.recovery_status().await.expect("status");
+    assert_ne!(status.kcv, old_kcv, "a rekey makes a new recovery key");
+    assert_refused(
+        officer.verify_recovery_backup(old_backup.clone()).await,
+        tonic::Code::InvalidArgument,
+        "another recovery key",
+    );
+    let new_shares = confirm_all(&two).await;
+    officer
+        .close_recovery_ceremony(&second)
+        .await
+        .expect("close");
+    let new_backup = backup(&server).await;
+    let checked = officer
+        .verify_recovery_backup(new_backup.clone())
+        .await
+        .expect("verify");
+    assert_eq!(checked.key_versions as usize, KEYS * (ROTATIONS + 1));
+
+    // Lose everything; restore the large backup with the new shares (the old ones are refused).
+    server.stop().await.expect("stop");
+    assert_eq!(remove_token_files(&token).expect("wipe"), 1);
+    drop(db);
+    let db = TestDb::new(StoreKind::Sqlite)
+        .await
+        .expect("db")
+        .expect("sqlite");
+    let token = new_token().expect("token");
+    let server = TestServer::start_on_token(&db, &token)
+        .await
+        .expect("server");
+    let two = custodians(&server, keys_dir.path(), 2).await;
+    let officer = server.client_as("officer-1").await.expect("officer");
+    let status = officer.begin_restore(new_backup).await.expect("begin");
+    assert_refused(
+        two[0]
+            .client
+            .submit_share(submission(&status, &old_shares[0]))
+            .await,
+        tonic::Code::InvalidArgument,
+        "another ceremony",
+    );
+    two[0]
+        .client
+        .submit_share(submission(&status, &new_shares[0]))
+        .await
+        .expect("share 1");
+    let done = two[1]
+        .client
+        .submit_share(submission(&status, &new_shares[1]))
+        .await
+        .expect("share 2 completes");
+    assert!(
+        done.completed.contains(&format!(
+            "restored {KEYS} keys ({} versions)",
+            KEYS * (ROTATIONS + 1)
+        )),
+        "{}",
+        done.completed
+    );
+    let listed = officer.list_keys(1000, None).await.expect("list");
+    assert_eq!(listed.keys.len(), KEYS);
+    let described = officer.describe_key("bulk-7").await.expect("describe");
+    assert_eq!(described.primary_version as usize, ROTATIONS + 1);
+    server.stop().await.expect("stop");
+    let _ = remove_token_files(&token);
+}

@@ -18,6 +18,8 @@ CREATE TABLE recovery_ceremonies (
     closed_at   BIGINT NOT NULL DEFAULT 0,
     approval_id TEXT NOT NULL
 );
+-- At most one active ceremony, whichever process records it.
+CREATE UNIQUE INDEX recovery_one_active ON recovery_ceremonies (state) WHERE state = 'active';
 
 -- Each share's custodian and commitment; the sealed share (only its custodian can open it)
 -- until the ceremony is closed. Never a share in clear.

@@ -178,19 +178,25 @@ impl Hsm {
         self.inner.so_pin.is_some()
     }
 
-    /// Re-wraps `key` under the trusted recovery key and says whether the result equals
-    /// `wrapped` (compared in constant time). RFC 5649 wrapping is deterministic, so equality
-    /// proves that `wrapped` unwraps, under the recovery key, to this very key version.
+    /// Re-wraps each of `keys` under the trusted recovery key and says whether every result
+    /// equals its `wrapped` counterpart (compared in constant time). RFC 5649 wrapping is
+    /// deterministic, so equality proves that `wrapped` unwraps, under the recovery key, to
+    /// this very key version.
     pub async fn matches_wrapped(
         &self,
         object_id: Vec<u8>,
-        key: KeyRef,
-        wrapped: Vec<u8>,
+        keys: Vec<KeyRef>,
+        wrapped: Vec<Vec<u8>>,
     ) -> Result<bool, HsmError> {
-        let fresh = self.wrap_for_backup(object_id, vec![key]).await?;
-        Ok(fresh
-            .first()
-            .is_some_and(|f| bool::from(f.as_slice().ct_eq(wrapped.as_slice()))))
+        if keys.len() != wrapped.len() {
+            return Ok(false);
+        }
+        let fresh = self.wrap_for_backup(object_id, keys).await?;
+        let mut same = subtle::Choice::from(1u8);
+        for (f, w) in fresh.iter().zip(&wrapped) {
+            same &= f.as_slice().ct_eq(w.as_slice());
+        }
+        Ok(bool::from(same))
     }
 
     /// Whether the token holds any AES key object (a master key version or a recovery key):

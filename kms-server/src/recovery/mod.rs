@@ -23,7 +23,6 @@ use std::sync::Arc;
 
 use hkdf::Hkdf;
 use proto::share::{commitment, ShareEnvelope};
-use proto::v1 as pb;
 use rand::RngCore;
 use sha2::Sha256;
 use sqlx::any::AnyRow;
@@ -53,6 +52,126 @@ pub struct CeremonySpec {
     pub threshold: u32,
     /// The N custodians; share i goes to the i-th.
     pub custodians: Vec<String>,
+}
+
+/// A custodian's registered public key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustodianKey {
+    /// The custodian.
+    pub principal: String,
+    /// Their age X25519 recipient (`age1...`).
+    pub recipient: String,
+    /// Seconds since the Unix epoch.
+    pub registered_at: i64,
+}
+
+/// A custodian's share, sealed to their key (only they can open it).
+#[derive(Debug, Clone)]
+pub struct SealedShare {
+    /// The ceremony that made it.
+    pub ceremony_id: String,
+    /// Its index (1..=N).
+    pub index: u32,
+    /// An ASCII-armored age file.
+    pub sealed: String,
+}
+
+/// What checking a backup found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupCheck {
+    /// The backup's id.
+    pub backup_id: String,
+    /// The ceremony whose recovery key wraps it.
+    pub ceremony_id: String,
+    /// Keys it describes.
+    pub keys: u32,
+    /// Key versions it holds wrapped (each one re-wrapped in the HSM and compared).
+    pub key_versions: u32,
+}
+
+/// One share of a ceremony or a session: its index, its custodian and when it was confirmed
+/// (0: not yet; always 0 in a session).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareStatus {
+    /// 1..=N.
+    pub index: u32,
+    /// The custodian.
+    pub custodian: String,
+    /// Seconds since the Unix epoch, 0 until confirmed.
+    pub confirmed_at: i64,
+}
+
+/// A refused share submission, attributed to whoever submitted it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The submitting principal.
+    pub principal: String,
+    /// The index they submitted.
+    pub index: u32,
+    /// Why it was refused (a fixed text, never share bytes).
+    pub reason: String,
+    /// Seconds since the Unix epoch.
+    pub at: i64,
+}
+
+/// The open share session.
+#[derive(Debug, Clone)]
+pub struct SessionStatus {
+    /// Its id.
+    pub session_id: String,
+    /// `restore` or `reshare`.
+    pub purpose: &'static str,
+    /// Changes on every cancel; submissions must name the current one.
+    pub nonce: String,
+    /// The ceremony whose shares it takes.
+    pub ceremony_id: String,
+    /// M.
+    pub threshold: u32,
+    /// Shares accepted so far, and from whom.
+    pub accepted: Vec<ShareStatus>,
+    /// Refused submissions.
+    pub rejected: Vec<Rejection>,
+    /// Seconds since the Unix epoch.
+    pub opened_at: i64,
+}
+
+/// The recovery domain and its open session.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    /// The active ceremony; empty when there is none.
+    pub ceremony_id: String,
+    /// M.
+    pub threshold: u32,
+    /// N.
+    pub share_count: u32,
+    /// Key-check value of the recovery key (hex).
+    pub kcv: String,
+    /// Seconds since the Unix epoch.
+    pub created_at: i64,
+    /// 0 while the ceremony is open.
+    pub closed_at: i64,
+    /// Every share and its confirmation.
+    pub shares: Vec<ShareStatus>,
+    /// The open share session, if any.
+    pub session: Option<SessionStatus>,
+    /// Set by the submission that completed a session: what it did.
+    pub completed: String,
+}
+
+/// An opened share submitted to the open session.
+pub struct Submission {
+    /// The session.
+    pub session_id: String,
+    /// The session's current nonce.
+    pub nonce: String,
+    /// The share's ceremony.
+    pub ceremony_id: String,
+    /// The share's index.
+    pub index: u32,
+    /// The custodian the share names.
+    pub custodian: String,
+    /// The share bytes. Secret.
+    pub share: Zeroizing<Vec<u8>>,
 }
 
 /// What a share session is for.
@@ -89,7 +208,7 @@ struct Session {
     manifest: Manifest,
     opened_at: i64,
     accepted: Vec<Accepted>,
-    rejected: Vec<pb::RecoveryRejection>,
+    rejected: Vec<Rejection>,
 }
 
 /// The recovery domain of one deployment.
@@ -208,7 +327,7 @@ impl Recovery {
         &self,
         principal: &str,
         recipient: &str,
-    ) -> Result<pb::CustodianKey, KmsError> {
+    ) -> Result<CustodianKey, KmsError> {
         let recipient = recipient.trim();
         if recipient.len() > MAX_RECIPIENT_LEN
             || recipient.parse::<age::x25519::Recipient>().is_err()
@@ -235,7 +354,7 @@ impl Recovery {
         .await
         .map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
-        Ok(pb::CustodianKey {
+        Ok(CustodianKey {
             principal: principal.to_owned(),
             recipient: recipient.to_owned(),
             registered_at: now,
@@ -243,7 +362,7 @@ impl Recovery {
     }
 
     /// Every registered custodian key.
-    pub async fn custodian_keys(&self) -> Result<Vec<pb::CustodianKey>, KmsError> {
+    pub async fn custodian_keys(&self) -> Result<Vec<CustodianKey>, KmsError> {
         sqlx::query(
             "SELECT principal, recipient, registered_at FROM custodian_keys ORDER BY principal",
         )
@@ -252,7 +371,7 @@ impl Recovery {
         .map_err(db_error)?
         .iter()
         .map(|row| {
-            Ok(pb::CustodianKey {
+            Ok(CustodianKey {
                 principal: row.try_get("principal").map_err(db_error)?,
                 recipient: row.try_get("recipient").map_err(db_error)?,
                 registered_at: row.try_get("registered_at").map_err(db_error)?,
@@ -513,8 +632,8 @@ impl Recovery {
     }
 
     /// The status of the recovery domain and of the open session.
-    pub async fn status(&self) -> Result<pb::RecoveryStatus, KmsError> {
-        let mut status = pb::RecoveryStatus::default();
+    pub async fn status(&self) -> Result<Status, KmsError> {
+        let mut status = Status::default();
         if let Some(active) = self.active().await? {
             status.ceremony_id = active.manifest.ceremony_id.clone();
             status.threshold = active.manifest.threshold;
@@ -525,7 +644,7 @@ impl Recovery {
             status.shares = active
                 .shares
                 .iter()
-                .map(|s| pb::RecoveryShareStatus {
+                .map(|s| ShareStatus {
                     index: s.index,
                     custodian: s.custodian.clone(),
                     confirmed_at: s.confirmed_at,
@@ -537,7 +656,7 @@ impl Recovery {
     }
 
     /// `principal`'s sealed share of the active ceremony.
-    pub async fn sealed_share(&self, principal: &str) -> Result<pb::SealedShare, KmsError> {
+    pub async fn sealed_share(&self, principal: &str) -> Result<SealedShare, KmsError> {
         let row = sqlx::query(
             "SELECT s.ceremony_id, s.share_index, s.sealed FROM recovery_shares s \
              JOIN recovery_ceremonies c ON c.ceremony_id = s.ceremony_id \
@@ -550,7 +669,7 @@ impl Recovery {
         .ok_or(KmsError::NotFound {
             what: "sealed share for this custodian (none, or the ceremony is closed)",
         })?;
-        Ok(pb::SealedShare {
+        Ok(SealedShare {
             ceremony_id: row.try_get("ceremony_id").map_err(db_error)?,
             index: u32::try_from(row.try_get::<i64, _>("share_index").map_err(db_error)?)
                 .unwrap_or(0),
@@ -565,7 +684,7 @@ impl Recovery {
         ceremony_id: &str,
         index: u32,
         commitment_hex: &str,
-    ) -> Result<pb::RecoveryStatus, KmsError> {
+    ) -> Result<Status, KmsError> {
         let active = self.active().await?.ok_or(conflict("no recovery domain"))?;
         if active.manifest.ceremony_id != ceremony_id {
             return Err(KmsError::InvalidArgument {
@@ -608,7 +727,7 @@ impl Recovery {
 
     /// Closes the active ceremony once every share is confirmed: the sealed shares are
     /// deleted from the store.
-    pub async fn close(&self, ceremony_id: &str) -> Result<pb::RecoveryStatus, KmsError> {
+    pub async fn close(&self, ceremony_id: &str) -> Result<Status, KmsError> {
         let active = self.active().await?.ok_or(conflict("no recovery domain"))?;
         if active.manifest.ceremony_id != ceremony_id {
             return Err(conflict("not the active ceremony"));
@@ -696,7 +815,23 @@ impl Recovery {
         .execute(self.store.pool())
         .await
         .map_err(db_error)?;
-        tracing::warn!(%backup_id, versions = body.wrapped_versions(), "recovery backup made");
+        // Success only for a backup that reads back intact and opens with this HSM's keys:
+        // re-read from the store, MAC checked, every wrapped version compared.
+        let checked = match self.backup_file(&backup_id).await {
+            Ok(stored) => self.verify_backup(&stored).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = checked {
+            tracing::error!(%backup_id, error = %e, "a backup just made does not verify; discarded");
+            let _ = sqlx::query("DELETE FROM recovery_backups WHERE backup_id = $1")
+                .bind(backup_id.as_str())
+                .execute(self.store.pool())
+                .await;
+            return Err(KmsError::Internal {
+                what: "a backup just made does not verify",
+            });
+        }
+        tracing::warn!(%backup_id, versions = body.wrapped_versions(), "recovery backup made and verified");
         Ok(backup_id)
     }
 
@@ -714,10 +849,7 @@ impl Recovery {
 
     /// Checks a backup file against this deployment: its MAC under the current recovery key
     /// (inside the HSM), and one wrapped version re-wrapped inside the HSM and compared.
-    pub async fn verify_backup(
-        &self,
-        file: &[u8],
-    ) -> Result<pb::VerifyRecoveryBackupResponse, KmsError> {
+    pub async fn verify_backup(&self, file: &[u8]) -> Result<BackupCheck, KmsError> {
         let parsed = backup::decode(file)?;
         let active = self.active().await?.ok_or(conflict("no recovery domain"))?;
         if !ct_eq_str(&parsed.body.ceremony.kcv, &active.manifest.kcv) {
@@ -742,29 +874,40 @@ impl Recovery {
                 reason: "fails authentication: the file was altered",
             });
         }
-        let trial = parsed.body.keys.iter().find_map(|k| {
-            k.versions
-                .iter()
-                .find_map(|v| v.wrapped.as_ref().map(|w| (key_ref(k, v), w.clone())))
-        });
-        if let Some((key, wrapped)) = trial {
-            let wrapped = hex::decode(wrapped).map_err(|_| KmsError::InvalidArgument {
-                field: "backup",
-                reason: "a wrapped key is not hex",
-            })?;
-            let same = self
-                .hsm
-                .matches_wrapped(id, key?, wrapped)
-                .await
-                .map_err(hsm_error)?;
-            if !same {
-                return Err(KmsError::InvalidArgument {
-                    field: "backup",
-                    reason: "a wrapped key does not match the HSM's key",
-                });
+        // Every wrapped version, re-wrapped inside the HSM and compared: RFC 5649 wrapping is
+        // deterministic, so equal bytes prove that each one unwraps, under this recovery key,
+        // to the very key version this token holds (the wrapping key is wrap-only, so a trial
+        // unwrap is not possible here; restore unwraps with the rebuilt key).
+        let mut refs = Vec::new();
+        let mut wrapped = Vec::new();
+        for k in &parsed.body.keys {
+            for v in &k.versions {
+                if let Some(w) = &v.wrapped {
+                    refs.push(key_ref(k, v)?);
+                    wrapped.push(hex::decode(w).map_err(|_| KmsError::InvalidArgument {
+                        field: "backup",
+                        reason: "a wrapped key is not hex",
+                    })?);
+                }
             }
         }
-        Ok(pb::VerifyRecoveryBackupResponse {
+        let same = match self.hsm.matches_wrapped(id, refs, wrapped).await {
+            Ok(same) => same,
+            Err(crate::hsm::HsmError::KeyMissing) => {
+                return Err(KmsError::InvalidArgument {
+                    field: "backup",
+                    reason: "names a key version this HSM does not hold",
+                })
+            }
+            Err(e) => return Err(hsm_error(e)),
+        };
+        if !same {
+            return Err(KmsError::InvalidArgument {
+                field: "backup",
+                reason: "a wrapped key does not match the HSM's key",
+            });
+        }
+        Ok(BackupCheck {
             backup_id: parsed.body.backup_id.clone(),
             ceremony_id: parsed.body.ceremony.ceremony_id.clone(),
             keys: parsed.body.keys.len() as u32,
@@ -773,7 +916,7 @@ impl Recovery {
     }
 
     /// Opens a restore session for `file` on an empty store and token.
-    pub async fn begin_restore(&self, file: &[u8]) -> Result<pb::RecoveryStatus, KmsError> {
+    pub async fn begin_restore(&self, file: &[u8]) -> Result<Status, KmsError> {
         let parsed = backup::decode(file)?;
         if !self.hsm.has_so_pin() {
             return Err(hsm_error(crate::hsm::HsmError::NoSoPin));
@@ -832,7 +975,7 @@ impl Recovery {
     }
 
     /// Forgets the shares submitted to the session and gives it a new nonce.
-    pub async fn cancel(&self, session_id: &str) -> Result<pb::RecoveryStatus, KmsError> {
+    pub async fn cancel(&self, session_id: &str) -> Result<Status, KmsError> {
         let mut guard = self.session.lock().await;
         let session = guard
             .as_mut()
@@ -855,8 +998,8 @@ impl Recovery {
     pub async fn submit_share(
         &self,
         principal: &str,
-        request: &pb::SubmitShareRequest,
-    ) -> Result<pb::RecoveryStatus, KmsError> {
+        request: &Submission,
+    ) -> Result<Status, KmsError> {
         let mut guard = self.session.lock().await;
         let session = guard
             .as_mut()
@@ -876,7 +1019,7 @@ impl Recovery {
                 reason = %refusal,
                 "recovery share refused"
             );
-            session.rejected.push(pb::RecoveryRejection {
+            session.rejected.push(Rejection {
                 principal: principal.to_owned(),
                 index: request.index,
                 reason: refusal.to_string(),
@@ -887,7 +1030,7 @@ impl Recovery {
         session.accepted.push(Accepted {
             index: request.index,
             custodian: principal.to_owned(),
-            value: Zeroizing::new(request.share.clone()),
+            value: request.share.clone(),
         });
         tracing::warn!(principal, index = request.index, "recovery share accepted");
         if session.accepted.len() < session.manifest.threshold as usize {
@@ -1223,11 +1366,7 @@ struct ActiveCeremony {
 }
 
 /// Why a submitted share is refused, if it is.
-fn check_share(
-    session: &Session,
-    principal: &str,
-    request: &pb::SubmitShareRequest,
-) -> Result<(), KmsError> {
+fn check_share(session: &Session, principal: &str, request: &Submission) -> Result<(), KmsError> {
     let m = &session.manifest;
     if request.ceremony_id != m.ceremony_id {
         return Err(KmsError::InvalidArgument {
@@ -1266,17 +1405,17 @@ fn check_share(
     Ok(())
 }
 
-fn session_status(s: &Session) -> pb::RecoverySession {
-    pb::RecoverySession {
+fn session_status(s: &Session) -> SessionStatus {
+    SessionStatus {
         session_id: s.id.clone(),
-        purpose: s.purpose.name().to_owned(),
+        purpose: s.purpose.name(),
         nonce: s.nonce.clone(),
         ceremony_id: s.manifest.ceremony_id.clone(),
         threshold: s.manifest.threshold,
         accepted: s
             .accepted
             .iter()
-            .map(|a| pb::RecoveryShareStatus {
+            .map(|a| ShareStatus {
                 index: a.index,
                 custodian: a.custodian.clone(),
                 confirmed_at: 0,

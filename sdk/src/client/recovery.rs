@@ -7,6 +7,20 @@ use proto::v1 as pb;
 use super::KmsClient;
 use crate::error::Error;
 
+/// Largest chunk of a backup file on the wire (the server refuses bigger ones).
+const BACKUP_CHUNK: usize = 32 * 1024;
+/// Largest backup file the server takes or the client downloads.
+const MAX_BACKUP_BYTES: usize = 64 << 20;
+
+/// A backup file as the request stream of an upload.
+fn upload(file: Vec<u8>) -> impl futures::Stream<Item = pb::BackupChunk> + Send + 'static {
+    let chunks: Vec<pb::BackupChunk> = file
+        .chunks(BACKUP_CHUNK)
+        .map(|c| pb::BackupChunk { data: c.to_vec() })
+        .collect();
+    futures::stream::iter(chunks)
+}
+
 impl KmsClient {
     /// Registers the caller's age X25519 recipient as their custodian key.
     pub async fn register_custodian_key(&self, recipient: &str) -> Result<pb::CustodianKey, Error> {
@@ -77,27 +91,30 @@ impl KmsClient {
             .into_inner())
     }
 
-    /// The bytes of a backup made by an approved request.
+    /// The bytes of a backup made by an approved request (downloaded in chunks).
     pub async fn get_recovery_backup(&self, backup_id: &str) -> Result<Vec<u8>, Error> {
         let request = pb::GetRecoveryBackupRequest {
             backup_id: backup_id.to_owned(),
         };
-        Ok(self
-            .rpc()
-            .get_recovery_backup(request)
-            .await?
-            .into_inner()
-            .content)
+        let mut chunks = self.rpc().get_recovery_backup(request).await?.into_inner();
+        let mut file = Vec::new();
+        while let Some(chunk) = chunks.message().await? {
+            if file.len() + chunk.data.len() > MAX_BACKUP_BYTES {
+                return Err(Error::Protocol("the backup exceeds 64 MiB"));
+            }
+            file.extend_from_slice(&chunk.data);
+        }
+        Ok(file)
     }
 
-    /// Checks a backup file against the server's HSM.
+    /// Checks a backup file against the server's HSM (uploaded in chunks).
     pub async fn verify_recovery_backup(
         &self,
         content: Vec<u8>,
     ) -> Result<pb::VerifyRecoveryBackupResponse, Error> {
         Ok(self
             .rpc()
-            .verify_recovery_backup(pb::RecoveryBackup { content })
+            .verify_recovery_backup(upload(content))
             .await?
             .into_inner())
     }
@@ -156,11 +173,7 @@ impl KmsClient {
 
     /// Opens a restore session for `backup` on an empty server.
     pub async fn begin_restore(&self, backup: Vec<u8>) -> Result<pb::RecoveryStatus, Error> {
-        Ok(self
-            .rpc()
-            .begin_restore(pb::BeginRestoreRequest { backup })
-            .await?
-            .into_inner())
+        Ok(self.rpc().begin_restore(upload(backup)).await?.into_inner())
     }
 
     /// Submits an opened share to the open session.
