@@ -14,6 +14,7 @@ mod crypto;
 mod governance_cli;
 mod hsm;
 mod keys;
+mod keywrap;
 mod lifecycle;
 mod limits;
 mod recovery;

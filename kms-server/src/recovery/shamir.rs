@@ -329,6 +329,56 @@ mod tests {
         }
     }
 
+    #[derive(serde::Deserialize)]
+    struct FieldKats {
+        kats: FieldOps,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct FieldOps {
+        add: Vec<FieldKat>,
+        mult: Vec<FieldKat>,
+        div: Vec<FieldKat>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct FieldKat {
+        a: u8,
+        b: u8,
+        out: u8,
+    }
+
+    /// The field under the split: HashiCorp Vault's GF(2^8) known answers
+    /// (`../shared/data/vectors/shamir/vault_shamir_gf256_kats.json`, from Vault's
+    /// `shamir/shamir_test.go`), which never reach the reduction step, so also the worked
+    /// multiplications of FIPS 197 section 4.2 (`{57} * {83} = {c1}`, `{57} * {13} = {fe}`),
+    /// which pin the AES polynomial, and every inverse.
+    #[test]
+    fn field_arithmetic_matches_known_answers() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/data/vectors/shamir/vault_shamir_gf256_kats.json"
+        );
+        let text = std::fs::read_to_string(path).expect("vector file");
+        let file: FieldKats = serde_json::from_str(&text).expect("json");
+        let ops = &file.kats;
+        assert!(!ops.add.is_empty() && !ops.mult.is_empty() && !ops.div.is_empty());
+        for k in &ops.add {
+            assert_eq!((Gf256(k.a) + Gf256(k.b)).0, k.out, "{} + {}", k.a, k.b);
+        }
+        for k in &ops.mult {
+            assert_eq!((Gf256(k.a) * Gf256(k.b)).0, k.out, "{} * {}", k.a, k.b);
+        }
+        for k in &ops.div {
+            assert_eq!((Gf256(k.a) / Gf256(k.b)).0, k.out, "{} / {}", k.a, k.b);
+        }
+        assert_eq!((Gf256(0x57) * Gf256(0x83)).0, 0xc1);
+        assert_eq!((Gf256(0x57) * Gf256(0x13)).0, 0xfe);
+        for a in 1..=255u8 {
+            assert_eq!((Gf256(a) * (Gf256(1) / Gf256(a))).0, 1, "inverse of {a}");
+        }
+    }
+
     /// The 0.999 quantile of the chi-square distribution with 255 degrees of freedom, 330.52:
     /// R's `qchisq(0.999, 255)` / SciPy's `scipy.stats.chi2.ppf(0.999, 255)` (here computed by
     /// inverting the regularized incomplete gamma function; Wilson–Hilferty gives 330.55).
