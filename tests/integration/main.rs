@@ -18,6 +18,7 @@ mod keywrap;
 mod lifecycle;
 mod limits;
 mod recovery;
+mod recovery_cli;
 mod restart;
 mod rewrap;
 mod rotation;

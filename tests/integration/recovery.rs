@@ -19,7 +19,6 @@ const PASSPHRASE: &str = "correct horse battery staple";
 
 /// A custodian: their client on the current server, principal and key pair.
 struct Custodian {
-    name: String,
     principal: String,
     identity: Identity,
     client: KmsClient,
@@ -46,7 +45,6 @@ async fn custodians(server: &TestServer, dir: &std::path::Path, count: usize) ->
             .expect("register");
         let principal = server.principal_of("custodian", &name);
         out.push(Custodian {
-            name,
             principal,
             identity,
             client,
