@@ -66,6 +66,9 @@ listen = "127.0.0.1:$port"
 module = "$(softhsm_module)"
 token_label = "kms-demo"
 pin_file = "$state/user.pin"
+# Only recovery ceremonies log in as the token's security officer (to mark the recovery key
+# trusted); without it the server refuses recovery init, rekey and restore.
+so_pin_file = "$state/so.pin"
 
 [store]
 url = "sqlite://$state/kms.db"
