@@ -160,6 +160,16 @@ impl Hsm {
         .map_err(|_| HsmError::Other("HSM worker panicked".into()))?
     }
 
+    /// 32 bytes from the token's random number generator.
+    pub async fn random_key(&self) -> Result<Zeroizing<[u8; 32]>, HsmError> {
+        self.run(|_inner, session| {
+            let mut key = Zeroizing::new([0u8; 32]);
+            session.generate_random_slice(key.as_mut())?;
+            Ok(key)
+        })
+        .await
+    }
+
     /// Destroys every recovery wrapping and MAC key except those with `CKA_ID` `keep`.
     pub async fn retire_recovery_keys(&self, keep: Vec<u8>) -> Result<(), HsmError> {
         self.run_exclusive(move |_inner, session| {

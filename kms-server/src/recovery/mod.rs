@@ -518,8 +518,14 @@ impl Recovery {
     /// it in the HSM, records the ceremony. Returns the ceremony id.
     pub async fn init(&self, spec: &CeremonySpec, approval_id: &str) -> Result<String, KmsError> {
         let recipients = self.check_spec(spec).await?;
-        let mut key = Zeroizing::new([0u8; KEY_LEN]);
-        rand::rngs::OsRng.fill_bytes(key.as_mut());
+        // The token's RNG and the operating system's, combined: neither alone decides the key.
+        let mut key = self.hsm.random_key().await.map_err(hsm_error)?;
+        let mut os = Zeroizing::new([0u8; KEY_LEN]);
+        rand::rngs::OsRng.fill_bytes(os.as_mut());
+        for (k, o) in key.iter_mut().zip(os.iter()) {
+            *k ^= o;
+        }
+        drop(os);
         let kcv = key_check_value(key.as_ref());
         let ceremony_id = Uuid::new_v4().to_string();
         let sealed = self.split_and_seal(&key, &ceremony_id, &kcv, spec, &recipients)?;
@@ -591,10 +597,35 @@ impl Recovery {
         approval_id: &str,
         keep_sealed: bool,
     ) -> Result<(), KmsError> {
-        let now = self.clock.now_unix();
         let mut tx = self.store.pool().begin().await.map_err(db_error)?;
+        self.record_ceremony_in(
+            &mut tx,
+            ceremony_id,
+            spec,
+            kcv,
+            shares,
+            approval_id,
+            keep_sealed,
+        )
+        .await?;
+        tx.commit().await.map_err(db_error)
+    }
+
+    /// [`Recovery::record_ceremony`] inside the caller's transaction.
+    #[allow(clippy::too_many_arguments)]
+    async fn record_ceremony_in(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        ceremony_id: &str,
+        spec: &CeremonySpec,
+        kcv: &str,
+        shares: &[(u32, String, String, String)],
+        approval_id: &str,
+        keep_sealed: bool,
+    ) -> Result<(), KmsError> {
+        let now = self.clock.now_unix();
         sqlx::query("UPDATE recovery_ceremonies SET state = 'superseded' WHERE state = 'active'")
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await
             .map_err(db_error)?;
         sqlx::query(
@@ -609,7 +640,7 @@ impl Recovery {
         .bind(now)
         .bind(if keep_sealed { 0 } else { now })
         .bind(approval_id)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await
         .map_err(db_error)?;
         for (index, custodian, commit, sealed) in shares {
@@ -624,11 +655,11 @@ impl Recovery {
             .bind(commit.as_str())
             .bind(keep_sealed.then_some(sealed.as_str()))
             .bind(if keep_sealed { 0 } else { now })
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await
             .map_err(db_error)?;
         }
-        tx.commit().await.map_err(db_error)
+        Ok(())
     }
 
     /// The status of the recovery domain and of the open session.
@@ -1220,7 +1251,6 @@ impl Recovery {
                 .map_err(db_error)?;
             }
         }
-        tx.commit().await.map_err(db_error)?;
         let m = &body.ceremony;
         let spec = CeremonySpec {
             threshold: m.threshold,
@@ -1238,7 +1268,8 @@ impl Recovery {
                 )
             })
             .collect();
-        self.record_ceremony(
+        self.record_ceremony_in(
+            &mut tx,
             &m.ceremony_id,
             &spec,
             &m.kcv,
@@ -1246,7 +1277,8 @@ impl Recovery {
             &format!("restore:{session_id}"),
             false,
         )
-        .await
+        .await?;
+        tx.commit().await.map_err(db_error)
     }
 
     /// Refuses unless the store holds no key and no ceremony and the token no AES key.
