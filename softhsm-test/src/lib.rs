@@ -528,6 +528,16 @@ impl TestServer {
 
     /// Starts a server on the token labelled `token_label` (see [`new_token`]) and `db`.
     pub async fn start_on_token(db: &TestDb, token_label: &str) -> anyhow::Result<Self> {
+        Self::start_on_token_with(db, token_label, true).await
+    }
+
+    /// Like [`TestServer::start_on_token`]; `so_pin`: whether the server knows the token's
+    /// security officer PIN (recovery ceremonies need it).
+    pub async fn start_on_token_with(
+        db: &TestDb,
+        token_label: &str,
+        so_pin: bool,
+    ) -> anyhow::Result<Self> {
         let pki = TestPki::generate()?;
         let mut parts = parts(
             db,
@@ -537,6 +547,9 @@ impl TestServer {
             &pki,
         );
         parts.hsm.token_label = token_label.to_owned();
+        if !so_pin {
+            parts.hsm.so_pin = None;
+        }
         let ready = Ready::open(parts).await?;
         Self::serve(ready, pki).await
     }

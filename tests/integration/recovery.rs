@@ -387,6 +387,51 @@ async fn drill(db: TestDb) {
         .await
         .expect("verify audit");
     assert!(trail.intact, "{}", trail.problem);
+    // Every share submission is on the record, refusals attributed to their submitter with
+    // the reason, and no share bytes anywhere in the trail.
+    let auditor = server.client_as("auditor-1").await.expect("auditor");
+    let records = auditor
+        .list_audit_records(proto::v1::ListAuditRecordsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("records")
+        .records_json;
+    let submissions: Vec<serde_json::Value> = records
+        .iter()
+        .map(|r| serde_json::from_str::<serde_json::Value>(r).expect("json"))
+        .filter(|r| r["operation"] == "SubmitShare")
+        .collect();
+    assert_eq!(submissions.len(), 10, "every submission recorded");
+    let refused: Vec<&serde_json::Value> = submissions
+        .iter()
+        .filter(|r| r["outcome"] != "ok")
+        .collect();
+    assert_eq!(refused.len(), 5, "{refused:?}");
+    assert!(refused
+        .iter()
+        .any(|r| r["principal"] == five[1].principal.as_str()
+            && r["outcome"] == "denied"
+            && r["detail"]["refused"]
+                .as_str()
+                .is_some_and(|why| why.contains("another custodian"))));
+    assert!(submissions.iter().all(|r| r["severity"] == "high"));
+    let of_this_ceremony = submissions
+        .iter()
+        .filter(|r| r["detail"]["ceremony_id"] == ceremony_id.as_str())
+        .count();
+    assert_eq!(
+        of_this_ceremony, 9,
+        "all but the foreign-ceremony share name it"
+    );
+    for envelope in &shares {
+        let secret = envelope.share.as_str();
+        assert!(
+            !records.iter().any(|r| r.contains(secret)),
+            "a share is in the audit trail"
+        );
+    }
     server.stop().await.expect("stop");
     let _ = remove_token_files(&token_b);
 }
@@ -697,6 +742,30 @@ async fn rekey_replaces_the_recovery_key_and_a_large_backup_restores() {
         .expect("server");
     let two = custodians(&server, keys_dir.path(), 2).await;
     let officer = server.client_as("officer-1").await.expect("officer");
+    // An edited backup: the shares rebuild the key, the backup's MAC fails with it, nothing is
+    // written to the token or the store.
+    let mut edited = new_backup.clone();
+    let at = edited.len() / 2;
+    edited[at] ^= 0x01;
+    let status = officer.begin_restore(edited).await.expect("begin");
+    two[0]
+        .client
+        .submit_share(submission(&status, &new_shares[0]))
+        .await
+        .expect("share 1");
+    assert_refused(
+        two[1]
+            .client
+            .submit_share(submission(&status, &new_shares[1]))
+            .await,
+        tonic::Code::InvalidArgument,
+        "altered",
+    );
+    let listed = officer.list_keys(1000, None).await.expect("list");
+    assert!(
+        listed.keys.is_empty(),
+        "nothing restored from an edited backup"
+    );
     let status = officer.begin_restore(new_backup).await.expect("begin");
     assert_refused(
         two[0]
@@ -728,6 +797,32 @@ async fn rekey_replaces_the_recovery_key_and_a_large_backup_restores() {
     assert_eq!(listed.keys.len(), KEYS);
     let described = officer.describe_key("bulk-7").await.expect("describe");
     assert_eq!(described.primary_version as usize, ROTATIONS + 1);
+    server.stop().await.expect("stop");
+    let _ = remove_token_files(&token);
+}
+
+/// Without the token's security officer PIN the server cannot mark a recovery key trusted:
+/// ceremonies are refused up front, with the setting to fix named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_officer_pin_ceremonies_are_refused() {
+    let db = TestDb::new(StoreKind::Sqlite)
+        .await
+        .expect("db")
+        .expect("sqlite");
+    let keys_dir = tempfile::tempdir().expect("dir");
+    let token = new_token().expect("token");
+    let server = TestServer::start_on_token_with(&db, &token, false)
+        .await
+        .expect("server");
+    let two = custodians(&server, keys_dir.path(), 2).await;
+    let officer = server.client_as("officer-1").await.expect("officer");
+    assert_refused(
+        officer
+            .propose_recovery_init(2, &principals(&two), false)
+            .await,
+        tonic::Code::FailedPrecondition,
+        "hsm.so_pin_file",
+    );
     server.stop().await.expect("stop");
     let _ = remove_token_files(&token);
 }
