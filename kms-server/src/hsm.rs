@@ -372,24 +372,8 @@ impl Hsm {
     /// processes that race to create one agree on the winner.
     pub async fn generate_audit_key(&self, object_id: Vec<u8>) -> Result<(), HsmError> {
         self.run_exclusive(move |_inner, session| {
-            let template = [
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::GENERIC_SECRET),
-                Attribute::ValueLen(32.into()),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(false),
-                Attribute::Sign(true),
-                Attribute::Verify(true),
-                Attribute::Encrypt(false),
-                Attribute::Decrypt(false),
-                Attribute::Wrap(false),
-                Attribute::Unwrap(false),
-                Attribute::Derive(false),
-                Attribute::Id(object_id.clone()),
-                Attribute::Label(AUDIT_KEY_LABEL.as_bytes().to_vec()),
-            ];
+            let mut template = hmac_key_attributes(AUDIT_KEY_LABEL, &object_id);
+            template.push(Attribute::ValueLen(32.into()));
             // Same intermittent SoftHSM2 creation failures as for master keys.
             let mut tries = 0;
             loop {
@@ -823,6 +807,28 @@ fn hmac_known_answer_test(session: &Session) -> Result<(), HsmError> {
         });
     let _ = session.destroy_object(key);
     outcome
+}
+
+/// A private, sensitive, never extractable HMAC key object labelled `label`, sign and verify
+/// only: the audit key, and the backup MAC key of a recovery domain.
+fn hmac_key_attributes(label: &str, object_id: &[u8]) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+        Attribute::Id(object_id.to_vec()),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ]
 }
 
 /// The slot of the one initialized token labelled `label`. A slot whose token cannot be read

@@ -53,6 +53,21 @@ async fn custodians(server: &TestServer, dir: &std::path::Path, count: usize) ->
     out
 }
 
+/// A SQLite store, a folder for custodian key pairs, a token of its own and a server on them
+/// (`so_pin`: whether the server knows the token's security officer PIN).
+async fn own_server(so_pin: bool) -> (TestDb, tempfile::TempDir, String, TestServer) {
+    let db = TestDb::new(StoreKind::Sqlite)
+        .await
+        .expect("db")
+        .expect("sqlite");
+    let keys_dir = tempfile::tempdir().expect("dir");
+    let token = new_token().expect("token");
+    let server = TestServer::start_on_token_with(&db, &token, so_pin)
+        .await
+        .expect("server");
+    (db, keys_dir, token, server)
+}
+
 fn principals(custodians: &[Custodian]) -> Vec<String> {
     custodians.iter().map(|c| c.principal.clone()).collect()
 }
@@ -440,15 +455,7 @@ on_both_stores!(full_drill_restores_every_key_into_a_new_token, drill);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ceremonies_refuse_bad_shapes_and_roles() {
-    let db = TestDb::new(StoreKind::Sqlite)
-        .await
-        .expect("db")
-        .expect("sqlite");
-    let keys_dir = tempfile::tempdir().expect("dir");
-    let token = new_token().expect("token");
-    let server = TestServer::start_on_token(&db, &token)
-        .await
-        .expect("server");
+    let (_db, keys_dir, token, server) = own_server(true).await;
     let three = custodians(&server, keys_dir.path(), 3).await;
     let officer = server.client_as("officer-1").await.expect("officer");
     let names = principals(&three);
@@ -560,15 +567,7 @@ async fn ceremonies_refuse_bad_shapes_and_roles() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reshare_moves_the_key_to_new_custodians_and_old_shares_stop_working() {
-    let db = TestDb::new(StoreKind::Sqlite)
-        .await
-        .expect("db")
-        .expect("sqlite");
-    let keys_dir = tempfile::tempdir().expect("dir");
-    let token = new_token().expect("token");
-    let server = TestServer::start_on_token(&db, &token)
-        .await
-        .expect("server");
+    let (_db, keys_dir, token, server) = own_server(true).await;
     let all = custodians(&server, keys_dir.path(), 5).await;
     let (old, new) = all.split_at(3);
     let officer = server.client_as("officer-1").await.expect("officer");
@@ -656,7 +655,6 @@ async fn reshare_moves_the_key_to_new_custodians_and_old_shares_stop_working() {
         .verify_recovery_backup(backup(&server).await)
         .await
         .expect("a new backup verifies");
-    let _ = new.len();
     server.stop().await.expect("stop");
     let _ = remove_token_files(&token);
 }
@@ -666,15 +664,7 @@ async fn reshare_moves_the_key_to_new_custodians_and_old_shares_stop_working() {
 /// backup and the old shares stop working, the new ones restore.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rekey_replaces_the_recovery_key_and_a_large_backup_restores() {
-    let db = TestDb::new(StoreKind::Sqlite)
-        .await
-        .expect("db")
-        .expect("sqlite");
-    let keys_dir = tempfile::tempdir().expect("dir");
-    let token = new_token().expect("token");
-    let server = TestServer::start_on_token(&db, &token)
-        .await
-        .expect("server");
+    let (db, keys_dir, token, server) = own_server(true).await;
     let two = custodians(&server, keys_dir.path(), 2).await;
     let officer = server.client_as("officer-1").await.expect("officer");
     const KEYS: usize = 40;
@@ -805,15 +795,7 @@ async fn rekey_replaces_the_recovery_key_and_a_large_backup_restores() {
 /// ceremonies are refused up front, with the setting to fix named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_officer_pin_ceremonies_are_refused() {
-    let db = TestDb::new(StoreKind::Sqlite)
-        .await
-        .expect("db")
-        .expect("sqlite");
-    let keys_dir = tempfile::tempdir().expect("dir");
-    let token = new_token().expect("token");
-    let server = TestServer::start_on_token_with(&db, &token, false)
-        .await
-        .expect("server");
+    let (_db, keys_dir, token, server) = own_server(false).await;
     let two = custodians(&server, keys_dir.path(), 2).await;
     let officer = server.client_as("officer-1").await.expect("officer");
     assert_refused(

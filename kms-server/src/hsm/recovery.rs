@@ -136,22 +136,8 @@ impl Hsm {
                 inner.release(session);
                 return Err(e);
             }
-            let mut template = labelled(RECOVERY_MAC_LABEL, KeyType::GENERIC_SECRET);
-            template.extend([
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(false),
-                Attribute::Sign(true),
-                Attribute::Verify(true),
-                Attribute::Encrypt(false),
-                Attribute::Decrypt(false),
-                Attribute::Wrap(false),
-                Attribute::Unwrap(false),
-                Attribute::Derive(false),
-                Attribute::Id(keys.object_id.clone()),
-                Attribute::Value(keys.mac_key.to_vec()),
-            ]);
+            let mut template = super::hmac_key_attributes(RECOVERY_MAC_LABEL, &keys.object_id);
+            template.push(Attribute::Value(keys.mac_key.to_vec()));
             let user_part = session.create_object(&template).map(|_| ());
             inner.release(session);
             user_part.map_err(classify)
