@@ -295,6 +295,22 @@ impl Hsm {
         .await
     }
 
+    /// Whether the token answers a logged-in session (for readiness): a lost login that
+    /// cannot be restored, or a token that keeps failing, is an error.
+    pub async fn ping(&self) -> Result<(), HsmError> {
+        self.run(|_inner, session| {
+            if !logged_in(session) {
+                return Err(
+                    CkError::Pkcs11(RvError::UserNotLoggedIn, Function::GenerateRandom).into(),
+                );
+            }
+            let mut byte = [0u8; 1];
+            session.generate_random_slice(&mut byte)?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Draws a fresh data key from the token's RNG and seals it under `key` with `aad`.
     /// Returns the plaintext data key, the nonce and `ciphertext || tag`.
     pub async fn generate_data_key(

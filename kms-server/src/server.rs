@@ -74,6 +74,7 @@ pub struct Parts {
 
 /// A server ready to serve: ports opened, self-test passed.
 pub struct Ready {
+    hsm: Hsm,
     service: Arc<KeyService>,
     authz: Arc<Authz>,
     audit: Audit,
@@ -125,6 +126,7 @@ impl Ready {
         .await
         .map_err(StartError::Authz)?;
         Ok(Ready {
+            hsm,
             service,
             authz: Arc::new(authz),
             audit,
@@ -172,6 +174,7 @@ impl Ready {
             self.check_interval,
         ));
         let refresher = tokio::spawn(authz_refresher(Arc::clone(&self.authz)));
+        let readiness = tokio::spawn(readiness(self.hsm.clone(), self.store.clone(), health));
         let kms = KeyManagementServer::new(GrpcService::new(
             self.service,
             self.authz,
@@ -187,6 +190,7 @@ impl Ready {
             .await;
         scheduler.abort();
         refresher.abort();
+        readiness.abort();
         self.audit.shutdown().await;
         self.store.close().await;
         result.map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))
@@ -196,6 +200,57 @@ impl Ready {
 /// How stale this process's view of bindings, grants and break-glass windows may be when
 /// another server on the same store changed them (this process's own changes apply at once).
 pub const AUTHZ_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How often readiness is checked: the health service reports a lost HSM or store within
+/// this much (plus [`READINESS_TIMEOUT`]).
+pub const READINESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long one readiness probe of the HSM or the store may take before it counts as a failure.
+pub const READINESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Every [`READINESS_INTERVAL`]: probes the HSM (a logged-in session draws one random byte)
+/// and the store (`SELECT 1`), and sets `grpc.health.v1` for `kms.v1.KeyManagement` and for
+/// the whole server (`""`) to `NOT_SERVING` while either fails, `SERVING` again once both
+/// answer. Logs only the transitions.
+async fn readiness(hsm: Hsm, store: Store, health: tonic_health::server::HealthReporter) {
+    use tonic_health::ServingStatus;
+    let mut tick = tokio::time::interval(READINESS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ready = true;
+    loop {
+        tick.tick().await;
+        let hsm_ok = matches!(
+            tokio::time::timeout(READINESS_TIMEOUT, hsm.ping()).await,
+            Ok(Ok(()))
+        );
+        let store_ok = matches!(
+            tokio::time::timeout(
+                READINESS_TIMEOUT,
+                sqlx::query("SELECT 1").execute(store.pool())
+            )
+            .await,
+            Ok(Ok(_))
+        );
+        let now_ready = hsm_ok && store_ok;
+        if now_ready == ready {
+            continue;
+        }
+        ready = now_ready;
+        let status = if ready {
+            tracing::info!("ready again: HSM and store answer");
+            ServingStatus::Serving
+        } else {
+            tracing::error!(hsm_ok, store_ok, "not ready: health reports NOT_SERVING");
+            ServingStatus::NotServing
+        };
+        health
+            .set_service_status(
+                <KeyManagementServer<GrpcService> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
+        health.set_service_status("", status).await;
+    }
+}
 
 /// Re-reads bindings, grants and windows every [`AUTHZ_REFRESH`], so that a revocation made
 /// through another replica takes effect here within that bound.

@@ -154,11 +154,16 @@ async fn a_token_refusing_login_is_unavailable_and_recovers() {
     assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err:?}");
     assert!(!err.to_string().contains("pin"), "{err}");
     client.ping().await.expect("server still serving");
+    // Readiness follows: NOT_SERVING while the HSM refuses, SERVING once it answers again.
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let bound = kms_server::server::READINESS_INTERVAL * 2 + kms_server::server::READINESS_TIMEOUT;
+    wait_for_health(&server, ServingStatus::NotServing, bound).await;
     token.set_user_pin("another-pin-0000", softhsm_test::USER_PIN);
     client
         .generate_data_key(&key.key_id, &ctx(&[]))
         .await
         .expect("recovered");
+    wait_for_health(&server, ServingStatus::Serving, bound).await;
 }
 
 #[tokio::test]

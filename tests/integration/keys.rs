@@ -311,13 +311,12 @@ async fn a_lost_database_stops_every_audited_call() {
             "{what}: driver details leaked: {err}"
         );
     }
-    let mut health = tonic_health::pb::health_client::HealthClient::new(
-        crate::tls::channel(&server, "app-1").await,
-    );
-    health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "kms.v1.KeyManagement".into(),
-        })
-        .await
-        .expect("health still answers");
+    // Health still answers, and reports NOT_SERVING (readiness) within its bound.
+    let bound = kms_server::server::READINESS_INTERVAL * 2 + kms_server::server::READINESS_TIMEOUT;
+    wait_for_health(
+        &server,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing,
+        bound,
+    )
+    .await;
 }

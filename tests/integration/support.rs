@@ -107,3 +107,34 @@ pub async fn bind_role(server: &TestServer, principal: &str, role: &str) {
         .expect("binding approved");
     assert_eq!(done.state, "executed", "{done:?}");
 }
+
+/// Polls `grpc.health.v1` for `kms.v1.KeyManagement` until it reports `want`; returns how long
+/// that took. Panics after `within`.
+pub async fn wait_for_health(
+    server: &TestServer,
+    want: tonic_health::pb::health_check_response::ServingStatus,
+    within: std::time::Duration,
+) -> std::time::Duration {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        crate::tls::channel(server, "app-1").await,
+    );
+    let start = std::time::Instant::now();
+    loop {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "kms.v1.KeyManagement".into(),
+            })
+            .await
+            .expect("health answers")
+            .into_inner()
+            .status;
+        if status == want as i32 {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "health still {status} after {within:?}, want {want:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
