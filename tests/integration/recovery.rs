@@ -55,7 +55,7 @@ async fn custodians(server: &TestServer, dir: &std::path::Path, count: usize) ->
 
 /// A SQLite store, a folder for custodian key pairs, a token of its own and a server on them
 /// (`so_pin`: whether the server knows the token's security officer PIN).
-async fn own_server(so_pin: bool) -> (TestDb, tempfile::TempDir, String, TestServer) {
+pub(crate) async fn own_server(so_pin: bool) -> (TestDb, tempfile::TempDir, String, TestServer) {
     let db = TestDb::new(StoreKind::Sqlite)
         .await
         .expect("db")

@@ -6,9 +6,10 @@
 
 use clap::Parser;
 use kms_cli::Cli;
-use softhsm_test::{new_token, remove_token_files};
+use softhsm_test::remove_token_files;
 
-use crate::support::{StoreKind, TestDb, TestServer};
+use crate::recovery::own_server;
+use crate::support::TestServer;
 
 async fn cli_as(server: &TestServer, name: &str, args: &[&str]) -> anyhow::Result<String> {
     let endpoint = server.endpoint();
@@ -42,18 +43,6 @@ async fn approve(server: &TestServer, proposal: &serde_json::Value) -> serde_jso
     done
 }
 
-async fn new_server() -> (TestDb, String, TestServer) {
-    let db = TestDb::new(StoreKind::Sqlite)
-        .await
-        .expect("db")
-        .expect("sqlite");
-    let token = new_token().expect("token");
-    let server = TestServer::start_on_token(&db, &token)
-        .await
-        .expect("server");
-    (db, token, server)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ceremony_backup_and_restore_from_the_command_line() {
     let dir = tempfile::tempdir().expect("dir");
@@ -64,7 +53,7 @@ async fn ceremony_backup_and_restore_from_the_command_line() {
     std::fs::write(&wrong, "not the right passphrase").expect("passphrase");
     let custodians = ["custodian-1", "custodian-2"];
 
-    let (db, token, server) = new_server().await;
+    let (db, _keys, token, server) = own_server(true).await;
     for name in custodians {
         json_as(
             &server,
@@ -240,7 +229,7 @@ async fn ceremony_backup_and_restore_from_the_command_line() {
     drop(db);
 
     // A new token and store: restore with both shares.
-    let (_db, token, server) = new_server().await;
+    let (_db, _keys, token, server) = own_server(true).await;
     let opened = json_as(
         &server,
         "officer-1",
