@@ -1,0 +1,231 @@
+//! Normalization of values before they are pseudonymized, so that one person's identifier
+//! written in different ways gives one pseudonym.
+//!
+//! - [`Normalization::Text`] (names, e-mail addresses, free identifiers): apostrophe variants
+//!   (`’ ‘ ʼ ` ´ ′`) become `'`, dash variants (U+2010–U+2015, U+2212, U+FE58, U+FE63, U+FF0D)
+//!   become `-`, invisible format characters (soft hyphen, zero-width space, word joiner, BOM,
+//!   bidirectional marks and embeddings) are removed; then Unicode canonical decomposition, full
+//!   Unicode *case folding* (`caseless::default_case_fold`, Unicode's operation for caseless
+//!   matching: unlike `str::to_lowercase` it maps `ß`/`ẞ` to `ss` and final `ς` to `σ`, so
+//!   `STRASSE` and `Straße` match) and recomposition to NFC; finally every run of white space
+//!   (Unicode `White_Space`, which includes NBSP and TAB) becomes one space and the ends are
+//!   trimmed. Compatibility forms (full-width letters) are *not* folded: NFC, not NFKC.
+//! - [`Normalization::Ssn`], [`Normalization::Phone`], [`Normalization::Digits`]: decimal digits
+//!   only (ASCII, full-width and Arabic-Indic digits, as ASCII); separators, spaces, `+`,
+//!   parentheses and letters (`ext.`) are dropped.
+//! - [`Normalization::Mrn`]: letters and digits only, case-folded, leading zeros removed (one MRN
+//!   is often zero-padded to different widths by different systems: `000123456` = `0000123456`).
+//! - [`Normalization::Exact`]: the value as given.
+//!
+//! A value of which nothing is left (`"  "`, a phone number without digits) is an error, never
+//! an empty string: all such values would share one pseudonym. ASCII input takes a fast path
+//! with no Unicode tables and no allocation besides the output buffer.
+
+use caseless::Caseless;
+use serde::Deserialize;
+use unicode_normalization::UnicodeNormalization;
+
+use crate::{Result, TokenizeError};
+
+/// How a value is normalized before it is pseudonymized (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalization {
+    /// The value as given, byte for byte.
+    Exact,
+    /// Names and other text: NFC, case folding, apostrophes, dashes, white space.
+    #[default]
+    Text,
+    /// Social Security numbers: digits only.
+    Ssn,
+    /// Phone numbers: digits only.
+    Phone,
+    /// Any digit string (ZIP codes, member numbers): digits only.
+    Digits,
+    /// Medical record numbers: letters and digits, case-folded, leading zeros removed.
+    Mrn,
+}
+
+impl Normalization {
+    /// Writes the normalized form of `value` into `out` (cleared first).
+    pub fn normalize_into(self, value: &str, out: &mut String) -> Result<()> {
+        out.clear();
+        match self {
+            Normalization::Exact => out.push_str(value),
+            Normalization::Text => text(value, out),
+            Normalization::Ssn | Normalization::Phone | Normalization::Digits => {
+                out.extend(value.chars().filter_map(decimal_digit));
+            }
+            Normalization::Mrn => mrn(value, out),
+        }
+        if out.is_empty() {
+            return Err(TokenizeError::EmptyAfterNormalization);
+        }
+        Ok(())
+    }
+
+    /// The normalized form of `value`.
+    pub fn normalize(self, value: &str) -> Result<String> {
+        let mut out = String::with_capacity(value.len());
+        self.normalize_into(value, &mut out)?;
+        Ok(out)
+    }
+}
+
+fn text(value: &str, out: &mut String) {
+    if value.is_ascii() {
+        // NFC and case folding are the identity on ASCII except for A–Z.
+        let mut pending_space = false;
+        for b in value.bytes() {
+            if b.is_ascii_whitespace() || b == 0x0b {
+                pending_space = !out.is_empty();
+                continue;
+            }
+            if pending_space {
+                out.push(' ');
+                pending_space = false;
+            }
+            let c = match b {
+                b'`' => '\'',
+                _ => char::from(b.to_ascii_lowercase()),
+            };
+            out.push(c);
+        }
+        return;
+    }
+    let folded = value
+        .chars()
+        .filter(|&c| !is_invisible(c))
+        .map(punctuation)
+        .nfd()
+        .default_case_fold()
+        .nfc();
+    let mut pending_space = false;
+    for c in folded {
+        if c.is_whitespace() {
+            pending_space = !out.is_empty();
+            continue;
+        }
+        if pending_space {
+            out.push(' ');
+            pending_space = false;
+        }
+        out.push(c);
+    }
+}
+
+fn mrn(value: &str, out: &mut String) {
+    for c in value.chars() {
+        if let Some(d) = decimal_digit(c) {
+            if d == '0' && out.is_empty() {
+                continue;
+            }
+            out.push(d);
+        } else if c.is_alphanumeric() {
+            out.extend(std::iter::once(c).default_case_fold());
+        }
+    }
+    if out.is_empty() && value.chars().any(|c| decimal_digit(c) == Some('0')) {
+        out.push('0');
+    }
+}
+
+/// Apostrophe and dash variants to their ASCII form.
+fn punctuation(c: char) -> char {
+    match c {
+        '\u{2019}' | '\u{2018}' | '\u{02BC}' | '`' | '\u{00B4}' | '\u{2032}' => '\'',
+        '\u{2010}'..='\u{2015}' | '\u{2212}' | '\u{FE58}' | '\u{FE63}' | '\u{FF0D}' => '-',
+        c => c,
+    }
+}
+
+/// Invisible format characters that differ between copies of one value.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{200B}'
+            | '\u{200E}'
+            | '\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
+}
+
+/// A decimal digit (ASCII, full-width, Arabic-Indic, extended Arabic-Indic) as ASCII.
+fn decimal_digit(c: char) -> Option<char> {
+    let zero = match c {
+        '0'..='9' => '0',
+        '\u{FF10}'..='\u{FF19}' => '\u{FF10}',
+        '\u{0660}'..='\u{0669}' => '\u{0660}',
+        '\u{06F0}'..='\u{06F9}' => '\u{06F0}',
+        _ => return None,
+    };
+    let value = u32::from(c) - u32::from(zero);
+    char::from_digit(value, 10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text_of(s: &str) -> String {
+        Normalization::Text.normalize(s).unwrap()
+    }
+
+    #[test]
+    fn text_unifies_nfd_case_apostrophes_dashes_and_space() {
+        assert_eq!(text_of("Jose\u{301} Emilio"), text_of("José  EMILIO "));
+        assert_eq!(text_of("O’Hara"), "o'hara");
+        assert_eq!(text_of("O`HARA"), "o'hara");
+        assert_eq!(text_of("Smith\u{2013}Jones"), "smith-jones");
+        assert_eq!(text_of("\t Ava\u{a0}Mary \r\n"), "ava mary");
+        assert_eq!(text_of("Sm\u{200B}ith"), "smith");
+        assert_eq!(text_of("STRASSE"), text_of("Straße"));
+        assert_eq!(text_of("ΣΊΣΥΦΟΣ"), text_of("σίσυφος"));
+    }
+
+    #[test]
+    fn ascii_fast_path_agrees_with_the_unicode_path() {
+        // The same ASCII text with one invisible character forces the Unicode path.
+        for s in ["  Mr. Gilbert O'Conner\tJr ", "a`b", "X-Y_Z 09", "\x0bq"] {
+            let forced = format!("{s}\u{200B}");
+            assert_eq!(text_of(s), text_of(&forced), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn digits_and_mrn() {
+        let ssn = |s| Normalization::Ssn.normalize(s).unwrap();
+        assert_eq!(ssn(" 999-41-2363 "), "999412363");
+        assert_eq!(ssn("999 41 2363"), "999412363");
+        assert_eq!(
+            Normalization::Phone.normalize("０３-５５５５").unwrap(),
+            "035555"
+        );
+        assert_eq!(Normalization::Phone.normalize("٠٥٥").unwrap(), "055");
+        let mrn = |s| Normalization::Mrn.normalize(s).unwrap();
+        assert_eq!(mrn("000123456"), mrn("0000123456"));
+        assert_eq!(mrn("MRN-00042"), "mrn00042");
+        assert_eq!(mrn("0000"), "0");
+        assert_eq!(mrn("3112219680806371x"), mrn("3112219680806371X"));
+    }
+
+    #[test]
+    fn nothing_left_is_an_error() {
+        assert_eq!(
+            Normalization::Phone.normalize("ext."),
+            Err(TokenizeError::EmptyAfterNormalization)
+        );
+        assert_eq!(
+            Normalization::Text.normalize(" \u{200B} "),
+            Err(TokenizeError::EmptyAfterNormalization)
+        );
+        assert_eq!(
+            Normalization::Exact.normalize(""),
+            Err(TokenizeError::EmptyAfterNormalization)
+        );
+    }
+}
