@@ -190,9 +190,19 @@ impl<C: BlockEncrypt + BlockSizeUser<BlockSize = aes::cipher::consts::U16>> Ff1<
     /// Like [`Ff1::encrypt`], always on the `num-bigint` path (to test it against the fast one).
     #[doc(hidden)]
     pub fn encrypt_bignum(&self, x: &[u16], out: &mut [u16]) -> Result<()> {
+        self.crypt_bignum(x, out, false)
+    }
+
+    /// Like [`Ff1::decrypt`], always on the `num-bigint` path (to test it against the fast one).
+    #[doc(hidden)]
+    pub fn decrypt_bignum(&self, x: &[u16], out: &mut [u16]) -> Result<()> {
+        self.crypt_bignum(x, out, true)
+    }
+
+    fn crypt_bignum(&self, x: &[u16], out: &mut [u16], decrypt: bool) -> Result<()> {
         self.check(x, out)?;
         let p = self.params(x.len())?;
-        self.crypt_big(p, x, out, false);
+        self.crypt_big(p, x, out, decrypt);
         Ok(())
     }
 

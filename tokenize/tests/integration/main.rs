@@ -1,0 +1,9 @@
+//! The integration test binary of the tokenize crate: known answers from public vectors. One
+//! module per area.
+
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests state their expectations with expect()
+
+mod data;
+
+mod known_answers;
