@@ -1,5 +1,5 @@
-//! The integration test binary of the tokenize crate: known answers from public vectors. One
-//! module per area.
+//! The integration test binary of the tokenize crate: known answers from public vectors, and the
+//! messy identifiers of `shared/data/messy`. One module per area.
 
 #![allow(missing_docs)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests state their expectations with expect()
@@ -7,3 +7,4 @@
 mod data;
 
 mod known_answers;
+mod messy;
