@@ -1,5 +1,5 @@
-//! The integration test binary of the tokenize crate: known answers from public vectors, and the
-//! messy identifiers of `shared/data/messy`. One module per area.
+//! The integration test binary of the tokenize crate: known answers from public vectors, the
+//! messy identifiers of `shared/data/messy`, and property tests. One module per area.
 
 #![allow(missing_docs)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests state their expectations with expect()
@@ -8,3 +8,4 @@ mod data;
 
 mod known_answers;
 mod messy;
+mod properties;
