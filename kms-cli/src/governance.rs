@@ -159,6 +159,13 @@ pub enum AuditCommand {
     },
     /// Every use under a break-glass window, with the windows' justifications.
     BreakGlassReport,
+    /// The accounting of disclosures about one pseudonymized patient: every `Detokenize`
+    /// call that named them (who, when, why, which domain and field, how many tokens).
+    Disclosures {
+        /// The patient's pseudonym, as in the de-identified data.
+        #[arg(long)]
+        patient_token: String,
+    },
 }
 
 /// Runs a role command.
@@ -463,26 +470,7 @@ pub async fn audit(
         }
         AuditCommand::BreakGlassReport => {
             let windows = client.list_break_glass_windows().await?;
-            let mut uses = Vec::new();
-            let mut after = 0;
-            loop {
-                let page = client
-                    .list_audit_records(ListAuditRecordsRequest {
-                        after_seq: after,
-                        page_size: PAGE,
-                        break_glass_only: true,
-                        identifier_hash: String::new(),
-                    })
-                    .await?;
-                let full = page.records_json.len() == PAGE as usize;
-                for line in page.records_json {
-                    uses.push(serde_json::from_str::<serde_json::Value>(&line)?);
-                }
-                if !full || page.last_seq <= after {
-                    break;
-                }
-                after = page.last_seq;
-            }
+            let uses = all_records(client, true, String::new()).await?;
             let doc = json!({
                 "windows": windows.iter().map(|w| json!({"window_id": w.window_id,
                     "principal": w.principal, "key_ids": w.key_ids,
@@ -515,6 +503,67 @@ pub async fn audit(
                 text.trim_end().to_string()
             })
         }
+        AuditCommand::Disclosures { patient_token } => {
+            let hash = client.hash_identifier(&patient_token).await?;
+            let disclosures: Vec<serde_json::Value> = all_records(client, false, hash)
+                .await?
+                .into_iter()
+                .filter(|r| r["operation"] == "Detokenize")
+                .map(|r| {
+                    let d = &r["detail"];
+                    json!({"seq": r["seq"], "time": r["time"], "principal": r["principal"],
+                        "outcome": r["outcome"], "purpose": d["purpose"], "domain": d["domain"],
+                        "field": d["field"], "tokens": d["tokens"],
+                        "request_id": r["request_id"]})
+                })
+                .collect();
+            emit(out, json, json!(disclosures), || {
+                let mut text = format!("{} disclosures\n", disclosures.len());
+                for d in &disclosures {
+                    text.push_str(&format!(
+                        "#{} {} {} {} {}/{} {} tokens, purpose {}\n",
+                        d["seq"],
+                        d["time"],
+                        d["principal"],
+                        d["outcome"],
+                        d["domain"],
+                        d["field"],
+                        d["tokens"],
+                        d["purpose"]
+                    ));
+                }
+                text.trim_end().to_string()
+            })
+        }
+    }
+}
+
+/// Every audit record matching the filter, in order, as JSON values.
+async fn all_records(
+    client: &KmsClient,
+    break_glass_only: bool,
+    identifier_hash: String,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut records = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = client
+            .list_audit_records(ListAuditRecordsRequest {
+                after_seq: after,
+                page_size: PAGE,
+                break_glass_only,
+                identifier_hash: identifier_hash.clone(),
+            })
+            .await?;
+        let full = page.records_json.len() == PAGE as usize;
+        for line in page.records_json {
+            records.push(serde_json::from_str::<serde_json::Value>(&line)?);
+        }
+        // A short page is the end: every request (these included) adds a record.
+        if !full || page.last_seq <= after {
+            return Ok(records);
+        }
+        after = page.last_seq;
     }
 }
 

@@ -18,6 +18,7 @@ use sdk::{CachePolicy, ClientTls, Envelope, KeyInfo, KmsClient, NewKey};
 use serde_json::json;
 
 pub mod custodian;
+pub mod domains;
 pub mod governance;
 pub mod pki;
 pub mod recovery;
@@ -125,6 +126,13 @@ pub enum Command {
     /// M-of-N recovery of the master keys: ceremonies, backups, restore, re-share.
     #[command(subcommand)]
     Recovery(recovery::RecoveryCommand),
+    /// Tokenization domains (officers).
+    #[command(subcommand)]
+    Domain(domains::DomainCommand),
+    /// Transform values on the server (tokenizers); one result per line.
+    Tokenize(domains::TokenizeArgs),
+    /// Reverse deterministic or FF1 tokens (re-identifiers): a recorded disclosure.
+    Detokenize(domains::DetokenizeArgs),
 }
 
 /// Key management commands.
@@ -397,6 +405,9 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Audit(c) => governance::audit(&client, out, json, c).await,
         Command::Custodian(c) => custodian::run(&client, out, json, c).await,
         Command::Recovery(c) => recovery::run(&client, out, json, c).await,
+        Command::Domain(c) => domains::domain(&client, out, json, c).await,
+        Command::Tokenize(a) => domains::tokenize(&client, out, json, a).await,
+        Command::Detokenize(a) => domains::detokenize(&client, out, json, a).await,
         Command::Key(KeyCommand::CancelDeletion { key }) => {
             let key = client.cancel_key_deletion(&key).await?;
             emit(out, json, key_json(&key), || key_text(&key))

@@ -92,6 +92,19 @@ impl Role {
             Role::App | Role::Tokenizer | Role::Reidentifier | Role::BreakGlass
         )
     }
+
+    /// Whether a grant of `op` suits this role.
+    pub fn may_hold(self, op: KeyOp) -> bool {
+        match self {
+            Role::App => matches!(
+                op,
+                KeyOp::GenerateDataKey | KeyOp::Encrypt | KeyOp::Decrypt | KeyOp::ReEncrypt
+            ),
+            Role::Tokenizer => matches!(op, KeyOp::Tokenize | KeyOp::DomainKey),
+            Role::Reidentifier => op == KeyOp::Reidentify,
+            _ => false,
+        }
+    }
 }
 
 use Role::*;
@@ -168,6 +181,14 @@ pub const RULES: &[(&str, &[Role])] = &[
     ("BeginRestore", OFFICER),
     ("SubmitShare", &[Custodian]),
     ("CancelRecoverySession", OFFICER),
+    // Tokenization domains: officers create and rotate them; use is further limited per domain
+    // by grants on its master key (tokenize, domain-key, reidentify).
+    ("CreateDomain", OFFICER),
+    ("ListDomains", OVERSIGHT),
+    ("ProposeDomainRotation", OFFICER),
+    ("GetDomainKey", &[Tokenizer]),
+    ("Tokenize", &[Tokenizer]),
+    ("Detokenize", &[Reidentifier]),
 ];
 
 /// Whether any of `roles` may call `rpc`.
@@ -393,11 +414,13 @@ pub enum Kind {
     RecoveryReshare,
     /// Making a backup of the master keys.
     RecoveryBackup,
+    /// A new key version for a tokenization domain (breaks pseudonym linkage).
+    DomainRotation,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Grant,
         Kind::RoleBinding,
         Kind::Quorum,
@@ -406,6 +429,7 @@ impl Kind {
         Kind::RecoveryInit,
         Kind::RecoveryReshare,
         Kind::RecoveryBackup,
+        Kind::DomainRotation,
     ];
 
     /// The kind's name, as stored and shown.
@@ -419,6 +443,7 @@ impl Kind {
             Kind::RecoveryInit => "recovery-init",
             Kind::RecoveryReshare => "recovery-reshare",
             Kind::RecoveryBackup => "recovery-backup",
+            Kind::DomainRotation => "domain-rotation",
         }
     }
 
@@ -522,6 +547,16 @@ pub enum Proposal {
     },
     /// Make a backup.
     RecoveryBackup {},
+    /// Add a tokenization domain's next key version, sealed when proposed (the blob is a
+    /// ciphertext under the domain's master key, never a key in clear).
+    DomainRotation {
+        /// The domain.
+        domain: String,
+        /// The version it adds: the newest one + 1 when proposed, and still when run.
+        version: u32,
+        /// The sealed key (hex).
+        sealed_key: String,
+    },
 }
 
 impl Proposal {
@@ -536,6 +571,7 @@ impl Proposal {
             Proposal::RecoveryInit { .. } => Kind::RecoveryInit,
             Proposal::RecoveryReshare { .. } => Kind::RecoveryReshare,
             Proposal::RecoveryBackup {} => Kind::RecoveryBackup,
+            Proposal::DomainRotation { .. } => Kind::DomainRotation,
         }
     }
 
@@ -1115,6 +1151,7 @@ impl Authz {
                     Ok(())
                 }
             }),
+            Proposal::DomainRotation { domain, .. } => crate::domains::check_name(domain),
         }
     }
 
@@ -1475,6 +1512,22 @@ impl Authz {
             )
             .await
             .map(|_| ()),
+            Proposal::DomainRotation {
+                domain,
+                version,
+                sealed_key,
+            } => sqlx::query(
+                "INSERT INTO domain_key_versions (domain, version, sealed_key, created_at, \
+                 approval_id) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(domain.as_str())
+            .bind(i64::from(*version))
+            .bind(sealed_key.as_str())
+            .bind(now)
+            .bind(approval.approval_id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map(|_| ()),
             Proposal::KeyDeletion { .. }
             | Proposal::RecoveryInit { .. }
             | Proposal::RecoveryReshare { .. }
@@ -1793,11 +1846,40 @@ async fn recheck_in(tx: &mut Conn, proposal: &Proposal) -> Result<(), KmsError> 
             }
             Ok(())
         }
-        Proposal::Grant { principal, .. } => {
+        Proposal::Grant {
+            principal,
+            operations,
+            ..
+        } => {
             let roles = roles_in(tx, principal).await?;
             if !roles.iter().any(|r| *r != BreakGlass && r.uses_keys()) {
                 return Err(KmsError::Conflict {
                     reason: "grantee holds no app, tokenizer or reidentifier role",
+                });
+            }
+            // Separation of duties within key use: envelope operations for apps,
+            // tokenization for tokenizers, re-identification for re-identifiers only.
+            for op in parse_operations(operations)? {
+                if !roles.iter().any(|r| r.may_hold(op)) {
+                    return Err(KmsError::Conflict {
+                        reason: "an operation of the grant does not belong to the grantee's \
+                                 roles (apps: envelope operations; tokenizers: tokenize, \
+                                 domain-key; reidentifiers: reidentify)",
+                    });
+                }
+            }
+            Ok(())
+        }
+        Proposal::DomainRotation {
+            domain, version, ..
+        } => {
+            let newest = crate::domains::newest_version(tx, domain).await?;
+            if newest == 0 {
+                return Err(KmsError::NotFound { what: "domain" });
+            }
+            if newest.checked_add(1) != Some(*version) {
+                return Err(KmsError::Conflict {
+                    reason: "the domain gained another key version since this was proposed",
                 });
             }
             Ok(())
@@ -1843,11 +1925,14 @@ fn grant_from_row(row: &AnyRow) -> Result<Grant, KmsError> {
 
 /// Grantable operations by name; at least one, no repeats.
 pub fn parse_operations(names: &[String]) -> Result<Vec<KeyOp>, KmsError> {
-    const GRANTABLE: [KeyOp; 4] = [
+    const GRANTABLE: [KeyOp; 7] = [
         KeyOp::GenerateDataKey,
         KeyOp::Encrypt,
         KeyOp::Decrypt,
         KeyOp::ReEncrypt,
+        KeyOp::Tokenize,
+        KeyOp::DomainKey,
+        KeyOp::Reidentify,
     ];
     let invalid = |reason| KmsError::InvalidArgument {
         field: "operations",
@@ -1862,7 +1947,8 @@ pub fn parse_operations(names: &[String]) -> Result<Vec<KeyOp>, KmsError> {
             .into_iter()
             .find(|op| op.as_str() == name)
             .ok_or(invalid(
-                "one of generate-data-key, encrypt, decrypt, re-encrypt",
+                "one of generate-data-key, encrypt, decrypt, re-encrypt, tokenize, domain-key, \
+                 reidentify",
             ))?;
         if ops.contains(&op) {
             return Err(invalid("listed twice"));

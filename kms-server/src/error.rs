@@ -76,6 +76,10 @@ pub enum KmsError {
         /// Why.
         reason: &'static str,
     },
+    /// A transform's parameters or a value do not suit the transform (FF1 domain rules, a
+    /// character outside the alphabet, a malformed date). Positions and lengths, never values.
+    #[error("{0}")]
+    Transform(#[from] tokenize::TokenizeError),
     /// An invariant broke (for example metadata names an HSM object that is missing).
     #[error("internal error")]
     Internal {

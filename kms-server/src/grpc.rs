@@ -13,9 +13,10 @@ use zeroize::Zeroizing;
 
 use crate::audit::{Audit, AuditEvent, Outcome, Severity};
 use crate::authz::{self, Access, Authz, BreakGlassOutcome, Caller, Kind, Proposal, Role};
+use crate::domains::{self, Domains};
 use crate::error::KmsError;
 use crate::recovery::{CeremonySpec, Recovery, Submission};
-use crate::service::{Context, KeyService, NewKey};
+use crate::service::{Context, KeyOp, KeyService, NewKey};
 use crate::store::{KeyRecord, KeyState as StoredState};
 use crate::tls::PeerIdentity;
 
@@ -43,6 +44,7 @@ pub fn to_status(e: &KmsError) -> Status {
         }
         KmsError::NotFound { what } => Status::not_found(format!("{what} not found")),
         KmsError::Conflict { reason } => Status::failed_precondition(*reason),
+        KmsError::Transform(e) => Status::invalid_argument(format!("transform: {e}")),
         KmsError::Internal { .. } => Status::internal("internal error"),
     }
 }
@@ -52,6 +54,7 @@ pub struct GrpcService {
     service: Arc<KeyService>,
     authz: Arc<Authz>,
     audit: Audit,
+    domains: Arc<Domains>,
 }
 
 /// What a request is about, for its audit record. Context values and identifiers are handed
@@ -107,11 +110,17 @@ type Handled<T> = (Result<T, KmsError>, Facts);
 
 impl GrpcService {
     /// Wraps the domain service with its authorization layer and audit trail.
-    pub fn new(service: Arc<KeyService>, authz: Arc<Authz>, audit: Audit) -> Self {
+    pub fn new(
+        service: Arc<KeyService>,
+        authz: Arc<Authz>,
+        audit: Audit,
+        domains: Arc<Domains>,
+    ) -> Self {
         GrpcService {
             service,
             authz,
             audit,
+            domains,
         }
     }
 
@@ -1627,6 +1636,280 @@ impl KeyManagement for GrpcService {
             |_, r, rec| async move { rec.cancel(&r.session_id).await.map(recovery_status) },
         )
         .await
+    }
+
+    async fn create_domain(
+        &self,
+        request: Request<CreateDomainRequest>,
+    ) -> Result<Response<Domain>, Status> {
+        self.run(
+            "CreateDomain",
+            request,
+            |r| Facts::key(&r.key).detail("domain", r.domain.clone()),
+            |caller, r, mut facts| async move {
+                let result = self
+                    .domains
+                    .create(&r.domain, &r.key, &caller.principal)
+                    .await;
+                if let Ok(info) = &result {
+                    facts.resolved(info.key_id, 0);
+                }
+                (result.map(domain_message), facts)
+            },
+        )
+        .await
+    }
+
+    async fn list_domains(
+        &self,
+        request: Request<ListDomainsRequest>,
+    ) -> Result<Response<ListDomainsResponse>, Status> {
+        self.run(
+            "ListDomains",
+            request,
+            |_| Facts::default(),
+            |_caller, _r, facts| async move {
+                let result = self
+                    .domains
+                    .list()
+                    .await
+                    .map(|domains| ListDomainsResponse {
+                        domains: domains.into_iter().map(domain_message).collect(),
+                    });
+                (result, facts)
+            },
+        )
+        .await
+    }
+
+    async fn propose_domain_rotation(
+        &self,
+        request: Request<ProposeDomainRotationRequest>,
+    ) -> Result<Response<Approval>, Status> {
+        self.run(
+            "ProposeDomainRotation",
+            request,
+            |r| Facts::default().detail("domain", r.domain.clone()),
+            |caller, r, mut facts| async move {
+                let result = async {
+                    let (version, sealed_key) = self.domains.prepare_rotation(&r.domain).await?;
+                    facts.detail.insert("version".into(), version.to_string());
+                    let proposal = Proposal::DomainRotation {
+                        domain: r.domain,
+                        version,
+                        sealed_key,
+                    };
+                    self.propose(&caller, proposal, &mut facts).await
+                }
+                .await;
+                (result, facts)
+            },
+        )
+        .await
+    }
+
+    async fn get_domain_key(
+        &self,
+        request: Request<GetDomainKeyRequest>,
+    ) -> Result<Response<DomainKeyResponse>, Status> {
+        self.run(
+            "GetDomainKey",
+            request,
+            |r| Facts::default().detail("domain", r.domain.clone()),
+            |caller, r, mut facts| async move {
+                let access = self.authz.access(&caller);
+                let result = self
+                    .domains
+                    .key(&access, KeyOp::DomainKey, &r.domain, r.version)
+                    .await
+                    .map(|(info, key)| {
+                        facts.resolved(info.key_id, 0);
+                        facts
+                            .detail
+                            .insert("domain_version".into(), key.version().to_string());
+                        DomainKeyResponse {
+                            domain: info.domain,
+                            version: key.version(),
+                            key: key.secret_bytes().to_vec(),
+                        }
+                    });
+                (result, facts)
+            },
+        )
+        .await
+    }
+
+    async fn tokenize(
+        &self,
+        request: Request<TokenizeRequest>,
+    ) -> Result<Response<TokenizeResponse>, Status> {
+        self.run(
+            "Tokenize",
+            request,
+            |r| {
+                Facts::default()
+                    .detail("domain", r.domain.clone())
+                    .detail("field", r.field.clone())
+                    .detail("values", r.values.len().to_string())
+            },
+            |caller, r, mut facts| async move {
+                let result = async {
+                    domains::check_batch(&r.values, "values")?;
+                    let transform = domains::parse_transform(&r.transform_json)?;
+                    facts
+                        .detail
+                        .insert("transform".into(), transform.kind().to_string());
+                    let access = self.authz.access(&caller);
+                    let (info, key) = self
+                        .domains
+                        .key(&access, KeyOp::Tokenize, &r.domain, 0)
+                        .await?;
+                    facts.resolved(info.key_id, 0);
+                    let version = key.version();
+                    let items = run_cpu(move || {
+                        domains::tokenize_all(
+                            &key,
+                            &r.field,
+                            &transform,
+                            &r.values,
+                            &r.patient_pseudonyms,
+                        )
+                    })
+                    .await?;
+                    Ok(TokenizeResponse {
+                        key_version: version,
+                        results: token_results("Tokenize", items, &mut facts),
+                    })
+                }
+                .await;
+                (result, facts)
+            },
+        )
+        .await
+    }
+
+    async fn detokenize(
+        &self,
+        request: Request<DetokenizeRequest>,
+    ) -> Result<Response<DetokenizeResponse>, Status> {
+        self.run(
+            "Detokenize",
+            request,
+            |r| {
+                Facts {
+                    // Every call is a disclosure about this patient: the record carries the
+                    // keyed hash of the patient's token, so disclosures can be listed per patient.
+                    identifiers: vec![("patient_token".to_string(), r.patient_token.clone())],
+                    high_severity: true,
+                    ..Facts::default()
+                }
+                .detail("domain", r.domain.clone())
+                .detail("field", r.field.clone())
+                .detail("purpose", r.purpose.clone())
+                .detail("tokens", r.tokens.len().to_string())
+            },
+            |caller, r, mut facts| async move {
+                let result = async {
+                    if r.purpose.trim().is_empty() || r.purpose.len() > domains::MAX_PURPOSE_BYTES {
+                        return Err(KmsError::InvalidArgument {
+                            field: "purpose",
+                            reason: "a purpose of use is required (at most 256 bytes)",
+                        });
+                    }
+                    if r.patient_token.is_empty()
+                        || r.patient_token.len() > domains::MAX_VALUE_BYTES
+                    {
+                        return Err(KmsError::InvalidArgument {
+                            field: "patient_token",
+                            reason: "the pseudonym of the patient concerned is required",
+                        });
+                    }
+                    domains::check_batch(&r.tokens, "tokens")?;
+                    let transform = domains::parse_transform(&r.transform_json)?;
+                    facts
+                        .detail
+                        .insert("transform".into(), transform.kind().to_string());
+                    let version = match r.key_version {
+                        0 => r
+                            .tokens
+                            .first()
+                            .and_then(|t| tokenize::token_key_version(t))
+                            .unwrap_or(0),
+                        v => v,
+                    };
+                    let access = self.authz.access(&caller);
+                    let (info, key) = self
+                        .domains
+                        .key(&access, KeyOp::Reidentify, &r.domain, version)
+                        .await?;
+                    facts.resolved(info.key_id, 0);
+                    facts
+                        .detail
+                        .insert("domain_version".into(), key.version().to_string());
+                    let items = run_cpu(move || {
+                        domains::detokenize_all(&key, &r.field, &transform, &r.tokens)
+                    })
+                    .await?;
+                    Ok(DetokenizeResponse {
+                        results: token_results("Detokenize", items, &mut facts),
+                    })
+                }
+                .await;
+                (result, facts)
+            },
+        )
+        .await
+    }
+}
+
+/// Runs CPU-bound work (a batch of transforms) off the async workers.
+async fn run_cpu<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, KmsError> + Send + 'static,
+) -> Result<T, KmsError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| KmsError::Internal {
+            what: "transform task failed",
+        })?
+}
+
+/// Per-value results; the audit record gets the counts (never values or tokens).
+fn token_results(
+    rpc: &'static str,
+    items: Vec<Result<domains::Item, KmsError>>,
+    facts: &mut Facts,
+) -> Vec<TokenResult> {
+    let failed = items.iter().filter(|i| i.is_err()).count();
+    facts.detail.insert("failed".into(), failed.to_string());
+    items
+        .into_iter()
+        .map(|item| match item {
+            Ok(domains::Item::Value(value)) => TokenResult {
+                value,
+                dropped: false,
+                status: Some(ok_status()),
+            },
+            Ok(domains::Item::Dropped) => TokenResult {
+                value: String::new(),
+                dropped: true,
+                status: Some(ok_status()),
+            },
+            Err(e) => TokenResult {
+                value: String::new(),
+                dropped: false,
+                status: Some(item_status(rpc, e)),
+            },
+        })
+        .collect()
+}
+
+fn domain_message(d: domains::DomainInfo) -> Domain {
+    Domain {
+        domain: d.domain,
+        key_id: d.key_id.to_string(),
+        current_version: d.current_version,
+        created_at: d.created_at,
+        created_by: d.created_by,
     }
 }
 

@@ -12,6 +12,7 @@ pub mod audit;
 pub mod authz;
 pub mod blob;
 pub mod config;
+pub mod domains;
 pub mod error;
 pub mod grpc;
 pub mod hsm;

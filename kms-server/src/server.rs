@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use crate::audit::{Audit, AuditError, AuditParams};
 use crate::authz::{Authz, AuthzParams};
 use crate::config::{ConfigError, RotationParams};
+use crate::domains::Domains;
 use crate::error::KmsError;
 use crate::grpc::GrpcService;
 use crate::hsm::{Hsm, HsmError, HsmParams};
@@ -78,6 +79,7 @@ pub struct Ready {
     service: Arc<KeyService>,
     authz: Arc<Authz>,
     audit: Audit,
+    domains: Arc<Domains>,
     store: Store,
     check_interval: std::time::Duration,
     tls: ServerTls,
@@ -116,6 +118,11 @@ impl Ready {
             store.clone(),
             Arc::clone(&parts.clock),
         ));
+        let domains = Arc::new(Domains::new(
+            Arc::clone(&service),
+            store.clone(),
+            Arc::clone(&parts.clock),
+        ));
         let authz = Authz::open(
             store.clone(),
             Arc::clone(&service),
@@ -127,6 +134,7 @@ impl Ready {
         .map_err(StartError::Authz)?;
         Ok(Ready {
             hsm,
+            domains,
             service,
             authz: Arc::new(authz),
             audit,
@@ -179,6 +187,7 @@ impl Ready {
             self.service,
             self.authz,
             self.audit.clone(),
+            self.domains,
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
         tracing::info!(%addr, "serving (mutual TLS 1.3)");

@@ -59,6 +59,15 @@ pub enum KeyOp {
     ReEncrypt,
     /// `DescribeKey`.
     Describe,
+    /// `Tokenize` in a tokenization domain sealed under the key (the server applies the
+    /// transforms; the caller never holds the domain key).
+    Tokenize,
+    /// `GetDomainKey`: hold a domain's key and tokenize locally (whoever holds it can also
+    /// reverse deterministic and FF1 tokens offline, unrecorded: grant it only to pipelines
+    /// trusted like a re-identifier).
+    DomainKey,
+    /// `Detokenize` in a domain sealed under the key: each call a recorded disclosure.
+    Reidentify,
 }
 
 impl KeyOp {
@@ -70,6 +79,9 @@ impl KeyOp {
             KeyOp::Decrypt => "decrypt",
             KeyOp::ReEncrypt => "re-encrypt",
             KeyOp::Describe => "describe",
+            KeyOp::Tokenize => "tokenize",
+            KeyOp::DomainKey => "domain-key",
+            KeyOp::Reidentify => "reidentify",
         }
     }
 }

@@ -13,8 +13,11 @@ use zeroize::Zeroizing;
 use crate::error::Error;
 use crate::tls::ClientTls;
 
+mod domains;
 mod governance;
 mod recovery;
+
+pub use domains::{Disclosure, DomainKeys};
 pub use governance::GrantSpec;
 
 /// An encryption context. Stored and logged in clear: never PHI.

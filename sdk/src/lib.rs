@@ -21,8 +21,8 @@ mod tls;
 
 pub use cache::{CachePolicy, DataKeyCache};
 pub use client::{
-    Context, DataKey, GrantSpec, KeyInfo, KeyPage, KmsClient, NewKey, Opened, ReEncryptItem,
-    Sealed, VersionInfo,
+    Context, DataKey, Disclosure, DomainKeys, GrantSpec, KeyInfo, KeyPage, KmsClient, NewKey,
+    Opened, ReEncryptItem, Sealed, VersionInfo,
 };
 
 /// The API's messages for identity, grants, approvals, break-glass and audit, as returned by
@@ -33,6 +33,12 @@ pub mod governance {
         OpenBreakGlassResponse, Quorum, RoleBinding, VerifyAuditResponse, WhoAmIResponse,
     };
 }
+/// The API's messages for tokenization domains.
+pub mod domains {
+    pub use proto::v1::{Domain, TokenResult, TokenizeResponse};
+}
+/// The de-identification transforms the SDK runs locally (the server runs the same ones).
+pub use tokenize;
 /// The API's messages for recovery ceremonies, backups and share sessions.
 pub mod recovery {
     pub use proto::v1::{

@@ -24,4 +24,5 @@ mod rewrap;
 mod rotation;
 mod sdk_envelope;
 mod tls;
+mod tokenization;
 mod wycheproof;

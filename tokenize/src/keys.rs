@@ -78,6 +78,12 @@ impl DomainKey {
         self.version
     }
 
+    /// The key bytes themselves: only to hand a domain key from the KMS to a caller granted
+    /// local tokenization. Everything else derives from it instead.
+    pub fn secret_bytes(&self) -> &[u8; 32] {
+        &self.key
+    }
+
     /// Derives the `N`-byte key for `field` and `purpose` (see the module documentation).
     pub fn derive<const N: usize>(&self, field: &str, purpose: Purpose) -> Zeroizing<[u8; N]> {
         let hk = Hkdf::<Sha256>::new(Some(SCHEME), self.key.as_slice());

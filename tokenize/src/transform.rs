@@ -49,11 +49,14 @@ pub enum Transform {
         max_days: u32,
     },
     /// ZIP code to its first three digits (`000` for the restricted areas).
-    Zip3,
+    // The parameterless kinds are empty struct variants, not unit variants: serde ignores
+    // `deny_unknown_fields` for unit variants of an internally tagged enum, and a mistyped
+    // parameter must be an error, not silently dropped.
+    Zip3 {},
     /// Date to its year.
-    Year,
+    Year {},
     /// Age in years: kept up to 89, `90 or older` above.
-    Age,
+    Age {},
     /// Keep the last `keep_last` characters, mask the rest.
     Mask {
         /// Characters kept at the end.
@@ -69,7 +72,7 @@ pub enum Transform {
         replacement: String,
     },
     /// Remove the field.
-    Drop,
+    Drop {},
 }
 
 fn exact() -> Normalization {
@@ -123,12 +126,12 @@ impl Transform {
             Transform::Deterministic { .. } => "deterministic",
             Transform::Fpe { .. } => "fpe",
             Transform::DateShift { .. } => "date_shift",
-            Transform::Zip3 => "zip3",
-            Transform::Year => "year",
-            Transform::Age => "age",
+            Transform::Zip3 {} => "zip3",
+            Transform::Year {} => "year",
+            Transform::Age {} => "age",
             Transform::Mask { .. } => "mask",
             Transform::Redact { .. } => "redact",
-            Transform::Drop => "drop",
+            Transform::Drop {} => "drop",
         }
     }
 }
@@ -206,9 +209,9 @@ impl FieldTransformer {
             Transform::DateShift { max_days } => {
                 Prepared::DateShift(DateShifter::new(domain_key, *max_days)?)
             }
-            Transform::Zip3 => Prepared::Zip3,
-            Transform::Year => Prepared::Year,
-            Transform::Age => Prepared::Age,
+            Transform::Zip3 {} => Prepared::Zip3,
+            Transform::Year {} => Prepared::Year,
+            Transform::Age {} => Prepared::Age,
             Transform::Mask {
                 keep_last,
                 mask_char,
@@ -217,7 +220,7 @@ impl FieldTransformer {
                 mask_char: *mask_char,
             },
             Transform::Redact { replacement } => Prepared::Redact(replacement.clone()),
-            Transform::Drop => Prepared::Drop,
+            Transform::Drop {} => Prepared::Drop,
         };
         Ok(Self { prepared })
     }

@@ -195,7 +195,7 @@ fn same_person_spelled_differently_gets_one_pseudonym_per_field() {
 #[test]
 fn same_person_zip_generalizes_to_one_zip3() {
     let rows = rows();
-    let zip3 = FieldTransformer::new(&domain(), "postal_code", &Transform::Zip3).unwrap();
+    let zip3 = FieldTransformer::new(&domain(), "postal_code", &Transform::Zip3 {}).unwrap();
     for (a, b) in [(2, 3), (7, 8)] {
         let za = zip3.apply(&row(&rows, a)["postal_code"], &Context::default());
         let zb = zip3.apply(&row(&rows, b)["postal_code"], &Context::default());
@@ -217,7 +217,7 @@ fn same_person_birth_date_in_another_format_is_refused_not_shifted_differently()
     let ctx = Context {
         patient_pseudonym: Some(patient),
     };
-    for transform in [Transform::DateShift { max_days: 365 }, Transform::Year] {
+    for transform in [Transform::DateShift { max_days: 365 }, Transform::Year {}] {
         let t = FieldTransformer::new(&domain, "birth_date", &transform).unwrap();
         assert!(t.apply(iso, &ctx).is_ok(), "{}", transform.kind());
         assert!(

@@ -1,0 +1,452 @@
+//! Tokenization domains over real gRPC, a real SoftHSM2 token and a real store: remote and
+//! local tokenization agree, grants scope a domain and an operation, re-identification needs
+//! the re-identifier role and a purpose and is listed as a disclosure per patient, a rotation
+//! is approved and leaves old tokens reversible, a disabled master key stops tokenization.
+
+use sdk::tokenize::{Context, DomainKey, FieldTransformer, Transform, Transformed};
+use sdk::{Code, Disclosure, DomainKeys, GrantSpec, KmsClient};
+use std::time::Duration;
+
+use crate::support::{ctx, sqlite_server, TestServer};
+
+const SSN: &str = r#"{"kind":"fpe","alphabet":"digits","separators":"-","max_len":9}"#;
+const NAME: &str = r#"{"kind":"pseudonym","normalize":"text"}"#;
+const MRN: &str = r#"{"kind":"deterministic"}"#;
+const BIRTH: &str = r#"{"kind":"date_shift","max_days":180}"#;
+const ZIP: &str = r#"{"kind":"zip3"}"#;
+
+fn strings(values: &[&str]) -> Vec<String> {
+    values.iter().map(|v| v.to_string()).collect()
+}
+
+#[track_caller]
+fn assert_code<T: std::fmt::Debug>(result: Result<T, sdk::Error>, want: Code, what: &str) {
+    match result {
+        Err(sdk::Error::Rpc { code, .. }) if code == want => {}
+        other => panic!("{what}: expected {want:?}, got {other:?}"),
+    }
+}
+
+/// officer-1 proposes a grant of `operations` on `key` to `principal`, limited to `domain`
+/// when given; officer-2 approves; returns the approval's final state.
+async fn grant(
+    server: &TestServer,
+    principal: &str,
+    key: &str,
+    operations: &[&str],
+    domain: Option<&str>,
+) -> String {
+    let officer = server.client_as("officer-1").await.expect("officer");
+    let proposal = officer
+        .propose_grant(GrantSpec {
+            principal: principal.to_string(),
+            key: key.to_string(),
+            operations: strings(operations),
+            context_equals: domain
+                .map(|d| ctx(&[("kms:domain", d)]))
+                .unwrap_or_default(),
+            ..GrantSpec::default()
+        })
+        .await
+        .expect("grant proposed");
+    server
+        .client_as("officer-2")
+        .await
+        .expect("approver")
+        .approve(&proposal.approval_id)
+        .await
+        .expect("approve")
+        .state
+}
+
+async fn values_of(
+    client: &KmsClient,
+    domain: &str,
+    field: &str,
+    transform: &str,
+    values: &[&str],
+    patients: &[String],
+) -> (u32, Vec<String>) {
+    let response = client
+        .tokenize(domain, field, transform, strings(values), patients.to_vec())
+        .await
+        .expect("tokenize");
+    let out = response
+        .results
+        .into_iter()
+        .map(|r| {
+            let status = r.status.expect("status");
+            assert_eq!(status.code, 0, "{}", status.message);
+            r.value
+        })
+        .collect();
+    (response.key_version, out)
+}
+
+fn local(
+    key: &DomainKey,
+    field: &str,
+    transform: &str,
+    values: &[&str],
+    patients: &[String],
+) -> Vec<String> {
+    let transform: Transform = serde_json::from_str(transform).expect("transform");
+    let prepared = FieldTransformer::new(key, field, &transform).expect("prepared");
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let ctx = Context {
+                patient_pseudonym: patients.get(i).map(String::as_str),
+            };
+            match prepared.apply(v, &ctx).expect("apply") {
+                Transformed::Value(v) => v,
+                Transformed::Dropped => panic!("dropped"),
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domains_tokenize_detokenize_and_account_for_disclosures() {
+    let (_db, server) = sqlite_server().await;
+    let officer = server.client_as("officer-1").await.expect("officer");
+    let key = officer
+        .create_key(sdk::NewKey {
+            alias: Some("research".into()),
+            ..sdk::NewKey::default()
+        })
+        .await
+        .expect("key");
+    let created = officer
+        .create_domain("study-1", "research")
+        .await
+        .expect("domain");
+    assert_eq!(created.current_version, 1);
+    assert_eq!(created.key_id, key.key_id);
+    officer
+        .create_domain("study-2", "research")
+        .await
+        .expect("second domain");
+    assert_code(
+        officer.create_domain("study-1", "research").await,
+        Code::FailedPrecondition,
+        "duplicate domain",
+    );
+    assert_code(
+        officer.create_domain("Study 1", "research").await,
+        Code::InvalidArgument,
+        "bad name",
+    );
+    assert_code(
+        officer.create_domain("study-3", "no-such-key").await,
+        Code::NotFound,
+        "unknown key",
+    );
+
+    let tokenizer_id = server.principal("tokenizer-1");
+    let reidentifier_id = server.principal("reidentifier-1");
+    let app_id = server.principal("app-1");
+    assert_eq!(
+        grant(
+            &server,
+            &tokenizer_id,
+            "research",
+            &["tokenize", "domain-key"],
+            Some("study-1")
+        )
+        .await,
+        "executed"
+    );
+    assert_eq!(
+        grant(
+            &server,
+            &reidentifier_id,
+            "research",
+            &["reidentify"],
+            Some("study-1")
+        )
+        .await,
+        "executed"
+    );
+    // Separation of duties inside key use: an app cannot be granted tokenization, a tokenizer
+    // cannot be granted re-identification.
+    assert_eq!(
+        grant(&server, &app_id, "research", &["tokenize"], None).await,
+        "failed"
+    );
+    assert_eq!(
+        grant(&server, &tokenizer_id, "research", &["reidentify"], None).await,
+        "failed"
+    );
+
+    let tokenizer = server.client_as("tokenizer-1").await.expect("tokenizer");
+    let reidentifier = server
+        .client_as("reidentifier-1")
+        .await
+        .expect("reidentifier");
+
+    // Remote and local modes give the same output for the same input.
+    let ssns = ["999-41-2363", "999-52-8812", "999-41-2363"];
+    let names = ["Jörg  O\u{2019}Brien", "jörg o'brien", "Ana Núñez"];
+    let mrns = ["MRN-0001", "MRN-0002"];
+    let keys = DomainKeys::new(tokenizer.clone(), Duration::from_secs(60));
+    let key_v1 = keys.get("study-1", 0).await.expect("domain key");
+    assert_eq!(key_v1.version(), 1);
+
+    let (version, ssn_tokens) = values_of(&tokenizer, "study-1", "ssn", SSN, &ssns, &[]).await;
+    assert_eq!(version, 1);
+    assert_eq!(ssn_tokens, local(&key_v1, "ssn", SSN, &ssns, &[]));
+    assert_eq!(ssn_tokens[0], ssn_tokens[2], "deterministic");
+    assert_ne!(ssn_tokens[0], ssns[0]);
+    assert!(ssn_tokens
+        .iter()
+        .all(|t| t.len() == 11 && &t[3..4] == "-" && &t[6..7] == "-"));
+
+    let (_, name_tokens) = values_of(&tokenizer, "study-1", "name", NAME, &names, &[]).await;
+    assert_eq!(name_tokens, local(&key_v1, "name", NAME, &names, &[]));
+    assert_eq!(name_tokens[0], name_tokens[1], "one person, two spellings");
+    assert_ne!(name_tokens[0], name_tokens[2]);
+
+    let (_, mrn_tokens) = values_of(&tokenizer, "study-1", "mrn", MRN, &mrns, &[]).await;
+    assert_eq!(mrn_tokens, local(&key_v1, "mrn", MRN, &mrns, &[]));
+    assert!(mrn_tokens[0].starts_with("v1."), "{}", mrn_tokens[0]);
+
+    let patients = vec![name_tokens[0].clone(), name_tokens[0].clone()];
+    let dates = ["1961-03-14", "1961-04-13"];
+    let (_, shifted) =
+        values_of(&tokenizer, "study-1", "birthdate", BIRTH, &dates, &patients).await;
+    assert_eq!(
+        shifted,
+        local(&key_v1, "birthdate", BIRTH, &dates, &patients)
+    );
+    assert_ne!(shifted[0], dates[0]);
+    let (_, zips) = values_of(&tokenizer, "study-1", "zip", ZIP, &["02139", "03690"], &[]).await;
+    assert_eq!(zips, ["021", "000"]);
+
+    // Scope: the grant names study-1 only; unknown domains look the same as ungranted ones.
+    for domain in ["study-2", "no-such-domain"] {
+        assert_code(
+            tokenizer
+                .tokenize(domain, "ssn", SSN, strings(&ssns), vec![])
+                .await,
+            Code::PermissionDenied,
+            domain,
+        );
+        assert_code(keys.get(domain, 0).await, Code::PermissionDenied, domain);
+    }
+    // Bad requests: transform, FF1 domain rule, batch size, patient list.
+    for (transform, what) in [
+        (r#"{"kind":"rot13"}"#, "unknown transform"),
+        (r#"{"kind":"zip3","digits":5}"#, "unknown parameter"),
+        (
+            r#"{"kind":"fpe","alphabet":"digits","min_len":5,"max_len":9}"#,
+            "radix 10 length 5",
+        ),
+    ] {
+        assert_code(
+            tokenizer
+                .tokenize("study-1", "f", transform, strings(&["123456"]), vec![])
+                .await,
+            Code::InvalidArgument,
+            what,
+        );
+    }
+    let too_many = vec!["1".to_string(); 10_001];
+    assert_code(
+        tokenizer
+            .tokenize("study-1", "f", NAME, too_many, vec![])
+            .await,
+        Code::InvalidArgument,
+        "10001 values",
+    );
+    assert_code(
+        tokenizer
+            .tokenize("study-1", "f", BIRTH, strings(&dates), vec!["p".into()])
+            .await,
+        Code::InvalidArgument,
+        "patients do not match values",
+    );
+    // A bad value fails alone.
+    let mixed = tokenizer
+        .tokenize(
+            "study-1",
+            "ssn",
+            SSN,
+            strings(&["999-41-2363", "99X-41-2363"]),
+            vec![],
+        )
+        .await
+        .expect("mixed batch");
+    assert_eq!(mixed.results[0].status.as_ref().expect("status").code, 0);
+    let bad = mixed.results[1].status.as_ref().expect("status");
+    assert_eq!(bad.code, Code::InvalidArgument as i32);
+    assert!(!bad.message.contains("99X"), "{}", bad.message);
+
+    // Re-identification: only the re-identifier, only with a purpose and a patient.
+    let patient = name_tokens[0].clone();
+    let disclosure = |field: &str, transform: &str, purpose: &str| Disclosure {
+        domain: "study-1".into(),
+        field: field.into(),
+        transform_json: transform.into(),
+        purpose: purpose.into(),
+        patient_token: patient.clone(),
+        key_version: 0,
+    };
+    assert_code(
+        tokenizer
+            .detokenize(&disclosure("ssn", SSN, "curiosity"), ssn_tokens.clone())
+            .await,
+        Code::PermissionDenied,
+        "tokenizer detokenizes",
+    );
+    assert_code(
+        reidentifier
+            .detokenize(&disclosure("ssn", SSN, " "), ssn_tokens.clone())
+            .await,
+        Code::InvalidArgument,
+        "no purpose",
+    );
+    let back = reidentifier
+        .detokenize(
+            &disclosure("ssn", SSN, "safety-signal-follow-up"),
+            ssn_tokens.clone(),
+        )
+        .await
+        .expect("detokenize SSNs");
+    assert_eq!(
+        back.iter().map(|r| r.value.as_str()).collect::<Vec<_>>(),
+        ssns
+    );
+    let back = reidentifier
+        .detokenize(&disclosure("mrn", MRN, "treatment"), mrn_tokens.clone())
+        .await
+        .expect("detokenize MRNs");
+    assert_eq!(
+        back.iter().map(|r| r.value.as_str()).collect::<Vec<_>>(),
+        mrns
+    );
+    // A pseudonym is not reversible; a tampered token fails alone.
+    let refused = reidentifier
+        .detokenize(&disclosure("name", NAME, "treatment"), name_tokens.clone())
+        .await
+        .expect("answered");
+    assert!(refused
+        .iter()
+        .all(|r| r.status.as_ref().expect("status").code != 0));
+    let mut tampered = mrn_tokens[0].clone();
+    tampered.pop();
+    tampered.push(if mrn_tokens[0].ends_with('A') {
+        'B'
+    } else {
+        'A'
+    });
+    let results = reidentifier
+        .detokenize(
+            &disclosure("mrn", MRN, "treatment"),
+            vec![tampered, mrn_tokens[1].clone()],
+        )
+        .await
+        .expect("answered");
+    assert_ne!(results[0].status.as_ref().expect("status").code, 0);
+    assert_eq!(results[1].value, mrns[1]);
+    // Another patient's disclosure, which must not be listed for this one.
+    let mut other = disclosure("mrn", MRN, "treatment");
+    other.patient_token = name_tokens[2].clone();
+    reidentifier
+        .detokenize(&other, vec![mrn_tokens[1].clone()])
+        .await
+        .expect("other patient");
+
+    // The accounting of disclosures for this patient: every Detokenize call naming them (the
+    // refused tokenizer's attempt included, as denied), none for the other patient.
+    let auditor = server.client_as("auditor-1").await.expect("auditor");
+    let records = disclosures(&auditor, &patient).await;
+    let granted: Vec<_> = records.iter().filter(|r| r["outcome"] == "ok").collect();
+    assert_eq!(granted.len(), 4, "{records:#?}");
+    assert!(granted
+        .iter()
+        .all(|r| r["principal"] == reidentifier_id.as_str()));
+    let purposes: Vec<_> = granted
+        .iter()
+        .map(|r| r["detail"]["purpose"].as_str().unwrap_or(""))
+        .collect();
+    assert!(purposes.contains(&"safety-signal-follow-up") && purposes.contains(&"treatment"));
+    assert!(records
+        .iter()
+        .any(|r| r["outcome"] == "denied" && r["principal"] == tokenizer_id.as_str()));
+    let text = serde_json::to_string(&records).expect("json");
+    for secret in ssns.iter().chain(mrns.iter()) {
+        assert!(!text.contains(secret), "a value in the audit trail");
+    }
+    assert!(
+        !text.contains(patient.as_str()),
+        "the patient token in clear"
+    );
+    assert_eq!(disclosures(&auditor, &name_tokens[2]).await.len(), 1);
+
+    // Rotation is an approved act; new tokens carry version 2, old ones still reverse.
+    let proposal = officer
+        .propose_domain_rotation("study-1")
+        .await
+        .expect("rotation proposed");
+    assert_eq!(proposal.kind, "domain-rotation");
+    let (_, still_v1) = values_of(&tokenizer, "study-1", "mrn", MRN, &mrns, &[]).await;
+    assert_eq!(still_v1, mrn_tokens, "nothing changes before approval");
+    let done = server
+        .client_as("officer-2")
+        .await
+        .expect("approver")
+        .approve(&proposal.approval_id)
+        .await
+        .expect("approve");
+    assert_eq!(done.state, "executed", "{done:?}");
+    let (version, v2) = values_of(&tokenizer, "study-1", "mrn", MRN, &mrns, &[]).await;
+    assert_eq!(version, 2);
+    assert!(v2[0].starts_with("v2.") && v2[0] != mrn_tokens[0]);
+    keys.clear();
+    let key_v2 = keys.get("study-1", 0).await.expect("v2 key");
+    assert_eq!(key_v2.version(), 2);
+    assert_eq!(local(&key_v2, "mrn", MRN, &mrns, &[]), v2);
+    let old = reidentifier
+        .detokenize(&disclosure("mrn", MRN, "treatment"), mrn_tokens.clone())
+        .await
+        .expect("old tokens");
+    assert_eq!(old[0].value, mrns[0]);
+    let new = reidentifier
+        .detokenize(&disclosure("mrn", MRN, "treatment"), v2.clone())
+        .await
+        .expect("new tokens");
+    assert_eq!(new[1].value, mrns[1]);
+    let listed = officer.list_domains().await.expect("list");
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].current_version, 2);
+
+    // A disabled master key stops tokenization at once (domain keys are not cached).
+    officer.disable_key("research").await.expect("disable");
+    assert_code(
+        tokenizer
+            .tokenize("study-1", "mrn", MRN, strings(&mrns), vec![])
+            .await,
+        Code::FailedPrecondition,
+        "disabled master key",
+    );
+}
+
+/// The audit records of `Detokenize` calls about `patient`, as the auditor lists them.
+async fn disclosures(auditor: &KmsClient, patient: &str) -> Vec<serde_json::Value> {
+    let hash = auditor.hash_identifier(patient).await.expect("hash");
+    let page = auditor
+        .list_audit_records(sdk::governance::ListAuditRecordsRequest {
+            identifier_hash: hash,
+            page_size: 5000,
+            ..Default::default()
+        })
+        .await
+        .expect("records");
+    page.records_json
+        .iter()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("record"))
+        .filter(|r| r["operation"] == "Detokenize")
+        .collect()
+}
