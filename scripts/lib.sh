@@ -119,3 +119,15 @@ bind_dev_roles() {
     propose_and_approve roles bind "spiffe://hospital.test/$kind/$name" "$kind" > /dev/null
   done
 }
+
+# Makes (once) a Python virtual environment in .venv-python with the Python example's
+# requirements (grpcio-tools from PyPI) and exports KMS_PYTHON, its interpreter.
+ensure_python_example() {
+  local venv="$PWD/.venv-python"
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import grpc_tools' 2> /dev/null; then
+    echo "==> Python example environment in $venv (grpcio-tools from PyPI)"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -r examples/python/requirements.txt
+  fi
+  export KMS_PYTHON="$venv/bin/python"
+}

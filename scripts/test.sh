@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_softhsm
 export KMS_HSM_MODULE="$(softhsm_module)"
+# The Python example (examples/python) runs in the integration tests against a real server.
+ensure_python_example
 
 if [ -z "${KMS_TEST_POSTGRES_URL:-}" ]; then
   if python3 -c 'import socket; socket.create_connection(("127.0.0.1", 5432), 1).close()' 2> /dev/null; then

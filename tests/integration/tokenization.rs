@@ -450,3 +450,126 @@ async fn disclosures(auditor: &KmsClient, patient: &str) -> Vec<serde_json::Valu
         .filter(|r| r["operation"] == "Detokenize")
         .collect()
 }
+
+/// The Python example (stubs generated from `proto/` with grpcio-tools) tokenizes exactly as
+/// the SDK does locally. Needs `KMS_PYTHON`, a Python with `examples/python/requirements.txt`
+/// installed (`scripts/test.sh` makes one); skipped without it unless
+/// `KMS_TEST_REQUIRE_PYTHON=1` (CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_example_tokenizes_like_the_sdk() {
+    let python = match std::env::var("KMS_PYTHON") {
+        Ok(p) if !p.is_empty() => p,
+        _ if std::env::var("KMS_TEST_REQUIRE_PYTHON").as_deref() == Ok("1") => {
+            panic!("KMS_TEST_REQUIRE_PYTHON=1 but KMS_PYTHON is not set")
+        }
+        _ => {
+            eprintln!("SKIPPED: the Python example (KMS_PYTHON is not set)");
+            return;
+        }
+    };
+    let (_db, server) = sqlite_server().await;
+    let officer = server.client_as("officer-1").await.expect("officer");
+    officer
+        .create_key(sdk::NewKey {
+            alias: Some("research".into()),
+            ..sdk::NewKey::default()
+        })
+        .await
+        .expect("key");
+    officer
+        .create_domain("study-py", "research")
+        .await
+        .expect("domain");
+    let tokenizer_id = server.principal("tokenizer-1");
+    assert_eq!(
+        grant(
+            &server,
+            &tokenizer_id,
+            "research",
+            &["tokenize", "domain-key"],
+            None
+        )
+        .await,
+        "executed"
+    );
+    let key = server
+        .client_as("tokenizer-1")
+        .await
+        .expect("tokenizer")
+        .domain_key("study-py", 0)
+        .await
+        .expect("domain key");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/python/tokenize_example.py"
+    );
+    let identity = server.identity("tokenizer-1");
+    let ca = server.pki_dir().join("ca.pem");
+    let endpoint = server.endpoint().trim_start_matches("https://").to_string();
+    let run = |extra: Vec<String>| {
+        let mut command = std::process::Command::new(&python);
+        command
+            .arg(script)
+            .args(["--endpoint", &endpoint, "--ca"])
+            .arg(&ca)
+            .args([
+                "--cert",
+                &format!("{identity}.pem"),
+                "--key",
+                &format!("{identity}.key"),
+            ])
+            .args(extra);
+        // The server answers on this runtime's other worker while Python waits.
+        tokio::task::spawn_blocking(move || command.output().expect("python runs"))
+    };
+    for (field, transform, values) in [
+        ("ssn", SSN, vec!["999-41-2363", "999-52-8812"]),
+        ("name", NAME, vec!["Ana Núñez", "ANA NUÑEZ "]),
+        ("mrn", MRN, vec!["MRN-0001"]),
+    ] {
+        let mut extra = strings(&[
+            "--domain",
+            "study-py",
+            "--field",
+            field,
+            "--transform",
+            transform,
+        ]);
+        extra.extend(strings(&values));
+        let output = run(extra).await.expect("joined");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{field}: {stdout} {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let doc: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+        assert_eq!(doc["key_version"], 1);
+        let from_python: Vec<String> = doc["values"]
+            .as_array()
+            .expect("values")
+            .iter()
+            .map(|v| v.as_str().expect("value").to_string())
+            .collect();
+        assert_eq!(
+            from_python,
+            local(&key, field, transform, &values, &[]),
+            "{field}"
+        );
+    }
+    // The example reports a refusal as a gRPC error, not a traceback.
+    let output = run(strings(&[
+        "--domain",
+        "no-such-domain",
+        "--field",
+        "f",
+        "--transform",
+        NAME,
+        "x",
+    ]))
+    .await
+    .expect("joined");
+    assert!(!output.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&output.stdout).expect("an error document");
+    assert_eq!(doc["error"], "PERMISSION_DENIED", "{doc}");
+}
