@@ -207,6 +207,143 @@ impl Domains {
         Ok((info, key))
     }
 
+    /// The vault token of every value in `field` (a new random one for a value not seen
+    /// before under this key version). Values are never stored in clear: rows hold a keyed
+    /// lookup hash and the value sealed with AES-SIV.
+    pub async fn vault_tokenize(
+        &self,
+        key: &DomainKey,
+        field: &str,
+        values: &[String],
+    ) -> Result<Vec<Result<Item, KmsError>>, KmsError> {
+        let mut items = Vec::with_capacity(values.len());
+        for value in values {
+            if value.is_empty() {
+                items.push(Ok(Item::Value(String::new())));
+                continue;
+            }
+            let lookup = tokenize::vault::lookup(key, field, value);
+            if let Some(token) = self.vault_find(key, field, &lookup).await? {
+                items.push(Ok(Item::Value(token)));
+                continue;
+            }
+            let mut random = [0u8; tokenize::vault::TOKEN_BYTES];
+            getrandom::fill(&mut random).map_err(|_| KmsError::Internal {
+                what: "no randomness for a vault token",
+            })?;
+            let token = tokenize::vault::token(&random);
+            let sealed = hex::encode(tokenize::vault::seal(key, field, value)?);
+            // A concurrent call may have stored the same value first: then its token stands.
+            sqlx::query(
+                "INSERT INTO token_vault (domain, field, key_version, lookup, token, \
+                 sealed_value, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(key.domain())
+            .bind(field)
+            .bind(i64::from(key.version()))
+            .bind(lookup.as_str())
+            .bind(token.as_str())
+            .bind(sealed.as_str())
+            .bind(self.clock.now_unix())
+            .execute(self.store.pool())
+            .await
+            .map_err(db_error)?;
+            let stored = self
+                .vault_find(key, field, &lookup)
+                .await?
+                .ok_or(KmsError::Internal {
+                    what: "vault row missing after insert",
+                })?;
+            items.push(Ok(Item::Value(stored)));
+        }
+        Ok(items)
+    }
+
+    async fn vault_find(
+        &self,
+        key: &DomainKey,
+        field: &str,
+        lookup: &str,
+    ) -> Result<Option<String>, KmsError> {
+        let row = sqlx::query(
+            "SELECT token FROM token_vault WHERE domain = $1 AND field = $2 \
+             AND key_version = $3 AND lookup = $4",
+        )
+        .bind(key.domain())
+        .bind(field)
+        .bind(i64::from(key.version()))
+        .bind(lookup)
+        .fetch_optional(self.store.pool())
+        .await
+        .map_err(db_error)?;
+        row.map(|r| r.try_get("token").map_err(db_error))
+            .transpose()
+    }
+
+    /// The values of vault tokens, opened with the domain key version each was made under
+    /// (fetched for a caller allowed `reidentify`, checked first, so that nobody else can
+    /// even learn whether a token exists). An unknown token fails alone.
+    pub async fn vault_detokenize(
+        &self,
+        access: &dyn KeyAccess,
+        domain: &str,
+        field: &str,
+        tokens: &[String],
+    ) -> Result<Vec<Result<Item, KmsError>>, KmsError> {
+        let (_, current) = self.key(access, KeyOp::Reidentify, domain, 0).await?;
+        let mut keys: Vec<DomainKey> = vec![current];
+        let mut items = Vec::with_capacity(tokens.len());
+        for token in tokens {
+            if !tokenize::vault::is_token(token) {
+                items.push(Err(KmsError::Transform(
+                    tokenize::TokenizeError::DecryptFailed,
+                )));
+                continue;
+            }
+            let row = sqlx::query(
+                "SELECT key_version, sealed_value FROM token_vault \
+                 WHERE domain = $1 AND field = $2 AND token = $3",
+            )
+            .bind(domain)
+            .bind(field)
+            .bind(token.as_str())
+            .fetch_optional(self.store.pool())
+            .await
+            .map_err(db_error)?;
+            let Some(row) = row else {
+                items.push(Err(KmsError::Transform(
+                    tokenize::TokenizeError::DecryptFailed,
+                )));
+                continue;
+            };
+            let version: i64 = row.try_get("key_version").map_err(db_error)?;
+            let version = u32::try_from(version).map_err(|_| KmsError::Internal {
+                what: "vault key version out of range",
+            })?;
+            let sealed: String = row.try_get("sealed_value").map_err(db_error)?;
+            let sealed = hex::decode(sealed).map_err(|_| KmsError::Internal {
+                what: "stored vault value is not hex",
+            })?;
+            if !keys.iter().any(|k| k.version() == version) {
+                let (_, key) = self.key(access, KeyOp::Reidentify, domain, version).await?;
+                keys.push(key);
+            }
+            let key = keys
+                .iter()
+                .find(|k| k.version() == version)
+                .ok_or(KmsError::Internal {
+                    what: "vault key not loaded",
+                })?;
+            items.push(
+                tokenize::vault::open(key, field, &sealed)
+                    .map(Item::Value)
+                    .map_err(KmsError::from),
+            );
+        }
+        Ok(items)
+    }
+
     async fn seal_version(
         &self,
         key_id: Uuid,
@@ -318,12 +455,38 @@ pub fn check_name(domain: &str) -> Result<(), KmsError> {
     }
 }
 
-/// A transform as JSON (`{"kind":"pseudonym"}`, as in a policy).
-pub fn parse_transform(json: &str) -> Result<Transform, KmsError> {
-    serde_json::from_str(json).map_err(|_| KmsError::InvalidArgument {
+/// What a `Tokenize` or `Detokenize` call runs.
+#[derive(Debug)]
+pub enum ServerTransform {
+    /// One of the `tokenize` crate's transforms (the SDK runs the same locally).
+    Local(Transform),
+    /// `{"kind":"vault"}`: random tokens kept in the server's token vault.
+    Vault,
+}
+
+impl ServerTransform {
+    /// The transform's kind, as in a policy.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerTransform::Local(t) => t.kind(),
+            ServerTransform::Vault => "vault",
+        }
+    }
+}
+
+/// A transform as JSON (`{"kind":"pseudonym"}`, as in a policy; `{"kind":"vault"}` too).
+pub fn parse_transform(json: &str) -> Result<ServerTransform, KmsError> {
+    let invalid = || KmsError::InvalidArgument {
         field: "transform_json",
         reason: "not a transform (see the policy format in the README)",
-    })
+    };
+    let value: serde_json::Value = serde_json::from_str(json).map_err(|_| invalid())?;
+    if value == serde_json::json!({"kind": "vault"}) {
+        return Ok(ServerTransform::Vault);
+    }
+    serde_json::from_value(value)
+        .map(ServerTransform::Local)
+        .map_err(|_| invalid())
 }
 
 /// Checks the size of a batch and of each of its values.
@@ -403,6 +566,11 @@ mod tests {
     #[test]
     fn transforms_parse_from_json() {
         assert!(parse_transform(r#"{"kind":"pseudonym"}"#).is_ok());
+        assert!(matches!(
+            parse_transform(r#"{"kind":"vault"}"#),
+            Ok(ServerTransform::Vault)
+        ));
+        assert!(parse_transform(r#"{"kind":"vault","x":1}"#).is_err());
         assert!(parse_transform(r#"{"kind":"fpe","alphabet":"digits","max_len":9}"#).is_ok());
         assert!(parse_transform(r#"{"kind":"nope"}"#).is_err());
         assert!(parse_transform(r#"{"kind":"zip3","extra":1}"#).is_err());

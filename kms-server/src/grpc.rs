@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 use crate::audit::{Audit, AuditEvent, Outcome, Severity};
 use crate::authz::{self, Access, Authz, BreakGlassOutcome, Caller, Kind, Proposal, Role};
-use crate::domains::{self, Domains};
+use crate::domains::{self, Domains, ServerTransform};
 use crate::error::KmsError;
 use crate::recovery::{CeremonySpec, Recovery, Submission};
 use crate::service::{Context, KeyOp, KeyService, NewKey};
@@ -1766,16 +1766,25 @@ impl KeyManagement for GrpcService {
                         .await?;
                     facts.resolved(info.key_id, 0);
                     let version = key.version();
-                    let items = run_cpu(move || {
-                        domains::tokenize_all(
-                            &key,
-                            &r.field,
-                            &transform,
-                            &r.values,
-                            &r.patient_pseudonyms,
-                        )
-                    })
-                    .await?;
+                    let items = match transform {
+                        ServerTransform::Vault => {
+                            self.domains
+                                .vault_tokenize(&key, &r.field, &r.values)
+                                .await?
+                        }
+                        ServerTransform::Local(transform) => {
+                            run_cpu(move || {
+                                domains::tokenize_all(
+                                    &key,
+                                    &r.field,
+                                    &transform,
+                                    &r.values,
+                                    &r.patient_pseudonyms,
+                                )
+                            })
+                            .await?
+                        }
+                    };
                     Ok(TokenizeResponse {
                         key_version: version,
                         results: token_results("Tokenize", items, &mut facts),
@@ -1829,27 +1838,36 @@ impl KeyManagement for GrpcService {
                     facts
                         .detail
                         .insert("transform".into(), transform.kind().to_string());
-                    let version = match r.key_version {
-                        0 => r
-                            .tokens
-                            .first()
-                            .and_then(|t| tokenize::token_key_version(t))
-                            .unwrap_or(0),
-                        v => v,
-                    };
                     let access = self.authz.access(&caller);
-                    let (info, key) = self
-                        .domains
-                        .key(&access, KeyOp::Reidentify, &r.domain, version)
-                        .await?;
-                    facts.resolved(info.key_id, 0);
-                    facts
-                        .detail
-                        .insert("domain_version".into(), key.version().to_string());
-                    let items = run_cpu(move || {
-                        domains::detokenize_all(&key, &r.field, &transform, &r.tokens)
-                    })
-                    .await?;
+                    let items = match transform {
+                        ServerTransform::Vault => {
+                            self.domains
+                                .vault_detokenize(&access, &r.domain, &r.field, &r.tokens)
+                                .await?
+                        }
+                        ServerTransform::Local(transform) => {
+                            let version = match r.key_version {
+                                0 => r
+                                    .tokens
+                                    .first()
+                                    .and_then(|t| tokenize::token_key_version(t))
+                                    .unwrap_or(0),
+                                v => v,
+                            };
+                            let (info, key) = self
+                                .domains
+                                .key(&access, KeyOp::Reidentify, &r.domain, version)
+                                .await?;
+                            facts.resolved(info.key_id, 0);
+                            facts
+                                .detail
+                                .insert("domain_version".into(), key.version().to_string());
+                            run_cpu(move || {
+                                domains::detokenize_all(&key, &r.field, &transform, &r.tokens)
+                            })
+                            .await?
+                        }
+                    };
                     Ok(DetokenizeResponse {
                         results: token_results("Detokenize", items, &mut facts),
                     })

@@ -7,7 +7,7 @@ use sdk::tokenize::{Context, DomainKey, FieldTransformer, Transform, Transformed
 use sdk::{Code, Disclosure, DomainKeys, GrantSpec, KmsClient};
 use std::time::Duration;
 
-use crate::support::{ctx, sqlite_server, TestServer};
+use crate::support::{ctx, on_both_stores, sqlite_server, TestDb, TestServer};
 
 const SSN: &str = r#"{"kind":"fpe","alphabet":"digits","separators":"-","max_len":9}"#;
 const NAME: &str = r#"{"kind":"pseudonym","normalize":"text"}"#;
@@ -573,3 +573,152 @@ async fn the_python_example_tokenizes_like_the_sdk() {
     let doc: serde_json::Value = serde_json::from_slice(&output.stdout).expect("an error document");
     assert_eq!(doc["error"], "PERMISSION_DENIED", "{doc}");
 }
+
+/// Vault tokens: random, one per value, reversible only through the vault by a granted
+/// re-identifier; the store holds no value in clear.
+async fn vault_tokens(db: TestDb) {
+    let server = TestServer::start(&db).await.expect("server");
+    let officer = server.client_as("officer-1").await.expect("officer");
+    officer
+        .create_key(sdk::NewKey {
+            alias: Some("research".into()),
+            ..sdk::NewKey::default()
+        })
+        .await
+        .expect("key");
+    officer
+        .create_domain("study-v", "research")
+        .await
+        .expect("domain");
+    officer
+        .create_domain("study-w", "research")
+        .await
+        .expect("domain");
+    let tokenizer_id = server.principal("tokenizer-1");
+    let reidentifier_id = server.principal("reidentifier-1");
+    assert_eq!(
+        grant(&server, &tokenizer_id, "research", &["tokenize"], None).await,
+        "executed"
+    );
+    assert_eq!(
+        grant(
+            &server,
+            &reidentifier_id,
+            "research",
+            &["reidentify"],
+            Some("study-v")
+        )
+        .await,
+        "executed"
+    );
+    let tokenizer = server.client_as("tokenizer-1").await.expect("tokenizer");
+    let reidentifier = server
+        .client_as("reidentifier-1")
+        .await
+        .expect("reidentifier");
+    const VAULT: &str = r#"{"kind":"vault"}"#;
+    let passports = ["X12345678", "X87654321", "X12345678", ""];
+    let (_, tokens) = values_of(&tokenizer, "study-v", "passport", VAULT, &passports, &[]).await;
+    assert!(
+        tokens[..3]
+            .iter()
+            .all(|t| t.starts_with("vt.") && t.len() == 25),
+        "{tokens:?}"
+    );
+    assert_eq!(tokens[0], tokens[2], "one value, one token");
+    assert_ne!(tokens[0], tokens[1]);
+    assert_eq!(tokens[3], "", "empty stays empty");
+    // Another field or domain: another token for the same value.
+    let (_, other_field) = values_of(
+        &tokenizer,
+        "study-v",
+        "licence",
+        VAULT,
+        &passports[..1],
+        &[],
+    )
+    .await;
+    let (_, other_domain) = values_of(
+        &tokenizer,
+        "study-w",
+        "passport",
+        VAULT,
+        &passports[..1],
+        &[],
+    )
+    .await;
+    assert_ne!(other_field[0], tokens[0]);
+    assert_ne!(other_domain[0], tokens[0]);
+
+    let disclosure = Disclosure {
+        domain: "study-v".into(),
+        field: "passport".into(),
+        transform_json: VAULT.into(),
+        purpose: "treatment".into(),
+        patient_token: "patient-pseudonym".into(),
+        key_version: 0,
+    };
+    let mut asked = tokens[..2].to_vec();
+    asked.push("vt.AAAAAAAAAAAAAAAAAAAAAA".into());
+    asked.push(other_field[0].clone());
+    let back = reidentifier
+        .detokenize(&disclosure, asked)
+        .await
+        .expect("detokenize");
+    assert_eq!(back[0].value, passports[0]);
+    assert_eq!(back[1].value, passports[1]);
+    assert_ne!(
+        back[2].status.as_ref().expect("status").code,
+        0,
+        "unknown token"
+    );
+    assert_ne!(
+        back[3].status.as_ref().expect("status").code,
+        0,
+        "token of another field"
+    );
+    // No grant on study-w: refused before any lookup, whether or not the token exists.
+    let mut elsewhere = disclosure.clone();
+    elsewhere.domain = "study-w".into();
+    for token in [
+        other_domain[0].clone(),
+        "vt.AAAAAAAAAAAAAAAAAAAAAA".to_string(),
+    ] {
+        assert_code(
+            reidentifier.detokenize(&elsewhere, vec![token]).await,
+            Code::PermissionDenied,
+            "ungranted domain",
+        );
+    }
+
+    // Nothing in the store in clear: every text column of every vault row.
+    let store = kms_server::store::Store::connect(&db.url, 1)
+        .await
+        .expect("store");
+    let rows = sqlx::query("SELECT * FROM token_vault")
+        .fetch_all(store.pool())
+        .await
+        .expect("rows");
+    assert_eq!(
+        rows.len(),
+        4,
+        "three values in study-v (two fields), one in study-w"
+    );
+    let mut seen_tokens = 0;
+    for row in &rows {
+        use sqlx::Row;
+        for i in 0..row.len() {
+            if let Ok(text) = row.try_get::<String, _>(i) {
+                for value in &passports[..2] {
+                    assert!(
+                        !text.contains(value),
+                        "a vaulted value in clear in the store"
+                    );
+                }
+                seen_tokens += usize::from(tokens.contains(&text));
+            }
+        }
+    }
+    assert_eq!(seen_tokens, 2, "the check reads the rows it should");
+}
+on_both_stores!(vault_on, vault_tokens);

@@ -44,6 +44,10 @@ pub enum Purpose {
     Ff1,
     /// HMAC-SHA256 key of the per-patient date offset (32 bytes; domain-wide, field "").
     DateShift,
+    /// HMAC-SHA256 key of the token vault's lookup hashes (32 bytes).
+    VaultLookup,
+    /// AES-SIV-CMAC-256 key sealing the token vault's values (64 bytes).
+    VaultValue,
 }
 
 impl Purpose {
@@ -54,6 +58,8 @@ impl Purpose {
             Purpose::DeterministicEncryption => "deterministic/aes-siv-cmac-256",
             Purpose::Ff1 => "fpe/ff1-aes-256",
             Purpose::DateShift => "date-shift/hmac-sha256",
+            Purpose::VaultLookup => "vault-lookup/hmac-sha256",
+            Purpose::VaultValue => "vault-value/aes-siv-cmac-256",
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod pseudonym;
 pub mod siv;
 mod token;
 mod transform;
+pub mod vault;
 
 pub use error::TokenizeError;
 pub use keys::DomainKey;
