@@ -40,13 +40,14 @@ pub enum RoleCommand {
 pub enum GrantCommand {
     /// Propose a grant (takes effect when approved).
     Propose {
-        /// The grantee (an app principal).
+        /// The grantee (an app, tokenizer or re-identifier principal).
         #[arg(long)]
         principal: String,
         /// Key id or alias.
         #[arg(long)]
         key: String,
-        /// generate-data-key, encrypt, decrypt, re-encrypt; repeatable or comma-separated.
+        /// generate-data-key, encrypt, decrypt, re-encrypt (apps); tokenize, domain-key
+        /// (tokenizers); reidentify (re-identifiers). Repeatable or comma-separated.
         #[arg(long = "operation", value_delimiter = ',', required = true)]
         operations: Vec<String>,
         /// Context key every call must carry; repeatable.

@@ -722,3 +722,202 @@ async fn vault_tokens(db: TestDb) {
     assert_eq!(seen_tokens, 2, "the check reads the rows it should");
 }
 on_both_stores!(vault_on, vault_tokens);
+
+async fn cli(server: &TestServer, name: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    use clap::Parser;
+    let endpoint = server.endpoint();
+    let identity = server.identity(name);
+    let mut argv = vec![
+        "kms-cli",
+        "--output",
+        "json",
+        "--endpoint",
+        &endpoint,
+        "--identity",
+        &identity,
+    ];
+    argv.extend_from_slice(args);
+    let mut out = Vec::new();
+    kms_cli::run(kms_cli::Cli::try_parse_from(argv)?, &mut out).await?;
+    Ok(serde_json::from_slice(&out)?)
+}
+
+/// The README's commands: domain create, grants, tokenize, detokenize, audit disclosures,
+/// domain rotate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_domain_commands_of_the_readme() {
+    let (_db, server) = sqlite_server().await;
+    cli(
+        &server,
+        "officer-1",
+        &["key", "create", "--alias", "research"],
+    )
+    .await
+    .expect("key");
+    let domain = cli(
+        &server,
+        "officer-1",
+        &["domain", "create", "study-1", "--key", "research"],
+    )
+    .await
+    .expect("domain");
+    assert_eq!(domain["current_version"], 1);
+    for (who, ops) in [
+        ("tokenizer-1", "tokenize,domain-key"),
+        ("reidentifier-1", "reidentify"),
+    ] {
+        let principal = server.principal(who);
+        let proposal = cli(
+            &server,
+            "officer-1",
+            &[
+                "grants",
+                "propose",
+                "--principal",
+                &principal,
+                "--key",
+                "research",
+                "--operation",
+                ops,
+                "--context-equals",
+                "kms:domain=study-1",
+            ],
+        )
+        .await
+        .expect("proposed");
+        let id = proposal["approval_id"].as_str().expect("id");
+        let done = cli(&server, "officer-2", &["approvals", "approve", id])
+            .await
+            .expect("approved");
+        assert_eq!(done["state"], "executed", "{done}");
+    }
+    let tokenized = cli(
+        &server,
+        "tokenizer-1",
+        &[
+            "tokenize",
+            "--domain",
+            "study-1",
+            "--field",
+            "ssn",
+            "--transform",
+            SSN,
+            "999-41-2363",
+            "999-52-8812",
+        ],
+    )
+    .await
+    .expect("tokenize");
+    let tokens: Vec<String> = tokenized["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["value"].as_str().expect("value").to_string())
+        .collect();
+    assert_eq!(tokens.len(), 2);
+    let patient = cli(
+        &server,
+        "tokenizer-1",
+        &[
+            "tokenize",
+            "--domain",
+            "study-1",
+            "--field",
+            "patient",
+            "--transform",
+            NAME,
+            "Ana Núñez",
+        ],
+    )
+    .await
+    .expect("patient pseudonym")["results"][0]["value"]
+        .as_str()
+        .expect("pseudonym")
+        .to_string();
+    let mut args = vec![
+        "detokenize",
+        "--domain",
+        "study-1",
+        "--field",
+        "ssn",
+        "--transform",
+        SSN,
+        "--purpose",
+        "safety-signal-follow-up",
+        "--patient-token",
+        &patient,
+    ];
+    args.extend(tokens.iter().map(String::as_str));
+    let back = cli(&server, "reidentifier-1", &args)
+        .await
+        .expect("detokenize");
+    assert_eq!(back["results"][0]["value"], "999-41-2363");
+    assert_eq!(back["results"][1]["value"], "999-52-8812");
+    // Without a purpose, clap refuses before any call; the tokenizer is refused by the server.
+    assert!(cli(
+        &server,
+        "reidentifier-1",
+        &[
+            "detokenize",
+            "--domain",
+            "study-1",
+            "--field",
+            "ssn",
+            "--transform",
+            SSN,
+            "--patient-token",
+            &patient,
+            &tokens[0]
+        ]
+    )
+    .await
+    .is_err());
+    let mut as_tokenizer = args.clone();
+    as_tokenizer[8] = "curiosity";
+    assert!(cli(&server, "tokenizer-1", &as_tokenizer).await.is_err());
+    // A failed item makes the command fail after printing.
+    assert!(cli(
+        &server,
+        "tokenizer-1",
+        &[
+            "tokenize",
+            "--domain",
+            "study-1",
+            "--field",
+            "ssn",
+            "--transform",
+            SSN,
+            "99X-41-2363"
+        ]
+    )
+    .await
+    .is_err());
+
+    let listed = cli(
+        &server,
+        "auditor-1",
+        &["audit", "disclosures", "--patient-token", &patient],
+    )
+    .await
+    .expect("disclosures");
+    let listed = listed.as_array().expect("list");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed[0]["outcome"], "ok");
+    assert_eq!(listed[0]["purpose"], "safety-signal-follow-up");
+    assert_eq!(listed[0]["tokens"], "2");
+    assert_eq!(listed[1]["outcome"], "denied");
+    assert_eq!(listed[1]["purpose"], "curiosity");
+
+    let rotation = cli(&server, "officer-1", &["domain", "rotate", "study-1"])
+        .await
+        .expect("rotate");
+    assert_eq!(rotation["kind"], "domain-rotation");
+    let id = rotation["approval_id"].as_str().expect("id");
+    cli(&server, "officer-2", &["approvals", "approve", id])
+        .await
+        .expect("approve");
+    let domains = cli(&server, "officer-1", &["domain", "list"])
+        .await
+        .expect("list");
+    assert_eq!(domains[0]["current_version"], 2);
+}
