@@ -14,7 +14,8 @@
 //! tweak from the domain and field. FF1 output has no room for a key version: the policy must
 //! record which version a data set was encrypted under. FF3-1 is not offered.
 
-use aes::cipher::{BlockEncrypt, BlockSizeUser, KeyInit};
+use aes::cipher::consts::U16;
+use aes::cipher::{BlockBackend, BlockClosure, BlockEncrypt, BlockSizeUser, KeyInit};
 use aes::{Aes128, Aes192, Aes256, Block};
 use num_bigint::BigUint;
 use sha2::{Digest, Sha256};
@@ -28,6 +29,9 @@ pub const MAX_LEN_LIMIT: usize = 256;
 /// Smallest number of values the domain radix^minlen must have (SP 800-38G).
 pub const MIN_DOMAIN: u64 = 1_000_000;
 
+/// Symbols of a value that [`FormatPreserving`] handles in a stack buffer.
+const STACK_NUMERALS: usize = 32;
+
 /// Longest tweak accepted, in bytes.
 pub const MAX_TWEAK: usize = 256;
 
@@ -35,6 +39,8 @@ pub const MAX_TWEAK: usize = 256;
 pub struct Ff1<C> {
     cipher: C,
     radix: u32,
+    /// The radix with its reciprocal, for NUM and STR without division.
+    radix_mod: Modulus64,
     min_len: usize,
     max_len: usize,
     /// Per length `n` in `min_len..=max_len`.
@@ -52,11 +58,162 @@ struct LenParams {
     /// The rest of the constant part of `Q` (tweak tail and zero padding), fewer than 16 bytes.
     tail: [u8; 16],
     tail_len: usize,
-    /// radix^u and radix^v when both fit in 96 bits (the `u128` path).
-    fast: Option<(u128, u128)>,
+    /// The path a value of this length takes.
+    path: Path,
 }
 
-impl<C: BlockEncrypt + BlockSizeUser<BlockSize = aes::cipher::consts::U16>> Ff1<C> {
+/// How values of one length are computed.
+enum Path {
+    /// radix^v ≤ 2^32: `u64` arithmetic.
+    Small(Small),
+    /// radix^v ≤ 2^96: `u128` arithmetic.
+    Fast(Fast),
+    /// Longer: `num-bigint`.
+    Big,
+}
+
+/// The `u128` path of one length. With radix^v < 2^96, b ≤ 12 and d ≤ 16, so the variable part
+/// of `Q` is exactly one block — the constant tail, `[i]`, `[NUM(B)]_b` — and `S` is the first `d`
+/// bytes of `R`: a round is one AES block and a few register operations, with no division.
+#[derive(Clone, Copy)]
+struct Fast {
+    mu: Modulus,
+    mv: Modulus,
+    /// The CBC-MAC state after `P` and the whole constant blocks of `Q`, big-endian.
+    state: u128,
+    /// The last block of `Q` with `[i]` and `[NUM(B)]_b` zero: the tweak tail and padding.
+    template: u128,
+    /// 8·b: `[i]` is the byte above the b bytes of `NUM(B)`.
+    round_shift: u32,
+    /// 8·(16 − d): y is the first d bytes of `R`.
+    y_shift: u32,
+}
+
+/// The `u64` path of one length, when radix^v ≤ 2^32 (b ≤ 4, so d = 8: up to 19 decimal digits
+/// or 12 base-36 symbols): the halves fit in 32 bits, y is the first 8 bytes of `R`, and the last
+/// block of `Q` changes from round to round only in its low 8 bytes (`[i]` and `[NUM(B)]_b`).
+#[derive(Clone, Copy)]
+struct Small {
+    mu: Modulus64,
+    mv: Modulus64,
+    /// The first 8 bytes of (CBC-MAC state ⊕ last block of `Q`): the same in every round.
+    high_word: u64,
+    /// The last 8 bytes of (state ⊕ last block of `Q` with `NUM(B)` = 0) for round i.
+    low: [u64; 10],
+}
+
+/// The ten Feistel rounds of the `u64` path, run inside the cipher's backend: the AES rounds are
+/// inlined into the loop and the block need not go through memory between the arithmetic and
+/// the cipher.
+struct SmallRounds<'a> {
+    s: &'a Small,
+    a: &'a mut u64,
+    b: &'a mut u64,
+    decrypt: bool,
+}
+
+impl BlockSizeUser for SmallRounds<'_> {
+    type BlockSize = U16;
+}
+
+impl BlockClosure for SmallRounds<'_> {
+    fn call<B: BlockBackend<BlockSize = U16>>(self, backend: &mut B) {
+        let (s, mut a, mut b) = (self.s, *self.a, *self.b);
+        for step in 0..10usize {
+            let i = if self.decrypt { 9 - step } else { step };
+            let m = if i % 2 == 0 { s.mu } else { s.mv };
+            let num = if self.decrypt { a } else { b };
+            let whole = (u128::from(s.high_word) << 64) | u128::from(s.low[i] ^ num);
+            let mut block = Block::from(whole.to_be_bytes());
+            backend.proc_block((&mut block).into());
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&block[..8]);
+            let y = m.reduce(u64::from_be_bytes(first));
+            if self.decrypt {
+                // c = (NUM(B) − y) mod radix^m; B < m and y < m.
+                let c = if b >= y { b - y } else { b + m.m - y };
+                b = a;
+                a = c;
+            } else {
+                // c = (NUM(A) + y) mod radix^m; A < m and y < m.
+                let mut c = a + y;
+                if c >= m.m {
+                    c -= m.m;
+                }
+                a = b;
+                b = c;
+            }
+        }
+        *self.a = a;
+        *self.b = b;
+    }
+}
+
+/// A modulus below 2^64 and its reciprocal ⌊2^64/m⌋: division of a 64-bit value is a
+/// multiplication and at most one correction (Barrett), with no `div` instruction.
+#[derive(Clone, Copy)]
+struct Modulus64 {
+    m: u64,
+    magic: u64,
+}
+
+impl Modulus64 {
+    /// `m` ≥ 2 (a radix, or a power of one with a positive exponent).
+    fn new(m: u64) -> Self {
+        let m = m.max(2);
+        // ⌊2^64 / m⌋ < 2^64 for m ≥ 2.
+        let magic = ((1u128 << 64) / u128::from(m)) as u64;
+        Self { m, magic }
+    }
+
+    /// (x / m, x mod m).
+    fn div_rem(self, x: u64) -> (u64, u64) {
+        // 0 ≤ 2^64/m − magic < 1, so x/m − x·magic/2^64 < x/2^64 < 1: q is ⌊x/m⌋ or one less.
+        let mut q = ((u128::from(x) * u128::from(self.magic)) >> 64) as u64;
+        let mut r = x - q * self.m;
+        if r >= self.m {
+            r -= self.m;
+            q += 1;
+        }
+        (q, r)
+    }
+
+    fn reduce(self, x: u64) -> u64 {
+        self.div_rem(x).1
+    }
+}
+
+/// A modulus below 2^96, with the 64-bit fast division when it and the dividend fit.
+#[derive(Clone, Copy)]
+struct Modulus {
+    m: u128,
+    small: Option<Modulus64>,
+}
+
+impl Modulus {
+    fn new(m: u128) -> Self {
+        let small = u64::try_from(m)
+            .ok()
+            .filter(|&m| m >= 1)
+            .map(Modulus64::new);
+        Self { m, small }
+    }
+
+    /// (x / m, x mod m).
+    fn div_rem(self, x: u128) -> (u128, u128) {
+        if let (Some(small), Ok(x)) = (self.small, u64::try_from(x)) {
+            let (q, r) = small.div_rem(x);
+            return (u128::from(q), u128::from(r));
+        }
+        (x / self.m, x % self.m)
+    }
+
+    fn reduce(self, x: u128) -> u128 {
+        self.div_rem(x).1
+    }
+}
+
+impl<C: BlockEncrypt + BlockSizeUser<BlockSize = U16>> Ff1<C> {
     /// FF1 for `radix` and `tweak` over numeral strings of `min_len..=max_len` numerals.
     ///
     /// Checks radix 2..=65536, radix^min_len ≥ 1 000 000, min_len ≥ 2, max_len ≤
@@ -92,6 +249,7 @@ impl<C: BlockEncrypt + BlockSizeUser<BlockSize = aes::cipher::consts::U16>> Ff1<
         let mut ff1 = Self {
             cipher,
             radix,
+            radix_mod: Modulus64::new(u64::from(radix)),
             min_len,
             max_len,
             lengths: Vec::with_capacity(max_len - min_len + 1),
@@ -139,10 +297,36 @@ impl<C: BlockEncrypt + BlockSizeUser<BlockSize = aes::cipher::consts::U16>> Ff1<
         let mut tail = [0u8; 16];
         let tail_len = constant.len() - whole;
         tail[..tail_len].copy_from_slice(&constant[whole..]);
-        let limit = 1u128 << 96;
-        let fast = match (pow_u128(self.radix, u), pow_u128(self.radix, v)) {
-            (Some(mu), Some(mv)) if mv <= limit => Some((mu, mv)),
-            _ => None,
+        let state_num = u128::from_be_bytes(state.into());
+        let template = u128::from_be_bytes(tail);
+        let path = match (pow_u128(self.radix, u), pow_u128(self.radix, v)) {
+            // The layout argument of `Small` and `Fast` (one variable block) is checked here.
+            (Some(mu), Some(mv)) if mv <= 1 << 32 && tail_len + 1 + b == 16 && d == 8 => {
+                let mixed = state_num ^ template;
+                let high_word = (mixed >> 64) as u64;
+                let mut low = [0u64; 10];
+                for (i, slot) in (0u64..).zip(low.iter_mut()) {
+                    // The low 64 bits of `mixed` (truncation intended) with [i] above NUM(B).
+                    *slot = mixed as u64 ^ (i << (8 * b));
+                }
+                Path::Small(Small {
+                    mu: Modulus64::new(mu as u64),
+                    mv: Modulus64::new(mv as u64),
+                    high_word,
+                    low,
+                })
+            }
+            (Some(mu), Some(mv)) if mv <= 1 << 96 && tail_len + 1 + b == 16 && d <= 16 => {
+                Path::Fast(Fast {
+                    mu: Modulus::new(mu),
+                    mv: Modulus::new(mv),
+                    state: state_num,
+                    template,
+                    round_shift: 8 * b as u32,
+                    y_shift: 8 * (16 - d) as u32,
+                })
+            }
+            _ => Path::Big,
         };
         LenParams {
             u,
@@ -152,7 +336,7 @@ impl<C: BlockEncrypt + BlockSizeUser<BlockSize = aes::cipher::consts::U16>> Ff1<
             state,
             tail,
             tail_len,
-            fast,
+            path,
         }
     }
 
@@ -222,9 +406,10 @@ impl<C: BlockEncrypt + BlockSizeUser<BlockSize = aes::cipher::consts::U16>> Ff1<
     fn crypt(&self, x: &[u16], out: &mut [u16], decrypt: bool) -> Result<()> {
         self.check(x, out)?;
         let p = self.params(x.len())?;
-        match p.fast {
-            Some((mu, mv)) => self.crypt_fast(p, mu, mv, x, out, decrypt),
-            None => self.crypt_big(p, x, out, decrypt),
+        match &p.path {
+            Path::Small(small) => self.crypt_small(small, p.u, x, out, decrypt),
+            Path::Fast(fast) => self.crypt_fast(fast, p.u, x, out, decrypt),
+            Path::Big => self.crypt_big(p, x, out, decrypt),
         }
         Ok(())
     }
@@ -254,45 +439,57 @@ impl<C: BlockEncrypt + BlockSizeUser<BlockSize = aes::cipher::consts::U16>> Ff1<
         state
     }
 
-    fn crypt_fast(
-        &self,
-        p: &LenParams,
-        mu: u128,
-        mv: u128,
-        x: &[u16],
-        out: &mut [u16],
-        decrypt: bool,
-    ) {
-        let radix = u128::from(self.radix);
-        let mut a = num_u128(&x[..p.u], radix);
-        let mut b = num_u128(&x[p.u..], radix);
-        let mut num_be = [0u8; 16];
-        let rounds: [u8; 10] = if decrypt {
-            [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
-        } else {
-            [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    fn crypt_small(&self, s: &Small, u: usize, x: &[u16], out: &mut [u16], decrypt: bool) {
+        let radix = self.radix_mod;
+        let mut a = num_u64(&x[..u], radix.m);
+        let mut b = num_u64(&x[u..], radix.m);
+        self.cipher.encrypt_with_backend(SmallRounds {
+            s,
+            a: &mut a,
+            b: &mut b,
+            decrypt,
+        });
+        str_u64(a, radix, &mut out[..u]);
+        str_u64(b, radix, &mut out[u..]);
+    }
+
+    fn crypt_fast(&self, f: &Fast, u: usize, x: &[u16], out: &mut [u16], decrypt: bool) {
+        let radix = Modulus {
+            m: u128::from(self.radix),
+            small: Some(self.radix_mod),
         };
-        for i in rounds {
-            let m = if i % 2 == 0 { mu } else { mv };
-            let input = if decrypt { a } else { b };
-            num_be.copy_from_slice(&input.to_be_bytes());
-            let r = self.prf(p, i, &num_be[16 - p.b..]);
-            let mut y_bytes = [0u8; 16];
-            y_bytes[16 - p.d..].copy_from_slice(&r[..p.d]);
-            let y = mod_u128(u128::from_be_bytes(y_bytes), m);
+        let mut a = num_u128(&x[..u], radix.m);
+        let mut b = num_u128(&x[u..], radix.m);
+        for step in 0..10u8 {
+            let i = if decrypt { 9 - step } else { step };
+            let m = if i % 2 == 0 { f.mu } else { f.mv };
+            let y = m.reduce(self.prf_fast(f, i, if decrypt { a } else { b }));
             if decrypt {
                 // c = (NUM(B) − y) mod radix^m; B < m and y < m.
-                let c = if b >= y { b - y } else { b + m - y };
+                let c = if b >= y { b - y } else { b + m.m - y };
                 b = a;
                 a = c;
             } else {
-                let c = mod_u128(a + y, m);
+                // c = (NUM(A) + y) mod radix^m; A < m and y < m.
+                let mut c = a + y;
+                if c >= m.m {
+                    c -= m.m;
+                }
                 a = b;
                 b = c;
             }
         }
-        str_u128(a, radix, &mut out[..p.u]);
-        str_u128(b, radix, &mut out[p.u..]);
+        str_u128(a, radix, &mut out[..u]);
+        str_u128(b, radix, &mut out[u..]);
+    }
+
+    /// NUM(S) of round `round` for the numeral value `num` (< 2^(8b)): PRF over the last block of
+    /// `Q`, from the precomputed state.
+    fn prf_fast(&self, f: &Fast, round: u8, num: u128) -> u128 {
+        let q = f.template | (u128::from(round) << f.round_shift) | num;
+        let mut block = Block::from((f.state ^ q).to_be_bytes());
+        self.cipher.encrypt_block(&mut block);
+        u128::from_be_bytes(block.into()) >> f.y_shift
     }
 
     fn crypt_big(&self, p: &LenParams, x: &[u16], out: &mut [u16], decrypt: bool) {
@@ -433,6 +630,8 @@ pub struct FormatPreserving {
 /// An alphabet's symbols and the reverse lookup.
 struct AlphabetMap {
     symbols: Vec<char>,
+    /// The symbols as bytes when they are all ASCII (the byte path of ASCII values).
+    ascii_symbols: Option<Vec<u8>>,
     ascii: [u32; 128],
     other: Vec<(char, u16)>,
 }
@@ -461,8 +660,13 @@ impl AlphabetMap {
             }
         }
         other.sort_unstable();
+        let ascii_symbols = symbols
+            .iter()
+            .map(|&c| u8::try_from(c).ok().filter(u8::is_ascii))
+            .collect();
         Ok(Self {
             symbols,
+            ascii_symbols,
             ascii,
             other,
         })
@@ -529,7 +733,18 @@ impl FormatPreserving {
 
     fn crypt_into(&self, value: &str, out: &mut String, decrypt: bool) -> Result<()> {
         out.clear();
-        let mut numerals = [0u16; MAX_LEN_LIMIT];
+        // A value has at most as many symbols as bytes: short values (most identifiers) use a
+        // small stack buffer, longer ones up to the crate's limit a heap one.
+        let slots = value.len().min(MAX_LEN_LIMIT);
+        let mut stack = [0u16; 2 * STACK_NUMERALS];
+        let mut heap = Vec::new();
+        let buf: &mut [u16] = if slots <= STACK_NUMERALS {
+            &mut stack
+        } else {
+            heap.resize(2 * slots, 0);
+            &mut heap
+        };
+        let (numerals, result) = buf.split_at_mut(buf.len() / 2);
         let mut n = 0usize;
         for (position, c) in value.chars().enumerate() {
             if let Some(x) = self.alphabet.index(c) {
@@ -547,14 +762,31 @@ impl FormatPreserving {
                 max_len: self.ff1.max_len,
             });
         }
-        let mut result = [0u16; MAX_LEN_LIMIT];
         let crypted = if decrypt {
             self.ff1.decrypt(&numerals[..n], &mut result[..n])
         } else {
             self.ff1.encrypt(&numerals[..n], &mut result[..n])
         };
         crypted?;
-        let mut next = result[..n].iter();
+        let result = &result[..n];
+        out.reserve(value.len());
+        if let (true, Some(symbols)) = (value.is_ascii(), &self.alphabet.ascii_symbols) {
+            // ASCII value and alphabet: byte by byte, no UTF-8 decoding. Numerals come from FF1
+            // modulo the radix, the number of symbols.
+            let mut k = 0;
+            for &byte in value.as_bytes() {
+                let is_symbol = self.alphabet.ascii[usize::from(byte & 0x7f)] != NOT_IN_ALPHABET;
+                match result.get(k) {
+                    Some(&x) if is_symbol => {
+                        out.push(char::from(symbols[usize::from(x)]));
+                        k += 1;
+                    }
+                    _ => out.push(char::from(byte)),
+                }
+            }
+            return Ok(());
+        }
+        let mut next = result.iter();
         for c in value.chars() {
             match (self.alphabet.index(c), next.as_slice().first()) {
                 (Some(_), Some(&x)) => {
@@ -620,10 +852,16 @@ fn xor_into(block: &mut Block, bytes: &[u8]) {
     }
 }
 
-fn mod_u128(x: u128, m: u128) -> u128 {
-    match (u64::try_from(x), u64::try_from(m)) {
-        (Ok(x), Ok(m)) => u128::from(x % m),
-        _ => x % m,
+fn num_u64(x: &[u16], radix: u64) -> u64 {
+    x.iter().fold(0u64, |acc, &c| acc * radix + u64::from(c))
+}
+
+fn str_u64(mut value: u64, radix: Modulus64, out: &mut [u16]) {
+    for slot in out.iter_mut().rev() {
+        let (q, r) = radix.div_rem(value);
+        // r < radix ≤ 65 536.
+        *slot = r as u16;
+        value = q;
     }
 }
 
@@ -631,15 +869,12 @@ fn num_u128(x: &[u16], radix: u128) -> u128 {
     x.iter().fold(0u128, |acc, &c| acc * radix + u128::from(c))
 }
 
-fn str_u128(mut value: u128, radix: u128, out: &mut [u16]) {
+fn str_u128(mut value: u128, radix: Modulus, out: &mut [u16]) {
     for slot in out.iter_mut().rev() {
-        if let (Ok(v), Ok(r)) = (u64::try_from(value), u64::try_from(radix)) {
-            *slot = (v % r) as u16;
-            value = u128::from(v / r);
-        } else {
-            *slot = (value % radix) as u16;
-            value /= radix;
-        }
+        let (q, r) = radix.div_rem(value);
+        // r < radix ≤ 65 536.
+        *slot = r as u16;
+        value = q;
     }
 }
 
@@ -745,6 +980,47 @@ mod tests {
         let mut enc2 = String::new();
         other.encrypt_into("999-41-2363", &mut enc2).unwrap();
         assert_ne!(enc, enc2);
+    }
+
+    #[test]
+    fn barrett_reduction_equals_division_at_the_edges() {
+        let moduli = [
+            2u64,
+            3,
+            10,
+            36,
+            10_000,
+            100_000,
+            36u64.pow(5),
+            65_536,
+            (1 << 63) + 1,
+            u64::MAX - 1,
+            u64::MAX,
+        ];
+        for m in moduli {
+            let modulus = Modulus::new(u128::from(m));
+            let xs = [
+                0u64,
+                1,
+                m - 1,
+                m,
+                m.wrapping_add(1),
+                u64::MAX / 2,
+                u64::MAX - 1,
+                u64::MAX,
+            ];
+            for x in xs {
+                let (q, r) = modulus.div_rem(u128::from(x));
+                assert_eq!((q, r), (u128::from(x / m), u128::from(x % m)), "{x} / {m}");
+            }
+        }
+        // Above 64 bits it divides.
+        let big = Modulus::new(1u128 << 90);
+        assert_eq!(big.div_rem((1u128 << 95) + 5), (32, 5));
+        assert_eq!(
+            Modulus::new(10).div_rem(u128::from(u64::MAX) + 1),
+            ((u128::from(u64::MAX) + 1) / 10, 6)
+        );
     }
 
     #[test]

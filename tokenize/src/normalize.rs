@@ -54,7 +54,12 @@ impl Normalization {
             Normalization::Exact => out.push_str(value),
             Normalization::Text => text(value, out),
             Normalization::Ssn | Normalization::Phone | Normalization::Digits => {
-                out.extend(value.chars().filter_map(decimal_digit));
+                if value.is_ascii() {
+                    let digits = value.bytes().filter(u8::is_ascii_digit);
+                    out.extend(digits.map(char::from));
+                } else {
+                    out.extend(value.chars().filter_map(decimal_digit));
+                }
             }
             Normalization::Mrn => mrn(value, out),
         }
@@ -75,6 +80,11 @@ impl Normalization {
 fn text(value: &str, out: &mut String) {
     if value.is_ascii() {
         // NFC and case folding are the identity on ASCII except for A–Z.
+        if is_tidy_ascii(value.as_bytes()) {
+            out.push_str(value);
+            out.make_ascii_lowercase();
+            return;
+        }
         let mut pending_space = false;
         for b in value.bytes() {
             if b.is_ascii_whitespace() || b == 0x0b {
@@ -93,6 +103,15 @@ fn text(value: &str, out: &mut String) {
         }
         return;
     }
+    if value.chars().all(|c| c <= '\u{FF}') {
+        latin1(value, out);
+        return;
+    }
+    unicode(value, out);
+}
+
+/// The text normalization of a value with characters beyond Latin-1 (the general path).
+fn unicode(value: &str, out: &mut String) {
     let folded = value
         .chars()
         .filter(|&c| !is_invisible(c))
@@ -112,6 +131,57 @@ fn text(value: &str, out: &mut String) {
         }
         out.push(c);
     }
+}
+
+/// The text normalization of ASCII and Latin-1 text, character by character. Equal to
+/// [`unicode`] on such text (tested on every Latin-1 character and on random strings): Latin-1
+/// has no combining marks, so the text is NFC and its letters decompose and recompose to
+/// themselves; its case folding is one character to one (A–Z, À–Þ but ×, µ → μ), except
+/// ß → ss; U+00AD is the one invisible character, `` ` `` and `´` the apostrophes, NBSP and NEL
+/// the white space beyond ASCII.
+fn latin1(value: &str, out: &mut String) {
+    let mut pending_space = false;
+    for c in value.chars() {
+        if c == '\u{AD}' {
+            continue;
+        }
+        if c.is_whitespace() {
+            pending_space = !out.is_empty();
+            continue;
+        }
+        if pending_space {
+            out.push(' ');
+            pending_space = false;
+        }
+        match c {
+            'A'..='Z' | '\u{C0}'..='\u{D6}' | '\u{D8}'..='\u{DE}' => {
+                // The lowercase letter is 0x20 above its capital in both ranges.
+                out.push(char::from_u32(u32::from(c) + 0x20).unwrap_or(c));
+            }
+            '\u{DF}' => out.push_str("ss"),
+            '\u{B5}' => out.push('\u{3BC}'),
+            '`' | '\u{B4}' => out.push('\''),
+            c => out.push(c),
+        }
+    }
+}
+
+/// ASCII text that the ASCII path only lowercases: no backtick, no white space other than single
+/// spaces between other characters.
+fn is_tidy_ascii(bytes: &[u8]) -> bool {
+    let mut previous_space = true; // a leading space is not tidy
+    for &b in bytes {
+        let space = b == b' ';
+        if (space && previous_space)
+            || b == b'`'
+            || (b.is_ascii_whitespace() && !space)
+            || b == 0x0b
+        {
+            return false;
+        }
+        previous_space = space;
+    }
+    !previous_space || bytes.is_empty()
 }
 
 fn mrn(value: &str, out: &mut String) {
@@ -193,6 +263,42 @@ mod tests {
         for s in ["  Mr. Gilbert O'Conner\tJr ", "a`b", "X-Y_Z 09", "\x0bq"] {
             let forced = format!("{s}\u{200B}");
             assert_eq!(text_of(s), text_of(&forced), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn latin1_path_equals_the_unicode_path_on_every_latin1_character() {
+        let general = |s: &str| {
+            let mut out = String::new();
+            unicode(s, &mut out);
+            out
+        };
+        for c in (0u32..=0xFF).filter_map(char::from_u32) {
+            for s in [format!("{c}"), format!("x{c}y"), format!("A{c}{c} É")] {
+                let mut fast = String::new();
+                latin1(&s, &mut fast);
+                assert_eq!(fast, general(&s), "U+{:04X}", u32::from(c));
+            }
+        }
+        for s in [
+            "José Emilio366",
+            "HERNÁN",
+            "Straße",
+            "Ñuñez\u{a0}\u{a0}Peña",
+            "µ´`\u{ad}",
+        ] {
+            assert_eq!(text_of(s), general(s), "{s}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn latin1_path_equals_the_unicode_path(s in "[\\x00-\\u{ff}]{0,24}") {
+            let mut fast = String::new();
+            latin1(&s, &mut fast);
+            let mut general = String::new();
+            unicode(&s, &mut general);
+            proptest::prop_assert_eq!(fast, general);
         }
     }
 

@@ -23,6 +23,8 @@ type PreparedMac = Hmac<Sha256>;
 pub struct Pseudonymizer {
     mac: PreparedMac,
     version: u32,
+    /// `v<version>.`
+    prefix: String,
     normalization: Normalization,
 }
 
@@ -33,6 +35,7 @@ impl Pseudonymizer {
         Self {
             mac: prepare(key.as_slice()),
             version: domain_key.version(),
+            prefix: token::prefix(domain_key.version()),
             normalization,
         }
     }
@@ -43,7 +46,7 @@ impl Pseudonymizer {
         self.normalization.normalize_into(value, out)?;
         let tag = mac(&self.mac, out.as_bytes());
         out.clear();
-        token::push_prefix(out, self.version);
+        out.push_str(&self.prefix);
         token::push_payload(out, &tag[..PSEUDONYM_BYTES]);
         Ok(())
     }

@@ -6,12 +6,15 @@
 //! Token: `v<key version>.` ‖ base64url(SIV tag ‖ ciphertext), no padding. Every decryption
 //! failure is [`TokenizeError::DecryptFailed`].
 //!
-//! [`aes_siv_seal`] and [`aes_siv_open`] are the one AES-SIV code path; the transform calls
-//! them with its 64-byte key, and the known-answer tests call them with RFC 5297 and Wycheproof
-//! vectors.
+//! `seal_with!` and `open_with!` are the one AES-SIV code path: [`aes_siv_seal`] and
+//! [`aes_siv_open`] (which the known-answer tests call with RFC 5297 and Wycheproof vectors) run
+//! them on an instance made from the key; the transform runs them on an instance it keeps with
+//! its key schedule done, and makes a fresh one only when another thread is using it.
+
+use std::sync::Mutex;
 
 use aes::{Aes128, Aes192, Aes256};
-use aes_siv::siv::CmacSiv;
+use aes_siv::siv::{Aes256Siv, CmacSiv};
 use aes_siv::KeyInit;
 
 /// Runs `$body` with `$siv` an AES-SIV instance of the size the key's length selects.
@@ -37,6 +40,38 @@ macro_rules! with_siv {
         }
     };
 }
+/// Encrypts `$buf[TAG_BYTES..]` in place with the AES-SIV instance `$siv` and writes the SIV
+/// tag into `$buf[..TAG_BYTES]`.
+macro_rules! seal_with {
+    ($siv:expr, $headers:expr, $buf:expr) => {{
+        let (tag_out, body) = $buf.split_at_mut(TAG_BYTES);
+        // The only error is more than 126 headers; we pass at most a handful.
+        $siv.encrypt_in_place_detached($headers, body)
+            .map(|tag| tag_out.copy_from_slice(&tag))
+            .map_err(|_| TokenizeError::InvalidParameter {
+                parameter: "headers",
+                reason: "too many AES-SIV header components",
+            })
+    }};
+}
+
+/// Decrypts SIV tag ‖ ciphertext `$sealed` with `$siv` into a new buffer.
+macro_rules! open_with {
+    ($siv:expr, $headers:expr, $sealed:expr) => {{
+        let sealed: &[u8] = $sealed;
+        if sealed.len() < TAG_BYTES {
+            Err(TokenizeError::DecryptFailed)
+        } else {
+            let (tag, ciphertext) = sealed.split_at(TAG_BYTES);
+            let mut buf = ciphertext.to_vec();
+            let tag = aes_siv::Tag::clone_from_slice(tag);
+            $siv.decrypt_in_place_detached($headers, &mut buf, &tag)
+                .map(|()| buf)
+                .map_err(|_| TokenizeError::DecryptFailed)
+        }
+    }};
+}
+
 use zeroize::Zeroizing;
 
 use crate::keys::{push_lp, DomainKey, Purpose};
@@ -53,8 +88,12 @@ const STACK_BYTES: usize = 256;
 /// The deterministic-encryption transform of one field.
 pub struct SivCipher {
     key: Zeroizing<[u8; 64]>,
+    /// An instance under `key` with its key schedule done, for whichever thread takes it.
+    prepared: Mutex<Aes256Siv>,
     ad: Vec<u8>,
     version: u32,
+    /// `v<version>.`
+    prefix: String,
     normalization: Normalization,
 }
 
@@ -62,10 +101,13 @@ impl SivCipher {
     /// Derives the field's AES-SIV key and builds its associated data.
     pub fn new(domain_key: &DomainKey, field: &str, normalization: Normalization) -> Self {
         let key = domain_key.derive::<64>(field, Purpose::DeterministicEncryption);
+        let prepared = Mutex::new(Aes256Siv::new(key.as_ref().into()));
         Self {
             key,
+            prepared,
             ad: associated_data(domain_key.domain(), field, domain_key.version()),
             version: domain_key.version(),
+            prefix: token::prefix(domain_key.version()),
             normalization,
         }
     }
@@ -83,9 +125,9 @@ impl SivCipher {
             &mut heap
         };
         buf[TAG_BYTES..].copy_from_slice(out.as_bytes());
-        seal_in_place(self.key.as_slice(), &[&self.ad], buf)?;
+        self.with_prepared(|siv| seal_with!(siv, [&self.ad], buf))??;
         out.clear();
-        token::push_prefix(out, self.version);
+        out.push_str(&self.prefix);
         token::push_payload(out, buf);
         Ok(())
     }
@@ -97,10 +139,22 @@ impl SivCipher {
         if version != self.version {
             return Err(TokenizeError::DecryptFailed);
         }
-        let plain = Zeroizing::new(aes_siv_open(self.key.as_slice(), &[&self.ad], &payload)?);
+        let plain = self.with_prepared(|siv| open_with!(siv, [&self.ad], &payload))??;
+        let plain = Zeroizing::new(plain);
         let text = std::str::from_utf8(&plain).map_err(|_| TokenizeError::DecryptFailed)?;
         out.push_str(text);
         Ok(())
+    }
+
+    /// Runs `f` on the prepared instance, or on a fresh one if another thread holds it (or
+    /// panicked holding it: that one is never used again).
+    fn with_prepared<T>(&self, f: impl FnOnce(&mut Aes256Siv) -> T) -> Result<T> {
+        if let Ok(mut siv) = self.prepared.try_lock() {
+            return Ok(f(&mut siv));
+        }
+        let mut fresh =
+            Aes256Siv::new_from_slice(self.key.as_slice()).map_err(|_| invalid_key(64))?;
+        Ok(f(&mut fresh))
     }
 }
 
@@ -136,16 +190,7 @@ pub fn aes_siv_seal(key: &[u8], headers: &[&[u8]], plaintext: &[u8]) -> Result<V
 /// AES-SIV decryption of SIV tag ‖ ciphertext; [`TokenizeError::DecryptFailed`] if it is shorter
 /// than a tag or does not authenticate.
 pub fn aes_siv_open(key: &[u8], headers: &[&[u8]], sealed: &[u8]) -> Result<Vec<u8>> {
-    if sealed.len() < TAG_BYTES {
-        return Err(TokenizeError::DecryptFailed);
-    }
-    let (tag, ciphertext) = sealed.split_at(TAG_BYTES);
-    let mut buf = ciphertext.to_vec();
-    let tag = aes_siv::Tag::clone_from_slice(tag);
-    with_siv!(key, |siv| siv
-        .decrypt_in_place_detached(headers, &mut buf, &tag)
-        .map_err(|_| TokenizeError::DecryptFailed))?;
-    Ok(buf)
+    with_siv!(key, |siv| open_with!(siv, headers, sealed))
 }
 
 fn invalid_key(actual: usize) -> TokenizeError {
@@ -157,14 +202,44 @@ fn invalid_key(actual: usize) -> TokenizeError {
 
 /// Encrypts `buf[TAG_BYTES..]` in place and writes the SIV tag into `buf[..TAG_BYTES]`.
 fn seal_in_place(key: &[u8], headers: &[&[u8]], buf: &mut [u8]) -> Result<()> {
-    let (tag_out, body) = buf.split_at_mut(TAG_BYTES);
-    // The only error is more than 126 headers; we pass at most a handful.
-    let tag = with_siv!(key, |siv| siv
-        .encrypt_in_place_detached(headers, body)
-        .map_err(|_| TokenizeError::InvalidParameter {
-            parameter: "headers",
-            reason: "too many AES-SIV header components",
-        }))?;
-    tag_out.copy_from_slice(&tag);
-    Ok(())
+    with_siv!(key, |siv| seal_with!(siv, headers, buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cipher() -> SivCipher {
+        let domain = DomainKey::new("d", 1, Zeroizing::new([4u8; 32]));
+        SivCipher::new(&domain, "mrn", Normalization::Exact)
+    }
+
+    #[test]
+    fn a_busy_or_poisoned_prepared_instance_gives_the_same_tokens() {
+        let siv = cipher();
+        let mut token = String::new();
+        siv.encrypt_into("MRN-00042", &mut token).unwrap();
+        // Busy: another holder of the prepared instance.
+        let mut busy = String::new();
+        {
+            let _held = siv.prepared.lock().unwrap();
+            siv.encrypt_into("MRN-00042", &mut busy).unwrap();
+            let mut plain = String::new();
+            siv.decrypt_into(&token, &mut plain).unwrap();
+            assert_eq!(plain, "MRN-00042");
+        }
+        assert_eq!(busy, token);
+        // Poisoned: a thread panicked while holding it.
+        let poisoned = std::thread::scope(|s| {
+            s.spawn(|| {
+                let _held = siv.prepared.lock().unwrap();
+                panic!("poison the prepared instance");
+            })
+            .join()
+        });
+        assert!(poisoned.is_err() && siv.prepared.is_poisoned());
+        let mut after = String::new();
+        siv.encrypt_into("MRN-00042", &mut after).unwrap();
+        assert_eq!(after, token);
+    }
 }

@@ -6,6 +6,13 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 
+/// `v<version>.`, made once per transform so that the hot path only copies it.
+pub(crate) fn prefix(version: u32) -> String {
+    let mut out = String::with_capacity(12);
+    push_prefix(&mut out, version);
+    out
+}
+
 /// Appends `v<version>.` to `out`.
 pub(crate) fn push_prefix(out: &mut String, version: u32) {
     use std::fmt::Write;

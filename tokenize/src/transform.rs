@@ -171,7 +171,7 @@ pub struct FieldTransformer {
 #[derive(Debug)]
 enum Prepared {
     Pseudonym(Pseudonymizer),
-    Deterministic(SivCipher),
+    Deterministic(Box<SivCipher>),
     Fpe(Box<FormatPreserving>),
     DateShift(DateShifter),
     Zip3,
@@ -191,7 +191,7 @@ impl FieldTransformer {
                 Prepared::Pseudonym(Pseudonymizer::new(domain_key, field, *normalize))
             }
             Transform::Deterministic { normalize } => {
-                Prepared::Deterministic(SivCipher::new(domain_key, field, *normalize))
+                Prepared::Deterministic(Box::new(SivCipher::new(domain_key, field, *normalize)))
             }
             Transform::Fpe {
                 alphabet,
