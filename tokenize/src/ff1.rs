@@ -3,9 +3,11 @@
 //! [`Ff1`] is the algorithm on numeral strings, generic over AES-128/192/256 (the NIST samples
 //! use all three; the transform uses AES-256). Per length `n` it precomputes at construction
 //! the CBC-MAC state after the fixed block `P` and after the tweak-only blocks of `Q`, so a round
-//! costs one or two AES blocks; numeral strings whose halves fit in 96 bits (up to 56 decimal
-//! digits) are computed in `u128`/`u64` arithmetic without allocation, longer ones with
-//! `num-bigint`.
+//! costs one or two AES blocks. Numeral strings whose halves fit in 32 bits (up to 19 decimal
+//! digits: SSNs, phone numbers, most MRNs) run their ten rounds in `u64` arithmetic with Barrett
+//! reduction (no division), inside the cipher's backend so that the AES rounds are inlined;
+//! halves up to 96 bits (56 decimal digits) use `u128`; longer strings `num-bigint`. No path
+//! allocates but the bignum one.
 //!
 //! [`FormatPreserving`] is the field transform: a declared alphabet (its radix), declared
 //! separators that stay in place, and the SP 800-38G domain rule radix^minlen ≥ 1 000 000 with
@@ -746,14 +748,31 @@ impl FormatPreserving {
         };
         let (numerals, result) = buf.split_at_mut(buf.len() / 2);
         let mut n = 0usize;
-        for (position, c) in value.chars().enumerate() {
-            if let Some(x) = self.alphabet.index(c) {
-                if let Some(slot) = numerals.get_mut(n) {
-                    *slot = x;
+        let mut push = |x: u16| {
+            if let Some(slot) = numerals.get_mut(n) {
+                *slot = x;
+            }
+            n += 1;
+        };
+        if value.is_ascii() {
+            // Byte by byte: an ASCII character's index is its byte's.
+            for (position, &byte) in value.as_bytes().iter().enumerate() {
+                match self.alphabet.ascii[usize::from(byte & 0x7f)] {
+                    NOT_IN_ALPHABET if !self.separators.contains(&char::from(byte)) => {
+                        return Err(TokenizeError::OutsideAlphabet { position });
+                    }
+                    NOT_IN_ALPHABET => {}
+                    // Indexes are below 65 536 (checked by AlphabetMap::new).
+                    x => push(x as u16),
                 }
-                n += 1;
-            } else if !self.separators.contains(&c) {
-                return Err(TokenizeError::OutsideAlphabet { position });
+            }
+        } else {
+            for (position, c) in value.chars().enumerate() {
+                if let Some(x) = self.alphabet.index(c) {
+                    push(x);
+                } else if !self.separators.contains(&c) {
+                    return Err(TokenizeError::OutsideAlphabet { position });
+                }
             }
         }
         if n > self.ff1.max_len {
