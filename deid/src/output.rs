@@ -1,0 +1,128 @@
+//! Nothing half-written: every output (and reject) file is written to a hidden temporary file
+//! in its final directory, flushed and `fsync`ed; only when the whole run has succeeded are
+//! they renamed into place and the directories synced. A failed run — an error, a stopped run,
+//! a panic — removes its temporary files when [`Staging`] is dropped, so the output directory
+//! never holds a partial file. (A killed process can leave `.*.deid-tmp` files, never a file
+//! under an output name.)
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::DeidError;
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DeidError + 'a {
+    move |source| DeidError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Temporary files of one run, and where they go.
+#[derive(Debug, Default)]
+pub(crate) struct Staging {
+    files: Mutex<Vec<(PathBuf, PathBuf)>>,
+    counter: AtomicU64,
+}
+
+/// An output being written.
+pub(crate) struct StagedFile {
+    tmp: PathBuf,
+    writer: BufWriter<File>,
+    written: u64,
+}
+
+impl StagedFile {
+    pub(crate) fn write_all(&mut self, bytes: &[u8]) -> Result<(), DeidError> {
+        self.written += bytes.len() as u64;
+        self.writer.write_all(bytes).map_err(io("write", &self.tmp))
+    }
+
+    pub(crate) fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Flushes and syncs the file's data to disk.
+    pub(crate) fn finish(self) -> Result<u64, DeidError> {
+        let tmp = self.tmp;
+        let file = self
+            .writer
+            .into_inner()
+            .map_err(|e| DeidError::Io {
+                op: "write",
+                path: tmp.clone(),
+                source: e.into_error(),
+            })?;
+        file.sync_all().map_err(io("sync", &tmp))?;
+        Ok(self.written)
+    }
+}
+
+impl Staging {
+    /// Starts the file that becomes `dest` on commit.
+    pub(crate) fn create(&self, dest: &Path) -> Result<StagedFile, DeidError> {
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!(".{name}.{}-{n}.deid-tmp", std::process::id()));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io("create", &tmp))?;
+        if let Ok(mut files) = self.files.lock() {
+            files.push((tmp.clone(), dest.to_owned()));
+        }
+        Ok(StagedFile {
+            tmp,
+            writer: BufWriter::with_capacity(1 << 20, file),
+            written: 0,
+        })
+    }
+
+    /// Renames every staged file into place and syncs the directories.
+    pub(crate) fn commit(self) -> Result<(), DeidError> {
+        let files = std::mem::take(&mut *self.files.lock().map_err(|_| DeidError::WorkerPanicked)?);
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        let mut rest = files.into_iter();
+        while let Some((tmp, dest)) = rest.next() {
+            if let Err(e) = fs::rename(&tmp, &dest) {
+                // Put back what is not renamed, so that dropping removes it.
+                let mut left = vec![(tmp, dest.clone())];
+                left.extend(rest);
+                if let Ok(mut files) = self.files.lock() {
+                    *files = left;
+                }
+                return Err(io("rename into", &dest)(e));
+            }
+            if let Some(dir) = dest.parent() {
+                if !dirs.iter().any(|d| d == dir) {
+                    dirs.push(dir.to_owned());
+                }
+            }
+        }
+        for dir in dirs {
+            // Durability of the renames; some platforms cannot open directories.
+            if let Ok(d) = File::open(&dir) {
+                d.sync_all().map_err(io("sync", &dir))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let files = match self.files.get_mut() {
+            Ok(f) => std::mem::take(f),
+            Err(poisoned) => std::mem::take(poisoned.into_inner()),
+        };
+        for (tmp, _) in files {
+            let _ = fs::remove_file(tmp);
+        }
+    }
+}

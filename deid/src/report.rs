@@ -1,0 +1,143 @@
+//! The report of a run: counts per file, field and transform, rejects with file, line and
+//! reason, and dropped unknown fields. It never holds a value, and its serialized form names
+//! files by their *output* names only (Synthea names FHIR bundles after the patient); the input
+//! paths are kept in fields that are not serialized, for the caller's terminal.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::ops::Op;
+
+/// Counts of values per field label, as gathered by one worker.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct FieldStats {
+    counts: HashMap<Arc<str>, (&'static str, u64)>,
+}
+
+impl FieldStats {
+    pub(crate) fn count(&mut self, op: &Op) {
+        self.add(&op.label, op.kind_name(), 1);
+    }
+
+    pub(crate) fn add(&mut self, label: &Arc<str>, kind: &'static str, n: u64) {
+        match self.counts.get_mut(label) {
+            Some(e) => e.1 += n,
+            None => {
+                self.counts.insert(Arc::clone(label), (kind, n));
+            }
+        }
+    }
+
+    pub(crate) fn merge(&mut self, other: FieldStats) {
+        for (label, (kind, n)) in other.counts {
+            self.add(&label, kind, n);
+        }
+    }
+
+    pub(crate) fn into_fields(self) -> BTreeMap<String, FieldCount> {
+        self.counts
+            .into_iter()
+            .map(|(label, (transform, count))| (label.to_string(), FieldCount { transform, count }))
+            .collect()
+    }
+}
+
+/// How many values of one field went through which transform.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldCount {
+    /// The transform kind (`keep`, `pseudonym`, `date_shift`, `drop`, `reference`, …).
+    pub transform: &'static str,
+    /// Non-empty values it was applied to.
+    pub count: u64,
+}
+
+/// The report of a whole run; written as JSON next to the output.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The policy's name.
+    pub policy: String,
+    /// The tokenization domain.
+    pub domain: String,
+    /// The domain key version the pseudonyms were made with.
+    pub key_version: u32,
+    /// Records written (all files).
+    pub records: u64,
+    /// Records rejected (all files).
+    pub rejected: u64,
+    /// Input bytes read.
+    pub bytes_in: u64,
+    /// Output bytes written.
+    pub bytes_out: u64,
+    /// Values per transform kind (all files).
+    pub transforms: BTreeMap<String, u64>,
+    /// One entry per processed file.
+    pub files: Vec<FileReport>,
+    /// Rejected records, in file and line order.
+    pub rejects: Vec<Reject>,
+    /// Unknown fields that were dropped (`unknown_fields = "warn"`).
+    pub warnings: Vec<Warning>,
+    /// Input files that no rule matched and that were skipped (`unknown_fields = "warn"`).
+    pub skipped_files: u64,
+    /// The skipped files' paths (not serialized: input names may identify patients).
+    #[serde(skip)]
+    pub skipped: Vec<PathBuf>,
+}
+
+/// One processed file.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileReport {
+    /// The output file, relative to the output directory.
+    pub file: String,
+    /// The input file (not serialized).
+    #[serde(skip)]
+    pub input: PathBuf,
+    /// `csv`, `ndjson`, `json`, `fhir-bundle` or `fhir-ndjson`.
+    pub format: &'static str,
+    /// Records written.
+    pub records: u64,
+    /// Records rejected.
+    pub rejected: u64,
+    /// Input bytes.
+    pub bytes_in: u64,
+    /// Values per field (column name, JSON pointer or FHIR rule path).
+    pub fields: BTreeMap<String, FieldCount>,
+}
+
+/// A rejected record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Reject {
+    /// The output file the record would have gone to.
+    pub file: String,
+    /// The input file (not serialized).
+    #[serde(skip)]
+    pub input: PathBuf,
+    /// 1-based line where the record starts.
+    pub line: u64,
+    /// Why (never a value).
+    pub reason: String,
+}
+
+/// An unknown field that was dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Warning {
+    /// The output file.
+    pub file: String,
+    /// The column name or element path.
+    pub field: String,
+    /// How many values were dropped (for a CSV column: its rows).
+    pub occurrences: u64,
+}
+
+/// Progress of a run, for a progress bar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    /// Records processed so far (all files).
+    pub records: u64,
+    /// Input bytes processed so far.
+    pub bytes: u64,
+    /// Input bytes in total.
+    pub total_bytes: u64,
+}
