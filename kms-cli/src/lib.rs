@@ -18,6 +18,7 @@ use sdk::{CachePolicy, ClientTls, Envelope, KeyInfo, KmsClient, NewKey};
 use serde_json::json;
 
 pub mod custodian;
+pub mod deid;
 pub mod domains;
 pub mod governance;
 pub mod pki;
@@ -133,6 +134,9 @@ pub enum Command {
     Tokenize(domains::TokenizeArgs),
     /// Reverse deterministic or FF1 tokens (re-identifiers): a recorded disclosure.
     Detokenize(domains::DetokenizeArgs),
+    /// De-identify CSV files, FHIR R4 bundles or NDJSON under a policy (tokenizers with a
+    /// domain-key grant): transforms run locally; a JSON report is written next to the output.
+    Deid(deid::DeidArgs),
 }
 
 /// Key management commands.
@@ -408,6 +412,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Domain(c) => domains::domain(&client, out, json, c).await,
         Command::Tokenize(a) => domains::tokenize(&client, out, json, a).await,
         Command::Detokenize(a) => domains::detokenize(&client, out, json, a).await,
+        Command::Deid(a) => deid::run(&client, out, json, a).await,
         Command::Key(KeyCommand::CancelDeletion { key }) => {
             let key = client.cancel_key_deletion(&key).await?;
             emit(out, json, key_json(&key), || key_text(&key))

@@ -921,3 +921,142 @@ async fn the_domain_commands_of_the_readme() {
         .expect("list");
     assert_eq!(domains[0]["current_version"], 2);
 }
+
+/// `kms-cli deid` on the Synthea CSV export and FHIR bundles: the domain key comes from the
+/// KMS (a `domain-key` grant; `tokenize` alone is refused), the report is written next to the
+/// output and holds no value, and no SSN or name of the input is in the output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kms_cli_deid_on_the_synthea_export() {
+    let (_db, server) = sqlite_server().await;
+    cli(
+        &server,
+        "officer-1",
+        &["key", "create", "--alias", "research"],
+    )
+    .await
+    .expect("key");
+    cli(
+        &server,
+        "officer-1",
+        &["domain", "create", "study-1", "--key", "research"],
+    )
+    .await
+    .expect("domain");
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/synthea");
+    let out = tempfile::tempdir().expect("out");
+    let csv_out = out.path().join("csv");
+    let csv_out = csv_out.to_str().expect("utf-8");
+    let deid_csv = [
+        "deid",
+        "--policy",
+        "hipaa-safe-harbor-synthea-csv",
+        "--domain",
+        "study-1",
+        "--in",
+        &format!("{data}/csv"),
+        "--out",
+        csv_out,
+        "--quiet",
+    ];
+    // Only `tokenize`: the key is refused, nothing is written.
+    assert_eq!(
+        grant(
+            &server,
+            &server.principal("tokenizer-1"),
+            "research",
+            &["tokenize"],
+            None
+        )
+        .await,
+        "executed"
+    );
+    let refused = cli(&server, "tokenizer-1", &deid_csv)
+        .await
+        .expect_err("no domain-key grant");
+    assert!(
+        format!("{refused:#}").contains("PermissionDenied"),
+        "{refused:#}"
+    );
+    assert!(!std::path::Path::new(csv_out).join("patients.csv").exists());
+    assert_eq!(
+        grant(
+            &server,
+            &server.principal("tokenizer-1"),
+            "research",
+            &["domain-key"],
+            Some("study-1")
+        )
+        .await,
+        "executed"
+    );
+    let done = cli(&server, "tokenizer-1", &deid_csv)
+        .await
+        .expect("deid csv");
+    let report = &done["report"];
+    assert_eq!(report["domain"], "study-1");
+    assert_eq!(report["key_version"], 1);
+    assert_eq!(report["rejected"], 0);
+    assert!(
+        report["records"].as_u64().expect("records") > 40_000,
+        "{report}"
+    );
+    let written: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(done["report_file"].as_str().expect("report file")).expect("report"),
+    )
+    .expect("report json");
+    assert_eq!(written["records"], report["records"]);
+
+    // Leak check on the values that identify a patient most directly.
+    let patients = std::fs::read_to_string(format!("{data}/csv/patients.csv")).expect("input");
+    let mut reader = csv::Reader::from_reader(patients.as_bytes());
+    let headers = reader.headers().expect("headers").clone();
+    let column = |name: &str| headers.iter().position(|h| h == name).expect(name);
+    let (ssn, first, last, id) = (column("SSN"), column("FIRST"), column("LAST"), column("Id"));
+    let mut secrets = Vec::new();
+    for row in reader.records() {
+        let row = row.expect("row");
+        secrets.extend([&row[ssn], &row[first], &row[last], &row[id]].map(|v| v.to_lowercase()));
+    }
+    assert!(secrets.len() > 40);
+    let mut output = String::new();
+    for entry in std::fs::read_dir(csv_out).expect("out dir") {
+        output.push_str(
+            &std::fs::read_to_string(entry.expect("entry").path())
+                .expect("file")
+                .to_lowercase(),
+        );
+    }
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        assert!(
+            !output.contains(secret.as_str()),
+            "an input identifier in the output"
+        );
+    }
+
+    // FHIR bundles with the FHIR profile, into their own folder.
+    let fhir_out = out.path().join("fhir");
+    let fhir = cli(
+        &server,
+        "tokenizer-1",
+        &[
+            "deid",
+            "--policy",
+            "hipaa-safe-harbor-fhir-r4",
+            "--domain",
+            "study-1",
+            "--in",
+            &format!("{data}/fhir"),
+            "--out",
+            fhir_out.to_str().expect("utf-8"),
+            "--quiet",
+        ],
+    )
+    .await
+    .expect("deid fhir");
+    assert!(
+        fhir["report"]["records"].as_u64().expect("records") >= 9,
+        "{fhir}"
+    );
+    // Running again without --force refuses to replace the output.
+    assert!(cli(&server, "tokenizer-1", &deid_csv).await.is_err());
+}
