@@ -53,12 +53,23 @@ impl Op {
 pub(crate) struct Applier {
     transformer: FieldTransformer,
     uuid: bool,
+    zero_pad: usize,
     kind: &'static str,
 }
 
 impl Applier {
     /// Writes the transformed `value` into `out` (cleared first). Empty stays empty.
     pub(crate) fn apply(&self, value: &str, out: &mut String) -> Result<(), TokenizeError> {
+        let padded;
+        let value = if value.len() < self.zero_pad
+            && !value.is_empty()
+            && value.bytes().all(|b| b.is_ascii_digit())
+        {
+            padded = format!("{value:0>width$}", width = self.zero_pad);
+            padded.as_str()
+        } else {
+            value
+        };
         match self.transformer.apply_into(value, &Context::default(), out)? {
             Outcome::Written => {}
             // Drop is OpKind::Drop and never prepared as an Applier.
@@ -196,6 +207,7 @@ impl Ops {
                         let a = Arc::new(Applier {
                             transformer,
                             uuid: spec.uuid,
+                            zero_pad: spec.zero_pad,
                             kind: transform.kind(),
                         });
                         self.cache.insert(cache_key, Arc::clone(&a));
@@ -222,6 +234,7 @@ impl Ops {
         Ok(Arc::new(Applier {
             transformer,
             uuid: true,
+            zero_pad: 0,
             kind: "pseudonym",
         }))
     }

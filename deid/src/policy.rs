@@ -43,7 +43,9 @@
 //! that needs no parameters (`"drop"`, `"zip3"`, `"year"`, `"age"`, `"redact"`, `"pseudonym"`,
 //! `"deterministic"`), or an inline table `{ kind = "…", … }`. A transform's keys are derived
 //! for its `key` if it has one, otherwise for the field (the column name or path as written in
-//! the policy), so two fields share pseudonyms only when the policy says so.
+//! the policy), so two fields share pseudonyms only when the policy says so. Besides the
+//! transform's own parameters a table may hold `key`, `format = "uuid"` (pseudonyms written as
+//! UUIDs) and, for `zip3`, `zero_pad = 5` (`1850` is read as `01850`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -99,6 +101,9 @@ pub(crate) struct Spec {
     pub(crate) key: Option<String>,
     /// Pseudonyms written as UUIDs (FHIR ids, Synthea ids) instead of `v<version>.<base64>`.
     pub(crate) uuid: bool,
+    /// Digit strings shorter than this are left-padded with zeros first (ZIP codes that lost
+    /// their leading zero in a spreadsheet or a numeric column: `1850` for `01850`).
+    pub(crate) zero_pad: usize,
 }
 
 /// What a rule does.
@@ -519,6 +524,11 @@ impl<'a> Validator<'a> {
             Some(Value::String(f)) if f == "uuid" => true,
             Some(_) => return Err(self.err(at, "`format` must be \"token\" or \"uuid\"")),
         };
+        let zero_pad = match rest.remove("zero_pad") {
+            None => 0,
+            Some(Value::Integer(n)) if (1..=16).contains(&n) => n as usize,
+            Some(_) => return Err(self.err(at, "`zero_pad` must be a length from 1 to 16")),
+        };
         if !rest.contains_key("kind") {
             return Err(self.err(at, "a transform table needs `kind`"));
         }
@@ -527,6 +537,9 @@ impl<'a> Validator<'a> {
             .map_err(|e: toml::de::Error| self.err(at, format!("invalid transform: {}", e.message().trim_end())))?;
         if uuid && !matches!(transform, Transform::Pseudonym { .. }) {
             return Err(self.err(at, "`format = \"uuid\"` is only for pseudonyms"));
+        }
+        if zero_pad > 0 && !matches!(transform, Transform::Zip3 { .. }) {
+            return Err(self.err(at, "`zero_pad` is only for zip3"));
         }
         FieldTransformer::new(&self.probe, "policy-check", &transform)
             .map_err(|e| self.err(at, format!("invalid {} parameters: {e}", transform.kind())))?;
@@ -549,6 +562,7 @@ impl<'a> Validator<'a> {
             transform,
             key,
             uuid,
+            zero_pad,
         });
         Ok(self.specs.len() - 1)
     }
