@@ -132,7 +132,12 @@ pub fn assert_no_leaks(dir: &Path, secrets: &[(String, String)]) -> usize {
     let mut checked = HashSet::new();
     for (kind, secret) in secrets {
         let needle = normalize(secret);
-        if needle.len() < 4 || !checked.insert(needle.clone()) {
+        // Placeholders made of one repeated character (Synthea's claim group `99999999999`)
+        // identify nobody and turn up in float noise (`764.5899999999999`).
+        let placeholder = needle.chars().all(|c| Some(c) == needle.chars().next());
+        // Shorter values occur inside words once white space is gone (the city "Brea" in
+        // "deep breathing"); the tests check that such fields are removed instead.
+        if needle.len() < 5 || placeholder || !checked.insert(needle.clone()) {
             continue;
         }
         let b = needle.as_bytes();

@@ -3,3 +3,4 @@
 
 mod common;
 mod csv_export;
+mod fhir_export;
