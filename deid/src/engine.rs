@@ -117,6 +117,7 @@ struct FhirEntry {
     files: Vec<Glob>,
     rules: FhirRules,
     file_namer: Option<Arc<Applier>>,
+    keep_names: Vec<Glob>,
 }
 
 /// A policy prepared with its domain key: every field key derived once.
@@ -307,6 +308,7 @@ impl Engine {
                         reference_label: Arc::from("reference"),
                     },
                     file_namer,
+                    keep_names: f.keep_names.clone(),
                 })
             }
         };
@@ -496,7 +498,8 @@ impl Engine {
         let Some(kind) = kind else { return Ok(None) };
         let mut out_rel = rel.to_owned();
         if let (Kind::FhirLines | Kind::FhirDocument, Some(f)) = (kind, &self.fhir) {
-            if let Some(namer) = &f.file_namer {
+            let kept = f.keep_names.iter().any(|g| g.matches(&name));
+            if let (Some(namer), false) = (&f.file_namer, kept) {
                 let ext = Path::new(&name).extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default();
                 let mut pseudonym = String::new();
                 namer.apply(&name, &mut pseudonym).map_err(|source| DeidError::Transform {

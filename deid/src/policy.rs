@@ -32,6 +32,8 @@
 //!
 //! [fhir]                         # FHIR R4 bundles and NDJSON by resource type and path
 //! ids = "patient_id"             # resource ids, fullUrls and references
+//! file_names = "pseudonymize"    # output names (default "keep")
+//! keep_names = ["*.ndjson"]      # except these
 //! [fhir.elements]
 //! "Patient.birthDate" = "date"
 //! "*.meta" = "keep"
@@ -174,6 +176,8 @@ pub(crate) struct FhirPolicy {
     pub(crate) ids: usize,
     pub(crate) patient_references: Vec<String>,
     pub(crate) file_names: FileNames,
+    /// Names kept even when `file_names = "pseudonymize"` (bulk NDJSON is named by type).
+    pub(crate) keep_names: Vec<Glob>,
     /// (path as written, resource type or `*`, segments, action).
     pub(crate) elements: Vec<(String, String, Vec<PathSeg>, Action)>,
     pub(crate) extensions: Vec<(String, Action)>,
@@ -333,6 +337,7 @@ struct RawFhir {
     patient_references: Option<Vec<String>>,
     #[serde(default)]
     file_names: FileNames,
+    keep_names: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     elements: BTreeMap<String, Spanned<Value>>,
     #[serde(default)]
@@ -819,11 +824,16 @@ impl<'a> Validator<'a> {
             }
             extensions.push((url.clone(), self.action(value.get_ref(), at)?));
         }
+        let keep_names = match &raw.keep_names {
+            Some(k) => self.globs(k)?,
+            None => Vec::new(),
+        };
         Ok(FhirPolicy {
             files,
             ids,
             patient_references,
             file_names: raw.file_names,
+            keep_names,
             elements,
             extensions,
         })

@@ -4,3 +4,4 @@
 mod common;
 mod csv_export;
 mod fhir_export;
+mod malformed;
