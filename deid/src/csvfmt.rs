@@ -123,11 +123,18 @@ fn scan(buf: &[u8], pos: usize, eof: bool, fields: &mut Vec<FieldSpan>) -> Optio
             _ => None,
         };
         match state {
-            State::FieldStart | State::Unquoted | State::QuoteInQuoted
-                if line_end.is_some() =>
-            {
-                let end = if state == State::QuoteInQuoted { i - 1 } else { i };
-                push(fields, field_start, end, escaped && state == State::QuoteInQuoted);
+            State::FieldStart | State::Unquoted | State::QuoteInQuoted if line_end.is_some() => {
+                let end = if state == State::QuoteInQuoted {
+                    i - 1
+                } else {
+                    i
+                };
+                push(
+                    fields,
+                    field_start,
+                    end,
+                    escaped && state == State::QuoteInQuoted,
+                );
                 return Some(Scanned {
                     end: i + line_end.unwrap_or(1),
                     lines: lines + 1,
@@ -348,7 +355,10 @@ pub(crate) fn field_text<'a>(
 
 /// Appends `value` as one CSV field (quoted when it holds a comma, quote or line break).
 pub(crate) fn write_field(out: &mut Vec<u8>, value: &str) {
-    if value.bytes().any(|b| matches!(b, b',' | b'"' | b'\n' | b'\r')) {
+    if value
+        .bytes()
+        .any(|b| matches!(b, b',' | b'"' | b'\n' | b'\r'))
+    {
         out.push(b'"');
         for b in value.bytes() {
             if b == b'"' {
@@ -563,7 +573,11 @@ mod tests {
         let input = format!("{{\"a\":1}}\n\n  \n{long}\n{{\"b\":2}}");
         let mut r = LineReader::new(input.as_bytes(), 64);
         let chunk = r.next_chunk(10).unwrap();
-        let got: Vec<(u64, bool)> = chunk.records.iter().map(|r| (r.line, r.fault.is_some())).collect();
+        let got: Vec<(u64, bool)> = chunk
+            .records
+            .iter()
+            .map(|r| (r.line, r.fault.is_some()))
+            .collect();
         assert_eq!(got, vec![(1, false), (4, true), (5, false)]);
         assert_eq!(&chunk.data[chunk.records[2].raw.clone()], b"{\"b\":2}");
         assert!(r.next_chunk(10).unwrap().records.is_empty());

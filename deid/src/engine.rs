@@ -288,10 +288,17 @@ impl Engine {
                 for (url, action) in &f.extensions {
                     extensions.insert(url.clone(), ops.op(policy, key, *action, url)?);
                 }
-                let ids = match ops.op(policy, key, crate::policy::Action::Apply(f.ids), "id")?.kind {
+                let ids = match ops
+                    .op(policy, key, crate::policy::Action::Apply(f.ids), "id")?
+                    .kind
+                {
                     OpKind::Apply(a) => a,
                     // The policy checks that `ids` names a pseudonym.
-                    _ => return Err(DeidError::Layout { what: "the FHIR ids transform must be a pseudonym" }),
+                    _ => {
+                        return Err(DeidError::Layout {
+                            what: "the FHIR ids transform must be a pseudonym",
+                        })
+                    }
                 };
                 let file_namer = match f.file_names {
                     FileNames::Keep => None,
@@ -348,14 +355,18 @@ impl Engine {
             vec![input.to_owned()]
         };
         if files.is_empty() {
-            return Err(DeidError::NoInputs { path: input.to_owned() });
+            return Err(DeidError::NoInputs {
+                path: input.to_owned(),
+            });
         }
         std::fs::create_dir_all(out_dir).map_err(io("create directory", out_dir))?;
         let out_canon = out_dir.canonicalize().map_err(io("read", out_dir))?;
         if meta.is_dir() {
             let in_canon = input.canonicalize().map_err(io("read", input))?;
             if out_canon.starts_with(&in_canon) {
-                return Err(DeidError::Layout { what: "the output directory must not be inside the input directory" });
+                return Err(DeidError::Layout {
+                    what: "the output directory must not be inside the input directory",
+                });
             }
         }
         if let OnMalformed::Reject { dir } = &options.on_malformed {
@@ -365,7 +376,9 @@ impl Engine {
                 return Err(DeidError::Layout { what: "the rejects directory must lie outside the output directory (rejects are not de-identified)" });
             }
             if meta.is_dir() && rej.starts_with(input.canonicalize().map_err(io("read", input))?) {
-                return Err(DeidError::Layout { what: "the rejects directory must not be inside the input directory" });
+                return Err(DeidError::Layout {
+                    what: "the rejects directory must not be inside the input directory",
+                });
             }
         }
 
@@ -385,18 +398,26 @@ impl Engine {
                 }
             };
             if seen.insert(out_rel.clone(), ()).is_some() {
-                return Err(DeidError::OutputConflict { path: out_dir.join(out_rel) });
+                return Err(DeidError::OutputConflict {
+                    path: out_dir.join(out_rel),
+                });
             }
             let dest = out_dir.join(&out_rel);
             if let (Ok(a), Ok(b)) = (dest.canonicalize(), file.canonicalize()) {
                 if a == b {
-                    return Err(DeidError::Layout { what: "an output would replace its input file" });
+                    return Err(DeidError::Layout {
+                        what: "an output would replace its input file",
+                    });
                 }
             }
             if !options.overwrite && dest.exists() {
                 return Err(DeidError::OutputExists { path: dest });
             }
-            jobs.push(Job { input: file, out_rel, kind });
+            jobs.push(Job {
+                input: file,
+                out_rel,
+                kind,
+            });
         }
         let report_path = out_dir.join(&options.report_name);
         if !options.overwrite && report_path.exists() {
@@ -428,7 +449,9 @@ impl Engine {
                 results[i] = Some(self.stream_file(job, &input_root, &run)?);
             }
         }
-        let documents: Vec<usize> = (0..jobs.len()).filter(|&i| jobs[i].kind.is_document()).collect();
+        let documents: Vec<usize> = (0..jobs.len())
+            .filter(|&i| jobs[i].kind.is_document())
+            .collect();
         for (i, r) in self.documents(&jobs, &documents, &input_root, &run)? {
             results[i] = Some(r);
         }
@@ -475,20 +498,34 @@ impl Engine {
 
     /// The kind and output name of a file, or `None` if no rule matches it.
     fn classify(&self, file: &Path, root: &Path) -> Result<Option<(Kind, PathBuf)>, DeidError> {
-        let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let lower = name.to_lowercase();
         let rel = file.strip_prefix(root).unwrap_or(file);
-        let rel = if rel.as_os_str().is_empty() { Path::new(&name) } else { rel };
+        let rel = if rel.as_os_str().is_empty() {
+            Path::new(&name)
+        } else {
+            rel
+        };
         let matches = |globs: &[Glob]| globs.iter().any(|g| g.matches(&name));
         let lines = lower.ends_with(".ndjson") || lower.ends_with(".jsonl");
         let kind = if lower.ends_with(".csv") {
-            self.csv.iter().any(|e| matches(&e.files)).then_some(Kind::Csv)
+            self.csv
+                .iter()
+                .any(|e| matches(&e.files))
+                .then_some(Kind::Csv)
         } else if lines || lower.ends_with(".json") {
             match self.json.iter().position(|e| matches(&e.files)) {
                 Some(i) if lines => Some(Kind::JsonLines(i)),
                 Some(i) => Some(Kind::JsonDocument(i)),
                 None => match &self.fhir {
-                    Some(f) if matches(&f.files) => Some(if lines { Kind::FhirLines } else { Kind::FhirDocument }),
+                    Some(f) if matches(&f.files) => Some(if lines {
+                        Kind::FhirLines
+                    } else {
+                        Kind::FhirDocument
+                    }),
                     _ => None,
                 },
             }
@@ -500,12 +537,17 @@ impl Engine {
         if let (Kind::FhirLines | Kind::FhirDocument, Some(f)) = (kind, &self.fhir) {
             let kept = f.keep_names.iter().any(|g| g.matches(&name));
             if let (Some(namer), false) = (&f.file_namer, kept) {
-                let ext = Path::new(&name).extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default();
+                let ext = Path::new(&name)
+                    .extension()
+                    .map(|e| e.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 let mut pseudonym = String::new();
-                namer.apply(&name, &mut pseudonym).map_err(|source| DeidError::Transform {
-                    field: "file name".to_owned(),
-                    source,
-                })?;
+                namer
+                    .apply(&name, &mut pseudonym)
+                    .map_err(|source| DeidError::Transform {
+                        field: "file name".to_owned(),
+                        source,
+                    })?;
                 out_rel.set_file_name(format!("{pseudonym}.{ext}"));
             }
         }
@@ -513,7 +555,12 @@ impl Engine {
     }
 
     /// A CSV or NDJSON file through the pipeline.
-    fn stream_file(&self, job: &Job, input_root: &Path, run: &Run<'_>) -> Result<FileResult, DeidError> {
+    fn stream_file(
+        &self,
+        job: &Job,
+        input_root: &Path,
+        run: &Run<'_>,
+    ) -> Result<FileResult, DeidError> {
         let file = File::open(&job.input).map_err(io("read", &job.input))?;
         let bytes_in = file.metadata().map(|m| m.len()).unwrap_or(0);
         let out_name = job.out_rel.to_string_lossy().into_owned();
@@ -549,7 +596,9 @@ impl Engine {
                 let names = match header_names(&header, record) {
                     Ok(names) => names,
                     // A broken header makes the whole file unreadable.
-                    Err(reason) => return self.malformed_document(job, input_root, run, result, reason),
+                    Err(reason) => {
+                        return self.malformed_document(job, input_root, run, result, reason)
+                    }
                 };
                 let plan = self.csv_plan(job, &names)?;
                 for (i, col) in plan.cols.iter().enumerate() {
@@ -560,28 +609,56 @@ impl Engine {
                 let mut out = run.staging.create(&dest)?;
                 out.write_all(&plan.out_header)?;
                 rejects.header = Some(header.data[record.raw.clone()].to_vec());
-                let processor = CsvProcessor { engine: self, plan: &plan };
+                let processor = CsvProcessor {
+                    engine: self,
+                    plan: &plan,
+                };
                 let read = || -> Result<Chunk, DeidError> {
-                    let chunk = reader.next_chunk(CHUNK_RECORDS).map_err(io("read", &job.input))?;
+                    let chunk = reader
+                        .next_chunk(CHUNK_RECORDS)
+                        .map_err(io("read", &job.input))?;
                     run.advance(chunk.records.len() as u64, chunk.data.len() as u64);
                     Ok(chunk)
                 };
                 pipeline::run(run.threads, &processor, read, |chunk, o: ChunkOut| {
-                    self.write_chunk(job, chunk, o, &mut out, &mut rejects, &mut stats, &mut unknown, &mut result)
+                    self.write_chunk(
+                        job,
+                        chunk,
+                        o,
+                        &mut out,
+                        &mut rejects,
+                        &mut stats,
+                        &mut unknown,
+                        &mut result,
+                    )
                 })?;
                 out
             }
             _ => {
                 let mut reader = LineReader::new(file, max);
                 let mut out = run.staging.create(&dest)?;
-                let processor = LineProcessor { engine: self, kind: job.kind };
+                let processor = LineProcessor {
+                    engine: self,
+                    kind: job.kind,
+                };
                 let read = || -> Result<Chunk, DeidError> {
-                    let chunk = reader.next_chunk(CHUNK_RECORDS).map_err(io("read", &job.input))?;
+                    let chunk = reader
+                        .next_chunk(CHUNK_RECORDS)
+                        .map_err(io("read", &job.input))?;
                     run.advance(chunk.records.len() as u64, chunk.data.len() as u64);
                     Ok(chunk)
                 };
                 pipeline::run(run.threads, &processor, read, |chunk, o: ChunkOut| {
-                    self.write_chunk(job, chunk, o, &mut out, &mut rejects, &mut stats, &mut unknown, &mut result)
+                    self.write_chunk(
+                        job,
+                        chunk,
+                        o,
+                        &mut out,
+                        &mut rejects,
+                        &mut stats,
+                        &mut unknown,
+                        &mut result,
+                    )
                 })?;
                 out
             }
@@ -608,12 +685,20 @@ impl Engine {
         let first_reject = o.rejects.first().map(|r| r.0);
         if let Some((line, field)) = o.fatal {
             if first_reject.is_none_or(|r| line < r) || rejects.path.is_some() {
-                return Err(DeidError::UnknownField { file: job.input.clone(), line, field });
+                return Err(DeidError::UnknownField {
+                    file: job.input.clone(),
+                    line,
+                    field,
+                });
             }
         }
         for (line, reason, raw) in o.rejects {
             if rejects.path.is_none() {
-                return Err(DeidError::Malformed { file: job.input.clone(), line, reason });
+                return Err(DeidError::Malformed {
+                    file: job.input.clone(),
+                    line,
+                    reason,
+                });
             }
             rejects.write(&chunk.data[raw])?;
             result.report.rejected += 1;
@@ -634,9 +719,20 @@ impl Engine {
     }
 
     /// In reject mode, a file whose header (or whole document) is malformed is rejected whole.
-    fn reject_whole_file(&self, job: &Job, input_root: &Path, run: &Run<'_>, mut result: FileResult, reason: RejectReason) -> Result<FileResult, DeidError> {
+    fn reject_whole_file(
+        &self,
+        job: &Job,
+        input_root: &Path,
+        run: &Run<'_>,
+        mut result: FileResult,
+        reason: RejectReason,
+    ) -> Result<FileResult, DeidError> {
         let Some(path) = run.reject_path(job, input_root) else {
-            return Err(DeidError::Malformed { file: job.input.clone(), line: 1, reason });
+            return Err(DeidError::Malformed {
+                file: job.input.clone(),
+                line: 1,
+                reason,
+            });
         };
         let mut bytes = Vec::new();
         File::open(&job.input)
@@ -656,16 +752,17 @@ impl Engine {
             line,
             reason: reason.to_string(),
         });
-        // No output file for a rejected file.
-        result.report.file = format!("{} (rejected)", result.report.file);
-        if let Some(r) = result.rejects.last_mut() {
-            r.file = result.report.file.clone();
-        }
         Ok(result)
     }
 
     /// Whole-document files in parallel, one per worker.
-    fn documents(&self, jobs: &[Job], which: &[usize], input_root: &Path, run: &Run<'_>) -> Result<Vec<(usize, FileResult)>, DeidError> {
+    fn documents(
+        &self,
+        jobs: &[Job],
+        which: &[usize],
+        input_root: &Path,
+        run: &Run<'_>,
+    ) -> Result<Vec<(usize, FileResult)>, DeidError> {
         if which.is_empty() {
             return Ok(Vec::new());
         }
@@ -691,18 +788,28 @@ impl Engine {
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().is_err()).fold(false, |a, b| a | b)
+            handles
+                .into_iter()
+                .map(|h| h.join().is_err())
+                .fold(false, |a, b| a | b)
         });
         if panicked {
             return Err(DeidError::WorkerPanicked);
         }
-        let mut all = results.into_inner().map_err(|_| DeidError::WorkerPanicked)?;
+        let mut all = results
+            .into_inner()
+            .map_err(|_| DeidError::WorkerPanicked)?;
         // Report the first failing file in input order.
         all.sort_by_key(|(i, _)| *i);
         all.into_iter().map(|(i, r)| r.map(|r| (i, r))).collect()
     }
 
-    fn document(&self, job: &Job, input_root: &Path, run: &Run<'_>) -> Result<FileResult, DeidError> {
+    fn document(
+        &self,
+        job: &Job,
+        input_root: &Path,
+        run: &Run<'_>,
+    ) -> Result<FileResult, DeidError> {
         let limit = run.options.max_document_bytes;
         let file = File::open(&job.input).map_err(io("read", &job.input))?;
         let mut bytes = Vec::new();
@@ -726,11 +833,20 @@ impl Engine {
         };
         if bytes.len() as u64 > limit {
             if run.reject_path(job, input_root).is_none() {
-                return Err(DeidError::TooLarge { file: job.input.clone(), limit });
+                return Err(DeidError::TooLarge {
+                    file: job.input.clone(),
+                    limit,
+                });
             }
-            return self.reject_whole_file(job, input_root, run, result, RejectReason::RecordTooLong {
-                limit: usize::try_from(limit).unwrap_or(usize::MAX),
-            });
+            return self.reject_whole_file(
+                job,
+                input_root,
+                run,
+                result,
+                RejectReason::RecordTooLong {
+                    limit: usize::try_from(limit).unwrap_or(usize::MAX),
+                },
+            );
         }
         run.advance(1, bytes.len() as u64);
         let mut value = match json::parse(&bytes) {
@@ -754,9 +870,15 @@ impl Engine {
         match outcome {
             Ok(()) => {}
             Err(Fail::Unknown(field)) => {
-                return Err(DeidError::UnknownField { file: job.input.clone(), line: 1, field })
+                return Err(DeidError::UnknownField {
+                    file: job.input.clone(),
+                    line: 1,
+                    field,
+                })
             }
-            Err(Fail::Reject(reason)) => return self.malformed_document(job, input_root, run, result, reason),
+            Err(Fail::Reject(reason)) => {
+                return self.malformed_document(job, input_root, run, result, reason)
+            }
         }
         let mut text = Vec::with_capacity(bytes.len());
         json::write(&mut text, &value);
@@ -770,13 +892,24 @@ impl Engine {
         Ok(result)
     }
 
-    fn malformed_document(&self, job: &Job, input_root: &Path, run: &Run<'_>, result: FileResult, reason: RejectReason) -> Result<FileResult, DeidError> {
+    fn malformed_document(
+        &self,
+        job: &Job,
+        input_root: &Path,
+        run: &Run<'_>,
+        result: FileResult,
+        reason: RejectReason,
+    ) -> Result<FileResult, DeidError> {
         if run.reject_path(job, input_root).is_none() {
             let line = match &reason {
                 RejectReason::InvalidJson { line, .. } => *line,
                 _ => 1,
             };
-            return Err(DeidError::Malformed { file: job.input.clone(), line, reason });
+            return Err(DeidError::Malformed {
+                file: job.input.clone(),
+                line,
+                reason,
+            });
         }
         self.reject_whole_file(job, input_root, run, result, reason)
     }
@@ -814,18 +947,31 @@ impl Engine {
 
     /// The per-column plan of a CSV file from its header.
     fn csv_plan(&self, job: &Job, names: &[String]) -> Result<CsvPlan, DeidError> {
-        let name = job.input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let entries: Vec<&CsvEntry> = self.csv.iter().filter(|e| e.files.iter().any(|g| g.matches(&name))).collect();
+        let name = job
+            .input
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let entries: Vec<&CsvEntry> = self
+            .csv
+            .iter()
+            .filter(|e| e.files.iter().any(|g| g.matches(&name)))
+            .collect();
         let lower: Vec<String> = names.iter().map(|n| n.to_lowercase()).collect();
         for (i, l) in lower.iter().enumerate() {
             if lower[..i].contains(l) {
-                return Err(DeidError::DuplicateColumn { file: job.input.clone(), column: names[i].clone() });
+                return Err(DeidError::DuplicateColumn {
+                    file: job.input.clone(),
+                    column: names[i].clone(),
+                });
             }
         }
         let mut cols = Vec::with_capacity(names.len());
         let mut out_header = Vec::new();
         for (i, l) in lower.iter().enumerate() {
-            let rule = entries.iter().find_map(|e| e.columns.iter().find(|(n, _)| n == l).map(|(_, r)| r));
+            let rule = entries
+                .iter()
+                .find_map(|e| e.columns.iter().find(|(n, _)| n == l).map(|(_, r)| r));
             let col = match rule {
                 Some(prepared) => {
                     let rule = match prepared {
@@ -833,20 +979,43 @@ impl Engine {
                         PreparedRule::When { conds, otherwise } => ColRule::When {
                             conds: conds
                                 .iter()
-                                .map(|(c, values, op)| (lower.iter().position(|n| n == c), values.clone(), op.clone()))
+                                .map(|(c, values, op)| {
+                                    (
+                                        lower.iter().position(|n| n == c),
+                                        values.clone(),
+                                        op.clone(),
+                                    )
+                                })
                                 .collect(),
                             otherwise: otherwise.clone(),
                         },
                     };
                     let dropped = matches!(&rule, ColRule::Simple(op) if op.is_drop());
-                    ColPlan { rule, dropped, unknown: false, shift: prepared.has_shift() }
+                    ColPlan {
+                        rule,
+                        dropped,
+                        unknown: false,
+                        shift: prepared.has_shift(),
+                    }
                 }
                 None => {
                     if self.unknown_fields == UnknownFields::Error {
-                        return Err(DeidError::UnknownField { file: job.input.clone(), line: 1, field: names[i].clone() });
+                        return Err(DeidError::UnknownField {
+                            file: job.input.clone(),
+                            line: 1,
+                            field: names[i].clone(),
+                        });
                     }
-                    let op = Op { kind: OpKind::Drop, label: Arc::from(names[i].as_str()) };
-                    ColPlan { rule: ColRule::Simple(op), dropped: true, unknown: true, shift: false }
+                    let op = Op {
+                        kind: OpKind::Drop,
+                        label: Arc::from(names[i].as_str()),
+                    };
+                    ColPlan {
+                        rule: ColRule::Simple(op),
+                        dropped: true,
+                        unknown: true,
+                        shift: false,
+                    }
                 }
             };
             if !col.dropped {
@@ -858,32 +1027,63 @@ impl Engine {
             cols.push(col);
         }
         out_header.push(b'\n');
-        let candidates: Vec<&String> = entries.iter().find(|e| !e.patient.is_empty()).map(|e| e.patient.iter().collect()).unwrap_or_default();
-        let patient = candidates.iter().find_map(|c| lower.iter().position(|n| n == *c));
+        let candidates: Vec<&String> = entries
+            .iter()
+            .find(|e| !e.patient.is_empty())
+            .map(|e| e.patient.iter().collect())
+            .unwrap_or_default();
+        let patient = candidates
+            .iter()
+            .find_map(|c| lower.iter().position(|n| n == *c));
         let needs_patient = cols.iter().any(|c| c.shift);
         if needs_patient && patient.is_none() {
             return Err(DeidError::MissingPatientColumn {
                 file: job.input.clone(),
-                columns: if candidates.is_empty() { "(none declared)".to_owned() } else { candidates.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", ") },
+                columns: if candidates.is_empty() {
+                    "(none declared)".to_owned()
+                } else {
+                    candidates
+                        .iter()
+                        .map(|c| c.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
             });
         }
         if let Some(pc) = patient {
             let is_patient_op = match (&cols[pc].rule, self.ops.patient()) {
-                (ColRule::Simple(Op { kind: OpKind::Apply(a), .. }), Some(p)) => Arc::ptr_eq(a, p),
+                (
+                    ColRule::Simple(Op {
+                        kind: OpKind::Apply(a),
+                        ..
+                    }),
+                    Some(p),
+                ) => Arc::ptr_eq(a, p),
                 _ => false,
             };
             if !is_patient_op {
-                return Err(DeidError::PatientFieldMismatch { file: job.input.clone(), field: names[pc].clone() });
+                return Err(DeidError::PatientFieldMismatch {
+                    file: job.input.clone(),
+                    field: names[pc].clone(),
+                });
             }
         }
-        Ok(CsvPlan { cols, patient, out_header })
+        Ok(CsvPlan {
+            cols,
+            patient,
+            out_header,
+        })
     }
 }
 
 fn warnings(file: &str, unknown: HashMap<String, u64>) -> Vec<Warning> {
     let mut w: Vec<Warning> = unknown
         .into_iter()
-        .map(|(field, occurrences)| Warning { file: file.to_owned(), field, occurrences })
+        .map(|(field, occurrences)| Warning {
+            file: file.to_owned(),
+            field,
+            occurrences,
+        })
         .collect();
     w.sort_by(|a, b| a.field.cmp(&b.field));
     w
@@ -913,8 +1113,13 @@ fn header_names(chunk: &Chunk, record: &csvfmt::RawRecord) -> Result<Vec<String>
     let mut names = Vec::new();
     for (i, &span) in chunk.fields_of(record).iter().enumerate() {
         let mut scratch = String::new();
-        let text = csvfmt::field_text(&chunk.data, span, &mut scratch).ok_or(RejectReason::InvalidUtf8 { field: i + 1 })?;
-        let text = if i == 0 { text.trim_start_matches('\u{feff}') } else { text };
+        let text = csvfmt::field_text(&chunk.data, span, &mut scratch)
+            .ok_or(RejectReason::InvalidUtf8 { field: i + 1 })?;
+        let text = if i == 0 {
+            text.trim_start_matches('\u{feff}')
+        } else {
+            text
+        };
         names.push(text.trim().to_owned());
     }
     Ok(names)
@@ -1048,14 +1253,21 @@ impl Processor for CsvProcessor<'_> {
         let mut out = ChunkOut::new(chunk.data.len() + chunk.data.len() / 2);
         let ops = &self.engine.ops;
         for rec in &chunk.records {
-            let reject = |out: &mut ChunkOut, reason| out.rejects.push((rec.line, reason, rec.raw.clone()));
+            let reject =
+                |out: &mut ChunkOut, reason| out.rejects.push((rec.line, reason, rec.raw.clone()));
             if let Some(fault) = &rec.fault {
                 reject(&mut out, fault.clone());
                 continue;
             }
             let spans = chunk.fields_of(rec);
             if spans.len() != self.plan.cols.len() {
-                reject(&mut out, RejectReason::FieldCount { expected: self.plan.cols.len(), found: spans.len() });
+                reject(
+                    &mut out,
+                    RejectReason::FieldCount {
+                        expected: self.plan.cols.len(),
+                        found: spans.len(),
+                    },
+                );
                 continue;
             }
             let mut texts: Vec<&str> = Vec::with_capacity(spans.len());
@@ -1083,8 +1295,18 @@ impl Processor for CsvProcessor<'_> {
                     if !hit {
                         let mut token = String::new();
                         let mut shown = String::new();
-                        if let Err(error) = p.token(raw, &mut token).and_then(|()| p.apply(raw, &mut shown)) {
-                            reject(&mut out, RejectReason::Transform { field: "patient".into(), entry: None, error });
+                        if let Err(error) = p
+                            .token(raw, &mut token)
+                            .and_then(|()| p.apply(raw, &mut shown))
+                        {
+                            reject(
+                                &mut out,
+                                RejectReason::Transform {
+                                    field: "patient".into(),
+                                    entry: None,
+                                    error,
+                                },
+                            );
                             continue;
                         }
                         st.patient = Some((raw.to_owned(), token, shown));
@@ -1104,7 +1326,9 @@ impl Processor for CsvProcessor<'_> {
                     ColRule::Simple(op) => op,
                     ColRule::When { conds, otherwise } => conds
                         .iter()
-                        .find(|(c, values, _)| c.is_some_and(|c| values.iter().any(|v| v == texts[c])))
+                        .find(|(c, values, _)| {
+                            c.is_some_and(|c| values.iter().any(|v| v == texts[c]))
+                        })
                         .map_or(otherwise, |(_, _, op)| op),
                 };
                 if col.unknown {
@@ -1149,12 +1373,18 @@ impl Processor for CsvProcessor<'_> {
                 match written {
                     Ok(_) => {
                         csvfmt::write_field(&mut st.record, &st.value);
-                        if matches!(op.kind, OpKind::Apply(_)) && !matches!(col.rule, ColRule::When { .. }) {
+                        if matches!(op.kind, OpKind::Apply(_))
+                            && !matches!(col.rule, ColRule::When { .. })
+                        {
                             st.last[i] = Some((value.to_owned(), st.value.clone()));
                         }
                     }
                     Err(error) => {
-                        failed = Some(RejectReason::Transform { field: op.label.to_string(), entry: None, error });
+                        failed = Some(RejectReason::Transform {
+                            field: op.label.to_string(),
+                            entry: None,
+                            error,
+                        });
                         break;
                     }
                 }

@@ -67,7 +67,8 @@ impl Node {
         }
         self.choices.iter().find_map(|(prefix, n)| {
             let rest = key.strip_prefix(prefix.as_str())?;
-            rest.starts_with(|c: char| c.is_ascii_uppercase()).then_some(n)
+            rest.starts_with(|c: char| c.is_ascii_uppercase())
+                .then_some(n)
         })
     }
 }
@@ -107,7 +108,8 @@ fn is_type(s: &str) -> bool {
 fn is_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
 }
 
 fn parse_reference(s: &str) -> Ref<'_> {
@@ -148,7 +150,10 @@ impl FhirRules {
         for seg in path {
             tn = tn.and_then(|n| n.child(seg));
             sn = sn.and_then(|n| n.child(seg));
-            if let Some(o) = tn.and_then(|n| n.op.as_ref()).or_else(|| sn.and_then(|n| n.op.as_ref())) {
+            if let Some(o) = tn
+                .and_then(|n| n.op.as_ref())
+                .or_else(|| sn.and_then(|n| n.op.as_ref()))
+            {
                 op = Some(o);
             }
         }
@@ -169,7 +174,12 @@ impl FhirRules {
     }
 
     /// Rewrites a reference; `Ok(None)` if it must be dropped (unknown form, warn mode).
-    fn reference(&self, s: &str, path: &str, cx: &mut RecordCx<'_>) -> Result<Option<String>, Fail> {
+    fn reference(
+        &self,
+        s: &str,
+        path: &str,
+        cx: &mut RecordCx<'_>,
+    ) -> Result<Option<String>, Fail> {
         cx.stats.add(&self.reference_label, "reference", 1);
         let out = match parse_reference(s) {
             Ref::Local("") => "#".to_owned(),
@@ -197,7 +207,13 @@ impl FhirRules {
 
     /// A search query `identifier=system|value[&…]`: values transformed by the rule for
     /// `Type.identifier.value`. Any other parameter is unknown.
-    fn query(&self, rtype: &str, query: &str, path: &str, cx: &mut RecordCx<'_>) -> Result<Option<String>, Fail> {
+    fn query(
+        &self,
+        rtype: &str,
+        query: &str,
+        path: &str,
+        cx: &mut RecordCx<'_>,
+    ) -> Result<Option<String>, Fail> {
         let mut out = String::new();
         for param in query.split('&') {
             let Some(("identifier", token)) = param.split_once('=') else {
@@ -232,7 +248,13 @@ impl FhirRules {
     }
 
     /// The raw id of the patient a resource belongs to.
-    fn patient_of(&self, res: &Json, rtype: &str, types: &HashMap<String, String>, bundle_patient: Option<&str>) -> Option<String> {
+    fn patient_of(
+        &self,
+        res: &Json,
+        rtype: &str,
+        types: &HashMap<String, String>,
+        bundle_patient: Option<&str>,
+    ) -> Option<String> {
         if rtype == "Patient" {
             return res.get("id").and_then(Json::as_str).map(str::to_owned);
         }
@@ -241,14 +263,21 @@ impl FhirRules {
                 Some(Json::Array(items)) => items.first(),
                 other => other,
             };
-            let Some(reference) = target.and_then(|t| t.get("reference")).and_then(Json::as_str) else {
+            let Some(reference) = target
+                .and_then(|t| t.get("reference"))
+                .and_then(Json::as_str)
+            else {
                 continue;
             };
             match parse_reference(reference) {
                 Ref::Urn(id) if types.get(reference).is_none_or(|t| t == "Patient") => {
                     return Some(id.to_owned())
                 }
-                Ref::Literal { rtype: "Patient", id, .. } => return Some(id.to_owned()),
+                Ref::Literal {
+                    rtype: "Patient",
+                    id,
+                    ..
+                } => return Some(id.to_owned()),
                 _ => {}
             }
         }
@@ -292,26 +321,40 @@ impl FhirRules {
 
     fn bundle(&self, value: &mut Json, cx: &mut RecordCx<'_>) -> Result<(), Fail> {
         let Json::Object(members) = value else {
-            return Err(Fail::Reject(RejectReason::Shape { what: "not a FHIR Bundle", entry: None }));
+            return Err(Fail::Reject(RejectReason::Shape {
+                what: "not a FHIR Bundle",
+                entry: None,
+            }));
         };
         let entry_at = members.iter().position(|(k, _)| k == "entry");
         let mut entries = match entry_at.map(|i| members.remove(i).1) {
             None => Vec::new(),
             Some(Json::Array(items)) => items,
             Some(_) => {
-                return Err(Fail::Reject(RejectReason::Shape { what: "Bundle.entry is not an array", entry: None }))
+                return Err(Fail::Reject(RejectReason::Shape {
+                    what: "Bundle.entry is not an array",
+                    entry: None,
+                }))
             }
         };
         // Shape first, and what the entries are: fullUrl → type, the one Patient.
         let mut types = HashMap::new();
         let mut patients = Vec::new();
         for (i, e) in entries.iter().enumerate() {
-            let shape = |what| Fail::Reject(RejectReason::Shape { what, entry: Some(i) });
+            let shape = |what| {
+                Fail::Reject(RejectReason::Shape {
+                    what,
+                    entry: Some(i),
+                })
+            };
             if !matches!(e, Json::Object(_)) {
                 return Err(shape("entry is not an object"));
             }
-            let res = e.get("resource").ok_or_else(|| shape("entry has no resource"))?;
-            let rtype = resource_type(res).ok_or_else(|| shape("entry resource has no resourceType"))?;
+            let res = e
+                .get("resource")
+                .ok_or_else(|| shape("entry has no resource"))?;
+            let rtype =
+                resource_type(res).ok_or_else(|| shape("entry resource has no resourceType"))?;
             if let Some(url) = e.get("fullUrl").and_then(Json::as_str) {
                 types.insert(url.to_owned(), rtype.clone());
             }
@@ -338,8 +381,16 @@ impl FhirRules {
         Ok(())
     }
 
-    fn entry(&self, e: &mut Json, types: &HashMap<String, String>, bundle_patient: Option<&str>, cx: &mut RecordCx<'_>) -> Result<(), Fail> {
-        let Json::Object(members) = e else { return Ok(()) };
+    fn entry(
+        &self,
+        e: &mut Json,
+        types: &HashMap<String, String>,
+        bundle_patient: Option<&str>,
+        cx: &mut RecordCx<'_>,
+    ) -> Result<(), Fail> {
+        let Json::Object(members) = e else {
+            return Ok(());
+        };
         let rtype = members
             .iter()
             .find(|(k, _)| k == "resource")
@@ -348,7 +399,8 @@ impl FhirRules {
         for (k, mut v) in std::mem::take(members) {
             let keep = match k.as_str() {
                 "resource" => {
-                    cx.patient = self.patient_state(self.patient_of(&v, &rtype, types, bundle_patient), cx);
+                    cx.patient =
+                        self.patient_state(self.patient_of(&v, &rtype, types, bundle_patient), cx);
                     self.resource(&mut v, &rtype, cx)?;
                     true
                 }
@@ -366,7 +418,12 @@ impl FhirRules {
         Ok(())
     }
 
-    fn string_reference(&self, v: &mut Json, path: &str, cx: &mut RecordCx<'_>) -> Result<bool, Fail> {
+    fn string_reference(
+        &self,
+        v: &mut Json,
+        path: &str,
+        cx: &mut RecordCx<'_>,
+    ) -> Result<bool, Fail> {
         let Json::String(s) = v else {
             cx.unknown(path.to_owned())?;
             return Ok(false);
@@ -414,7 +471,10 @@ impl FhirRules {
     /// One resource (the top level of a resource object).
     fn resource(&self, value: &mut Json, rtype: &str, cx: &mut RecordCx<'_>) -> Result<(), Fail> {
         let Json::Object(members) = value else {
-            return Err(Fail::Reject(RejectReason::Shape { what: "resource is not an object", entry: cx.entry }));
+            return Err(Fail::Reject(RejectReason::Shape {
+                what: "resource is not an object",
+                entry: cx.entry,
+            }));
         };
         let tn = self.types.get(rtype);
         self.object(members, tn, Some(&self.star), None, rtype, true, cx)
@@ -435,7 +495,9 @@ impl FhirRules {
             let child_path = format!("{path}.{k}");
             let keep = match k.as_str() {
                 "extension" | "modifierExtension" => self.extensions(&mut v, &child_path, cx)?,
-                "reference" if matches!(v, Json::String(_)) => self.string_reference(&mut v, &child_path, cx)?,
+                "reference" if matches!(v, Json::String(_)) => {
+                    self.string_reference(&mut v, &child_path, cx)?
+                }
                 "resourceType" if root => true,
                 "id" if root => match &mut v {
                     Json::String(s) => {
@@ -450,10 +512,11 @@ impl FhirRules {
                 "contained" if root => {
                     if let Json::Array(items) = &mut v {
                         for item in items.iter_mut() {
-                            let rtype = resource_type(item).ok_or(Fail::Reject(RejectReason::Shape {
-                                what: "contained resource has no resourceType",
-                                entry: cx.entry,
-                            }))?;
+                            let rtype =
+                                resource_type(item).ok_or(Fail::Reject(RejectReason::Shape {
+                                    what: "contained resource has no resourceType",
+                                    entry: cx.entry,
+                                }))?;
                             self.resource(item, &rtype, cx)?;
                         }
                         true
@@ -560,13 +623,21 @@ impl FhirRules {
     }
 
     /// Applies an extension rule to every value but its `url`s; references are rewritten.
-    fn extension_values(&self, v: &mut Json, op: &Op, path: &str, cx: &mut RecordCx<'_>) -> Result<bool, Fail> {
+    fn extension_values(
+        &self,
+        v: &mut Json,
+        op: &Op,
+        path: &str,
+        cx: &mut RecordCx<'_>,
+    ) -> Result<bool, Fail> {
         match v {
             Json::Object(members) => {
                 for (k, mut child) in std::mem::take(members) {
                     let keep = match (k.as_str(), &child) {
                         ("url", Json::String(_)) => true,
-                        ("reference", Json::String(_)) => self.string_reference(&mut child, path, cx)?,
+                        ("reference", Json::String(_)) => {
+                            self.string_reference(&mut child, path, cx)?
+                        }
                         _ => self.extension_values(&mut child, op, path, cx)?,
                     };
                     if keep {
@@ -598,7 +669,10 @@ fn is_reference(v: &Json) -> bool {
 }
 
 fn resource_type(v: &Json) -> Option<String> {
-    v.get("resourceType").and_then(Json::as_str).filter(|t| is_type(t)).map(str::to_owned)
+    v.get("resourceType")
+        .and_then(Json::as_str)
+        .filter(|t| is_type(t))
+        .map(str::to_owned)
 }
 
 fn percent_decode(s: &str) -> String {
@@ -637,18 +711,32 @@ mod tests {
     #[test]
     fn reference_forms() {
         assert!(matches!(parse_reference("urn:uuid:abc"), Ref::Urn("abc")));
-        assert!(matches!(parse_reference("#referral"), Ref::Local("referral")));
+        assert!(matches!(
+            parse_reference("#referral"),
+            Ref::Local("referral")
+        ));
         assert!(matches!(
             parse_reference("Patient/123"),
-            Ref::Literal { rtype: "Patient", id: "123", history: None }
+            Ref::Literal {
+                rtype: "Patient",
+                id: "123",
+                history: None
+            }
         ));
         assert!(matches!(
             parse_reference("https://fhir.example.org/r4/Encounter/e-1/_history/2"),
-            Ref::Literal { rtype: "Encounter", id: "e-1", history: Some("2") }
+            Ref::Literal {
+                rtype: "Encounter",
+                id: "e-1",
+                history: Some("2")
+            }
         ));
         assert!(matches!(
             parse_reference("Practitioner?identifier=http://hl7.org/fhir/sid/us-npi|9999177691"),
-            Ref::Conditional { rtype: "Practitioner", .. }
+            Ref::Conditional {
+                rtype: "Practitioner",
+                ..
+            }
         ));
         assert!(matches!(parse_reference("urn:oid:1.2.3"), Ref::Other));
         assert!(matches!(parse_reference("patient 123"), Ref::Other));

@@ -286,7 +286,11 @@ pub(crate) fn walk_pointer(
         _ => match op {
             Some(op) => cx.leaf(value, op, path),
             None => {
-                cx.unknown(if path.is_empty() { "/".into() } else { path.into() })?;
+                cx.unknown(if path.is_empty() {
+                    "/".into()
+                } else {
+                    path.into()
+                })?;
                 Ok(false)
             }
         },
@@ -345,6 +349,13 @@ mod tests {
         let e = parse(b"{\"ssn\": \"999-41-2363\" oops}").unwrap_err();
         let shown = e.to_string();
         assert!(!shown.contains("999"), "{shown}");
-        assert!(matches!(e, RejectReason::InvalidJson { category: "syntax", line: 1, .. }));
+        assert!(matches!(
+            e,
+            RejectReason::InvalidJson {
+                category: "syntax",
+                line: 1,
+                ..
+            }
+        ));
     }
 }

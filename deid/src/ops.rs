@@ -70,7 +70,10 @@ impl Applier {
         } else {
             value
         };
-        match self.transformer.apply_into(value, &Context::default(), out)? {
+        match self
+            .transformer
+            .apply_into(value, &Context::default(), out)?
+        {
             Outcome::Written => {}
             // Drop is OpKind::Drop and never prepared as an Applier.
             Outcome::Dropped => out.clear(),
@@ -83,7 +86,8 @@ impl Applier {
 
     /// The pseudonym token of `value` (not UUID-formatted): the patient context of date shifts.
     pub(crate) fn token(&self, value: &str, out: &mut String) -> Result<(), TokenizeError> {
-        self.transformer.apply_into(value, &Context::default(), out)?;
+        self.transformer
+            .apply_into(value, &Context::default(), out)?;
         Ok(())
     }
 }
@@ -123,10 +127,6 @@ impl PatientState {
             token,
             offset: None,
         }
-    }
-
-    pub(crate) fn token(&self) -> Option<&str> {
-        self.token.as_deref()
     }
 }
 
@@ -225,12 +225,13 @@ impl Ops {
         let transform = Transform::Pseudonym {
             normalize: tokenize::Normalization::Exact,
         };
-        let transformer = FieldTransformer::new(key, "deid/file-name", &transform).map_err(
-            |source| DeidError::Transform {
-                field: "file name".to_owned(),
-                source,
-            },
-        )?;
+        let transformer =
+            FieldTransformer::new(key, "deid/file-name", &transform).map_err(|source| {
+                DeidError::Transform {
+                    field: "file name".to_owned(),
+                    source,
+                }
+            })?;
         Ok(Arc::new(Applier {
             transformer,
             uuid: true,
@@ -253,7 +254,10 @@ impl Ops {
         let offset = match patient.offset {
             Some(o) => o,
             None => {
-                let token = patient.token.as_deref().ok_or(TokenizeError::MissingPatient)?;
+                let token = patient
+                    .token
+                    .as_deref()
+                    .ok_or(TokenizeError::MissingPatient)?;
                 let shifter = self.shifter.as_ref().ok_or(TokenizeError::MissingPatient)?;
                 let o = shifter.offset_days(token);
                 patient.offset = Some(o);

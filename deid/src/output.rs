@@ -41,21 +41,14 @@ impl StagedFile {
         self.writer.write_all(bytes).map_err(io("write", &self.tmp))
     }
 
-    pub(crate) fn written(&self) -> u64 {
-        self.written
-    }
-
     /// Flushes and syncs the file's data to disk.
     pub(crate) fn finish(self) -> Result<u64, DeidError> {
         let tmp = self.tmp;
-        let file = self
-            .writer
-            .into_inner()
-            .map_err(|e| DeidError::Io {
-                op: "write",
-                path: tmp.clone(),
-                source: e.into_error(),
-            })?;
+        let file = self.writer.into_inner().map_err(|e| DeidError::Io {
+            op: "write",
+            path: tmp.clone(),
+            source: e.into_error(),
+        })?;
         file.sync_all().map_err(io("sync", &tmp))?;
         Ok(self.written)
     }
@@ -66,7 +59,10 @@ impl Staging {
     pub(crate) fn create(&self, dest: &Path) -> Result<StagedFile, DeidError> {
         let dir = dest.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(io("create directory", dir))?;
-        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!(".{name}.{}-{n}.deid-tmp", std::process::id()));
         let file = OpenOptions::new()

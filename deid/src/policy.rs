@@ -123,10 +123,7 @@ pub(crate) enum ColumnRule {
     /// One action for every row.
     Simple(Action),
     /// The first condition that holds for the row chooses; otherwise `otherwise`.
-    When {
-        conds: Vec<Cond>,
-        otherwise: Action,
-    },
+    When { conds: Vec<Cond>, otherwise: Action },
 }
 
 /// `{ column = "TYPE", in = ["numeric"], use = "keep" }`.
@@ -189,9 +186,9 @@ pub const BUILTIN_PROFILES: [&str; 2] =
 
 fn builtin_source(name: &str) -> Option<&'static str> {
     match name {
-        "hipaa-safe-harbor-synthea-csv" => {
-            Some(include_str!("../profiles/hipaa-safe-harbor-synthea-csv.toml"))
-        }
+        "hipaa-safe-harbor-synthea-csv" => Some(include_str!(
+            "../profiles/hipaa-safe-harbor-synthea-csv.toml"
+        )),
         "hipaa-safe-harbor-fhir-r4" => {
             Some(include_str!("../profiles/hipaa-safe-harbor-fhir-r4.toml"))
         }
@@ -235,6 +232,11 @@ impl Policy {
             Some(policy) => Ok(policy),
             None => Self::from_file(Path::new(spec)),
         }
+    }
+
+    /// Where the policy came from: its path, or `builtin:<name>`.
+    pub fn origin(&self) -> &str {
+        &self.origin
     }
 
     /// The policy's name.
@@ -300,15 +302,6 @@ struct RawPatient {
 enum OneOrMany {
     One(String),
     Many(Vec<String>),
-}
-
-impl OneOrMany {
-    fn into_vec(self) -> Vec<String> {
-        match self {
-            OneOrMany::One(s) => vec![s],
-            OneOrMany::Many(v) => v,
-        }
-    }
 }
 
 #[derive(Deserialize)]
@@ -434,11 +427,16 @@ impl<'a> Validator<'a> {
             if name == "keep" || KINDS.contains(&name.as_str()) {
                 return Err(self.err(
                     at,
-                    format!("transform name `{name}` is reserved (\"keep\" and the transform kinds)"),
+                    format!(
+                        "transform name `{name}` is reserved (\"keep\" and the transform kinds)"
+                    ),
                 ));
             }
             let Value::Table(table) = value.get_ref() else {
-                return Err(self.err(at, format!("transform `{name}` must be a table with `kind`")));
+                return Err(self.err(
+                    at,
+                    format!("transform `{name}` must be a table with `kind`"),
+                ));
             };
             let id = self.spec(table, at)?;
             self.names.insert(name.clone(), id);
@@ -504,12 +502,14 @@ impl<'a> Validator<'a> {
                         .iter()
                         .filter_map(|k| t.get(*k))
                         .any(|v| self.is_shift_value(v))
-                    || t.get("when").and_then(Value::as_array).is_some_and(|conds| {
-                        conds
-                            .iter()
-                            .filter_map(|c| c.get("use"))
-                            .any(|v| self.is_shift_value(v))
-                    })
+                    || t.get("when")
+                        .and_then(Value::as_array)
+                        .is_some_and(|conds| {
+                            conds
+                                .iter()
+                                .filter_map(|c| c.get("use"))
+                                .any(|v| self.is_shift_value(v))
+                        })
             }
             _ => false,
         }
@@ -537,9 +537,12 @@ impl<'a> Validator<'a> {
         if !rest.contains_key("kind") {
             return Err(self.err(at, "a transform table needs `kind`"));
         }
-        let transform: Transform = Value::Table(rest)
-            .try_into()
-            .map_err(|e: toml::de::Error| self.err(at, format!("invalid transform: {}", e.message().trim_end())))?;
+        let transform: Transform =
+            Value::Table(rest)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    self.err(at, format!("invalid transform: {}", e.message().trim_end()))
+                })?;
         if uuid && !matches!(transform, Transform::Pseudonym { .. }) {
             return Err(self.err(at, "`format = \"uuid\"` is only for pseudonyms"));
         }
@@ -609,7 +612,13 @@ impl<'a> Validator<'a> {
     fn patient(&mut self, name: &Spanned<String>) -> Result<usize, PolicyError> {
         let at = name.span().start;
         let Some(&id) = self.names.get(name.get_ref()) else {
-            return Err(self.err(at, format!("[patient] transform `{}` is not defined under [transforms]", name.get_ref())));
+            return Err(self.err(
+                at,
+                format!(
+                    "[patient] transform `{}` is not defined under [transforms]",
+                    name.get_ref()
+                ),
+            ));
         };
         let spec = &self.specs[id];
         if !matches!(spec.transform, Transform::Pseudonym { .. }) {
@@ -633,13 +642,20 @@ impl<'a> Validator<'a> {
             .iter()
             .map(|p| {
                 Glob::new(p).ok_or_else(|| {
-                    self.err(files.span().start, format!("file pattern `{p}` must be a non-empty file name"))
+                    self.err(
+                        files.span().start,
+                        format!("file pattern `{p}` must be a non-empty file name"),
+                    )
                 })
             })
             .collect()
     }
 
-    fn csv(&mut self, entry: &Spanned<RawCsv>, patient: Option<usize>) -> Result<CsvRule, PolicyError> {
+    fn csv(
+        &mut self,
+        entry: &Spanned<RawCsv>,
+        patient: Option<usize>,
+    ) -> Result<CsvRule, PolicyError> {
         let raw = entry.get_ref();
         let files = self.globs(&raw.files)?;
         let mut seen: HashMap<String, usize> = HashMap::new();
@@ -676,7 +692,10 @@ impl<'a> Validator<'a> {
                     let own = columns.iter().find(|(n, _)| n.eq_ignore_ascii_case(col));
                     if let Some((_, rule)) = own {
                         if !matches!(rule, ColumnRule::Simple(Action::Apply(id)) if *id == pid) {
-                            return Err(self.err(at, format!("patient column `{col}` must use the [patient] transform")));
+                            return Err(self.err(
+                                at,
+                                format!("patient column `{col}` must use the [patient] transform"),
+                            ));
                         }
                     }
                 }
@@ -692,7 +711,10 @@ impl<'a> Validator<'a> {
 
     fn conditional(&mut self, t: &toml::Table, at: usize) -> Result<ColumnRule, PolicyError> {
         if let Some(k) = t.keys().find(|k| *k != "when" && *k != "otherwise") {
-            return Err(self.err(at, format!("unknown key `{k}` in a conditional rule (`when`, `otherwise`)")));
+            return Err(self.err(
+                at,
+                format!("unknown key `{k}` in a conditional rule (`when`, `otherwise`)"),
+            ));
         }
         let Some(otherwise) = t.get("otherwise") else {
             return Err(self.err(at, "a conditional rule needs `otherwise`"));
@@ -706,16 +728,31 @@ impl<'a> Validator<'a> {
             let Value::Table(c) = item else {
                 return Err(self.err(at, "`when` must be an array of { column, in, use } tables"));
             };
-            if let Some(k) = c.keys().find(|k| !["column", "in", "use"].contains(&k.as_str())) {
-                return Err(self.err(at, format!("unknown key `{k}` in a condition (`column`, `in`, `use`)")));
+            if let Some(k) = c
+                .keys()
+                .find(|k| !["column", "in", "use"].contains(&k.as_str()))
+            {
+                return Err(self.err(
+                    at,
+                    format!("unknown key `{k}` in a condition (`column`, `in`, `use`)"),
+                ));
             }
-            let column = c.get("column").and_then(Value::as_str).ok_or_else(|| self.err(at, "a condition needs `column`"))?;
+            let column = c
+                .get("column")
+                .and_then(Value::as_str)
+                .ok_or_else(|| self.err(at, "a condition needs `column`"))?;
             let values = c
                 .get("in")
                 .and_then(Value::as_array)
-                .and_then(|a| a.iter().map(|v| v.as_str().map(str::to_owned)).collect::<Option<Vec<_>>>())
+                .and_then(|a| {
+                    a.iter()
+                        .map(|v| v.as_str().map(str::to_owned))
+                        .collect::<Option<Vec<_>>>()
+                })
                 .ok_or_else(|| self.err(at, "a condition needs `in`, a list of strings"))?;
-            let then = c.get("use").ok_or_else(|| self.err(at, "a condition needs `use`"))?;
+            let then = c
+                .get("use")
+                .ok_or_else(|| self.err(at, "a condition needs `use`"))?;
             let then = self.no_drop(then, at)?;
             conds.push(Cond {
                 column: column.to_owned(),
@@ -737,7 +774,11 @@ impl<'a> Validator<'a> {
         Ok(action)
     }
 
-    fn json(&mut self, entry: &Spanned<RawJson>, patient: Option<usize>) -> Result<JsonRule, PolicyError> {
+    fn json(
+        &mut self,
+        entry: &Spanned<RawJson>,
+        patient: Option<usize>,
+    ) -> Result<JsonRule, PolicyError> {
         let raw = entry.get_ref();
         let files = self.globs(&raw.files)?;
         let mut fields = Vec::new();
@@ -779,7 +820,10 @@ impl<'a> Validator<'a> {
             .iter()
             .any(|(_, _, a)| matches!(a, Action::Apply(id) if matches!(self.specs[*id].transform, Transform::DateShift { .. })));
         if shifts && patient_ptr.is_none() {
-            return Err(self.err(entry.span().start, "fields are date-shifted but the entry declares no `patient` pointer"));
+            return Err(self.err(
+                entry.span().start,
+                "fields are date-shifted but the entry declares no `patient` pointer",
+            ));
         }
         Ok(JsonRule {
             files,
@@ -792,27 +836,45 @@ impl<'a> Validator<'a> {
         let raw = raw.get_ref();
         let files = match &raw.files {
             Some(f) => self.globs(f)?,
-            None => ["*.json", "*.ndjson"].iter().filter_map(|p| Glob::new(p)).collect(),
+            None => ["*.json", "*.ndjson"]
+                .iter()
+                .filter_map(|p| Glob::new(p))
+                .collect(),
         };
         let at = raw.ids.span().start;
         let ids = match self.names.get(raw.ids.get_ref()) {
             Some(&id) => id,
-            None => return Err(self.err(at, format!("`ids` transform `{}` is not defined under [transforms]", raw.ids.get_ref()))),
+            None => {
+                return Err(self.err(
+                    at,
+                    format!(
+                        "`ids` transform `{}` is not defined under [transforms]",
+                        raw.ids.get_ref()
+                    ),
+                ))
+            }
         };
-        if !matches!(self.specs[ids].transform, Transform::Pseudonym { .. }) || !self.specs[ids].uuid {
+        if !matches!(self.specs[ids].transform, Transform::Pseudonym { .. })
+            || !self.specs[ids].uuid
+        {
             return Err(self.err(at, "the `ids` transform must be a pseudonym with format = \"uuid\" (FHIR ids allow [A-Za-z0-9-.] only)"));
         }
         if self.specs[ids].key.is_none() {
-            return Err(self.err(at, "the `ids` transform needs an explicit `key`: ids and references must map alike"));
+            return Err(self.err(
+                at,
+                "the `ids` transform needs an explicit `key`: ids and references must map alike",
+            ));
         }
-        let patient_references = raw
-            .patient_references
-            .clone()
-            .unwrap_or_else(|| ["subject", "patient", "beneficiary"].map(str::to_owned).to_vec());
+        let patient_references = raw.patient_references.clone().unwrap_or_else(|| {
+            ["subject", "patient", "beneficiary"]
+                .map(str::to_owned)
+                .to_vec()
+        });
         let mut elements = Vec::new();
         for (path, value) in &raw.elements {
             let at = value.span().start;
-            let (rtype, segs) = parse_path(path).map_err(|why| self.err(at, format!("element path `{path}`: {why}")))?;
+            let (rtype, segs) = parse_path(path)
+                .map_err(|why| self.err(at, format!("element path `{path}`: {why}")))?;
             let action = self.action(value.get_ref(), at)?;
             elements.push((path.clone(), rtype, segs, action));
         }
@@ -888,7 +950,9 @@ pub(crate) fn parse_path(path: &str) -> Result<(String, Vec<PathSeg>), &'static 
         let ok = name.starts_with(|c: char| c.is_ascii_alphabetic())
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !ok {
-            return Err("segments are element names (letters, digits, `_`), optionally ending in `[x]`");
+            return Err(
+                "segments are element names (letters, digits, `_`), optionally ending in `[x]`",
+            );
         }
         segs.push(if choice {
             PathSeg::Choice(name.to_owned())
@@ -935,7 +999,9 @@ mod tests {
 
     #[test]
     fn semantic_errors_name_the_rule() {
-        let e = err(&format!("{HEAD}[[csv]]\nfiles = [\"*\"]\n[csv.columns]\nA = \"keep\"\nB = \"shred\"\n"));
+        let e = err(&format!(
+            "{HEAD}[[csv]]\nfiles = [\"*\"]\n[csv.columns]\nA = \"keep\"\nB = \"shred\"\n"
+        ));
         assert_eq!(e.line, 7, "{e}");
         assert!(e.message.contains("unknown transform `shred`"), "{e}");
         let e = err(&format!("{HEAD}[[csv]]\nfiles = [\"*\"]\n[csv.columns]\nB = {{ kind = \"fpe\", alphabet = \"digits\", max_len = 4 }}\n"));
@@ -944,9 +1010,13 @@ mod tests {
         let e = err(&format!("{HEAD}[[csv]]\nfiles = [\"*\"]\n[csv.columns]\nD = {{ kind = \"date_shift\", max_days = 30 }}\n"));
         assert_eq!(e.line, 3, "{e}");
         assert!(e.message.contains("patient"), "{e}");
-        let e = err(&format!("{HEAD}[[csv]]\nfiles = [\"*\"]\n[csv.columns]\nA = \"keep\"\na = \"drop\"\n"));
+        let e = err(&format!(
+            "{HEAD}[[csv]]\nfiles = [\"*\"]\n[csv.columns]\nA = \"keep\"\na = \"drop\"\n"
+        ));
         assert_eq!(e.line, 7, "{e}");
-        let e = err(&format!("{HEAD}[transforms]\nx = {{ kind = \"tokenise\" }}\n"));
+        let e = err(&format!(
+            "{HEAD}[transforms]\nx = {{ kind = \"tokenise\" }}\n"
+        ));
         assert_eq!(e.line, 4, "{e}");
         assert!(e.message.contains("unknown variant `tokenise`"), "{e}");
     }

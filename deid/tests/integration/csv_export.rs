@@ -15,8 +15,13 @@ fn standard() -> &'static (PathBuf, Report) {
     RUN.get_or_init(|| {
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("deid-synthea-csv");
         let _ = std::fs::remove_dir_all(&out);
-        let report = run(&engine(CSV_PROFILE), Path::new(SYNTHEA_CSV), &out, &Options::default())
-            .expect("the Synthea export de-identifies");
+        let report = run(
+            &engine(CSV_PROFILE),
+            Path::new(SYNTHEA_CSV),
+            &out,
+            &Options::default(),
+        )
+        .expect("the Synthea export de-identifies");
         (out, report)
     })
 }
@@ -63,7 +68,11 @@ fn every_file_and_record_is_written_and_reported() {
     }
     assert_eq!(report.records as usize, total);
     for kind in ["pseudonym", "date_shift", "zip3", "drop", "keep"] {
-        assert!(report.transforms.get(kind).copied().unwrap_or(0) > 0, "no {kind} in {:?}", report.transforms);
+        assert!(
+            report.transforms.get(kind).copied().unwrap_or(0) > 0,
+            "no {kind} in {:?}",
+            report.transforms
+        );
     }
     // The report is written next to the output and holds the same.
     let written: serde_json::Value =
@@ -81,10 +90,19 @@ fn no_identifier_of_the_input_appears_in_the_output() {
         }
     };
     let p = input("patients.csv");
-    for col in ["SSN", "DRIVERS", "PASSPORT", "FIRST", "LAST", "MAIDEN", "ADDRESS", "CITY", "COUNTY", "LAT", "LON", "Id"] {
+    for col in [
+        "SSN", "DRIVERS", "PASSPORT", "FIRST", "LAST", "MAIDEN", "ADDRESS", "CITY", "COUNTY",
+        "LAT", "LON", "Id",
+    ] {
         add(col, p.values(col));
     }
-    add("birthplace", p.values("BIRTHPLACE").iter().map(|b| b.split("  ").next().unwrap_or("")).collect());
+    add(
+        "birthplace",
+        p.values("BIRTHPLACE")
+            .iter()
+            .map(|b| b.split("  ").next().unwrap_or(""))
+            .collect(),
+    );
     let o = input("organizations.csv");
     for col in ["NAME", "ADDRESS", "PHONE", "LAT", "LON", "Id"] {
         add(col, o.values(col));
@@ -94,7 +112,13 @@ fn no_identifier_of_the_input_appears_in_the_output() {
         add(col, pr.values(col));
     }
     // Provider names are "Given123 Family456".
-    add("provider name", pr.values("NAME").iter().flat_map(|n| n.split(' ')).collect());
+    add(
+        "provider name",
+        pr.values("NAME")
+            .iter()
+            .flat_map(|n| n.split(' '))
+            .collect(),
+    );
     let pay = input("payers.csv");
     add("payer address", pay.values("ADDRESS"));
     add("payer phone", pay.values("PHONE"));
@@ -104,16 +128,37 @@ fn no_identifier_of_the_input_appears_in_the_output() {
     let checked = assert_no_leaks(out, &secrets);
     assert!(checked > 5000, "only {checked} values checked");
     // ZIP codes are cut to three digits.
-    for file in ["patients.csv", "organizations.csv", "providers.csv", "payers.csv"] {
+    for file in [
+        "patients.csv",
+        "organizations.csv",
+        "providers.csv",
+        "payers.csv",
+    ] {
         let zips = output(file);
         let zips = zips.values("ZIP");
         assert!(zips.iter().any(|z| !z.is_empty()), "{file}");
-        assert!(zips.iter().all(|z| z.is_empty() || (z.len() == 3 && z.bytes().all(|b| b.is_ascii_digit()))), "{file}: {zips:?}");
+        assert!(
+            zips.iter()
+                .all(|z| z.is_empty() || (z.len() == 3 && z.bytes().all(|b| b.is_ascii_digit()))),
+            "{file}: {zips:?}"
+        );
     }
     // Columns that must be gone.
     let header = output("patients.csv").header;
-    for gone in ["ADDRESS", "CITY", "COUNTY", "BIRTHPLACE", "LAT", "LON", "PREFIX", "SUFFIX"] {
-        assert!(!header.iter().any(|h| h == gone), "{gone} still in {header:?}");
+    for gone in [
+        "ADDRESS",
+        "CITY",
+        "COUNTY",
+        "BIRTHPLACE",
+        "LAT",
+        "LON",
+        "PREFIX",
+        "SUFFIX",
+    ] {
+        assert!(
+            !header.iter().any(|h| h == gone),
+            "{gone} still in {header:?}"
+        );
     }
 }
 
@@ -131,7 +176,11 @@ fn dates_of_birth_are_shifted() {
     assert_eq!(bi.len(), bo.len());
     assert!(bi.len() > 100);
     // A zero offset is as likely as any other (1 in 731); more than a few would be a bug.
-    assert!(unchanged <= 2, "{unchanged} of {} birth dates unchanged", bi.len());
+    assert!(
+        unchanged <= 2,
+        "{unchanged} of {} birth dates unchanged",
+        bi.len()
+    );
 }
 
 /// (file, column, referenced file, referenced column).
@@ -225,14 +274,24 @@ fn patient_dates(table: &Table, patient_col: &str) -> Vec<(String, Vec<String>)>
     table
         .rows
         .iter()
-        .map(|r| (r[pc].clone(), date_cols.iter().map(|&c| r[c].clone()).collect()))
+        .map(|r| {
+            (
+                r[pc].clone(),
+                date_cols.iter().map(|&c| r[c].clone()).collect(),
+            )
+        })
         .collect()
 }
 
 #[test]
 fn date_intervals_per_patient_are_kept_exactly() {
     let (pi, po) = (input("patients.csv"), output("patients.csv"));
-    let birth_in: HashMap<String, String> = pi.values("Id").iter().zip(pi.values("BIRTHDATE")).map(|(a, b)| (a.to_string(), b.to_string())).collect();
+    let birth_in: HashMap<String, String> = pi
+        .values("Id")
+        .iter()
+        .zip(pi.values("BIRTHDATE"))
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
     let birth_out: Vec<&str> = po.values("BIRTHDATE");
     let ids: Vec<&str> = pi.values("Id");
     let birth_out: HashMap<&str, &str> = ids.iter().copied().zip(birth_out).collect();
@@ -240,11 +299,18 @@ fn date_intervals_per_patient_are_kept_exactly() {
     let mut pairs = 0;
     for file in FILES {
         let (i, o) = (input(file), output(file));
-        let patient_col = if file == "patients.csv" { "Id" } else { "PATIENT" };
+        let patient_col = if file == "patients.csv" {
+            "Id"
+        } else {
+            "PATIENT"
+        };
         if i.col(patient_col).is_none() {
             continue;
         }
-        let (di, dout) = (patient_dates(&i, patient_col), patient_dates(&o, patient_col));
+        let (di, dout) = (
+            patient_dates(&i, patient_col),
+            patient_dates(&o, patient_col),
+        );
         for ((patient, before), (_, after)) in di.iter().zip(&dout) {
             let (b0, _) = days(&birth_in[patient]).unwrap();
             let (b1, _) = days(birth_out[patient.as_str()]).unwrap();
@@ -274,7 +340,8 @@ fn write_layout(path: &Path, table: &Table, header: &[String], order: &[usize]) 
     let mut w = csv::Writer::from_path(path).unwrap();
     w.write_record(header).unwrap();
     for row in &table.rows {
-        w.write_record(order.iter().map(|&i| row.get(i).map_or("", String::as_str))).unwrap();
+        w.write_record(order.iter().map(|&i| row.get(i).map_or("", String::as_str)))
+            .unwrap();
     }
     w.flush().unwrap();
 }
@@ -284,18 +351,34 @@ fn another_synthea_layout_matches_by_header_name() {
     // Synthea 3.x: MIDDLE, FIPS and INCOME; columns in another order; lower-case names.
     let dir = tempfile::tempdir().unwrap();
     let src = input("patients.csv");
-    let mut table = Table { header: src.header.clone(), rows: src.rows.clone() };
-    for (name, value) in [("MIDDLE", "Quentin123"), ("FIPS", "25017"), ("INCOME", "51234")] {
+    let mut table = Table {
+        header: src.header.clone(),
+        rows: src.rows.clone(),
+    };
+    for (name, value) in [
+        ("MIDDLE", "Quentin123"),
+        ("FIPS", "25017"),
+        ("INCOME", "51234"),
+    ] {
         table.header.push(name.to_owned());
         for row in &mut table.rows {
             row.push(value.to_owned());
         }
     }
     let order: Vec<usize> = (0..table.header.len()).rev().collect();
-    let header: Vec<String> = order.iter().map(|&i| table.header[i].to_lowercase()).collect();
+    let header: Vec<String> = order
+        .iter()
+        .map(|&i| table.header[i].to_lowercase())
+        .collect();
     write_layout(&dir.path().join("patients.csv"), &table, &header, &order);
     let out = tempfile::tempdir().unwrap();
-    let report = run(&engine(CSV_PROFILE), dir.path(), out.path(), &Options::default()).unwrap();
+    let report = run(
+        &engine(CSV_PROFILE),
+        dir.path(),
+        out.path(),
+        &Options::default(),
+    )
+    .unwrap();
     assert!(report.warnings.is_empty(), "{:?}", report.warnings);
     let o = Table::read(&out.path().join("patients.csv"));
     let std = output("patients.csv");
@@ -313,32 +396,57 @@ fn another_synthea_layout_matches_by_header_name() {
 fn an_unknown_column_is_dropped_and_reported_or_stops_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let src = input("patients.csv");
-    let mut table = Table { header: src.header.clone(), rows: src.rows.clone() };
+    let mut table = Table {
+        header: src.header.clone(),
+        rows: src.rows.clone(),
+    };
     table.header.push("NICKNAME".to_owned());
     for (i, row) in table.rows.iter_mut().enumerate() {
         row.push(format!("Nick{i}zz"));
     }
     let order: Vec<usize> = (0..table.header.len()).collect();
-    write_layout(&dir.path().join("patients.csv"), &table, &table.header.clone(), &order);
+    write_layout(
+        &dir.path().join("patients.csv"),
+        &table,
+        &table.header.clone(),
+        &order,
+    );
 
     let out = tempfile::tempdir().unwrap();
-    let report = run(&engine(CSV_PROFILE), dir.path(), out.path(), &Options::default()).unwrap();
+    let report = run(
+        &engine(CSV_PROFILE),
+        dir.path(),
+        out.path(),
+        &Options::default(),
+    )
+    .unwrap();
     assert_eq!(report.warnings.len(), 1);
     let w = &report.warnings[0];
-    assert_eq!((w.file.as_str(), w.field.as_str()), ("patients.csv", "NICKNAME"));
+    assert_eq!(
+        (w.file.as_str(), w.field.as_str()),
+        ("patients.csv", "NICKNAME")
+    );
     assert_eq!(w.occurrences as usize, table.rows.len());
     let o = Table::read(&out.path().join("patients.csv"));
     assert!(o.col("NICKNAME").is_none());
     assert_eq!(o.rows.len(), table.rows.len());
-    let nicks: Vec<(String, String)> = table.rows.iter().map(|r| ("nickname".into(), r.last().unwrap().clone())).collect();
+    let nicks: Vec<(String, String)> = table
+        .rows
+        .iter()
+        .map(|r| ("nickname".into(), r.last().unwrap().clone()))
+        .collect();
     assert!(assert_no_leaks(out.path(), &nicks) > 100);
 
-    let strict = Policy::builtin(CSV_PROFILE).unwrap().with_unknown_fields(UnknownFields::Error);
+    let strict = Policy::builtin(CSV_PROFILE)
+        .unwrap()
+        .with_unknown_fields(UnknownFields::Error);
     let engine = Engine::new(&strict, &key()).unwrap();
     let out = tempfile::tempdir().unwrap();
     let err = run(&engine, dir.path(), out.path(), &Options::default()).unwrap_err();
     match &err {
-        DeidError::UnknownField { field, line, .. } => assert_eq!((field.as_str(), *line), ("NICKNAME", 1)),
+        DeidError::UnknownField { field, line, .. } => {
+            assert_eq!((field.as_str(), *line), ("NICKNAME", 1))
+        }
         other => panic!("{other}"),
     }
     assert!(!err.to_string().contains("Nick0zz"));
@@ -357,7 +465,16 @@ fn free_text_answers_are_redacted_coded_ones_kept() {
     )
     .unwrap();
     let out = tempfile::tempdir().unwrap();
-    run(&engine(CSV_PROFILE), dir.path(), out.path(), &Options::default()).unwrap();
+    run(
+        &engine(CSV_PROFILE),
+        dir.path(),
+        out.path(),
+        &Options::default(),
+    )
+    .unwrap();
     let o = Table::read(&out.path().join("observations.csv"));
-    assert_eq!(o.values("VALUE"), vec!["[REDACTED]", "Never smoker", "50.7"]);
+    assert_eq!(
+        o.values("VALUE"),
+        vec!["[REDACTED]", "Never smoker", "50.7"]
+    );
 }

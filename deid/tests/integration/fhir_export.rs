@@ -16,8 +16,13 @@ fn standard() -> &'static (PathBuf, Report) {
     RUN.get_or_init(|| {
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("deid-synthea-fhir");
         let _ = std::fs::remove_dir_all(&out);
-        let report = run(&engine(FHIR_PROFILE), Path::new(SYNTHEA_FHIR), &out, &Options::default())
-            .expect("the Synthea bundles de-identify");
+        let report = run(
+            &engine(FHIR_PROFILE),
+            Path::new(SYNTHEA_FHIR),
+            &out,
+            &Options::default(),
+        )
+        .expect("the Synthea bundles de-identify");
         (out, report)
     })
 }
@@ -37,7 +42,11 @@ fn pairs() -> Vec<(Value, Value)> {
 }
 
 fn resources(bundle: &Value) -> impl Iterator<Item = &Value> {
-    bundle["entry"].as_array().into_iter().flatten().map(|e| &e["resource"])
+    bundle["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| &e["resource"])
 }
 
 /// Every string in `v` with its JSON pointer.
@@ -85,7 +94,8 @@ fn every_bundle_is_written_under_a_pseudonymous_name() {
         assert_eq!(f.format, "fhir-bundle");
         assert!(out.join(&f.file).is_file());
         let input = f.input.file_name().unwrap().to_string_lossy();
-        if input.starts_with("hospitalInformation") || input.starts_with("practitionerInformation") {
+        if input.starts_with("hospitalInformation") || input.starts_with("practitionerInformation")
+        {
             assert_eq!(f.file, input);
             continue;
         }
@@ -98,8 +108,19 @@ fn every_bundle_is_written_under_a_pseudonymous_name() {
         renamed += 1;
     }
     assert_eq!(renamed, 9);
-    for kind in ["pseudonym", "date_shift", "reference", "zip3", "drop", "redact", "keep"] {
-        assert!(report.transforms.get(kind).copied().unwrap_or(0) > 0, "no {kind}");
+    for kind in [
+        "pseudonym",
+        "date_shift",
+        "reference",
+        "zip3",
+        "drop",
+        "redact",
+        "keep",
+    ] {
+        assert!(
+            report.transforms.get(kind).copied().unwrap_or(0) > 0,
+            "no {kind}"
+        );
     }
 }
 
@@ -127,7 +148,10 @@ fn no_identifier_of_the_input_appears_in_the_output() {
             }
             for ext in r["extension"].as_array().into_iter().flatten() {
                 if let Some(v) = ext["valueString"].as_str() {
-                    if ext["url"].as_str().is_some_and(|u| u.ends_with("mothersMaidenName")) {
+                    if ext["url"]
+                        .as_str()
+                        .is_some_and(|u| u.ends_with("mothersMaidenName"))
+                    {
                         secrets.push(("mother's maiden name".into(), v.to_owned()));
                     }
                 }
@@ -140,8 +164,14 @@ fn no_identifier_of_the_input_appears_in_the_output() {
         let mut all = Vec::new();
         strings(&output, String::new(), &mut all);
         for (path, value) in &all {
-            assert!(!path.ends_with("/data") && !path.ends_with("/div"), "{path} kept");
-            assert!(!path.contains("/display") || !value.contains("Dr."), "{path} kept a name");
+            assert!(
+                !path.ends_with("/data") && !path.ends_with("/div"),
+                "{path} kept"
+            );
+            assert!(
+                !path.contains("/display") || !value.contains("Dr."),
+                "{path} kept a name"
+            );
         }
         // Postal codes are cut to three digits; street lines, cities, phones and e-mails gone.
         for (path, _) in &all {
@@ -166,7 +196,10 @@ fn dates_of_birth_are_shifted() {
     for (input, output) in pairs() {
         for (a, b) in resources(&input).zip(resources(&output)) {
             if a["resourceType"] == "Patient" {
-                let (x, y) = (a["birthDate"].as_str().unwrap(), b["birthDate"].as_str().unwrap());
+                let (x, y) = (
+                    a["birthDate"].as_str().unwrap(),
+                    b["birthDate"].as_str().unwrap(),
+                );
                 patients += 1;
                 unchanged += usize::from(x == y);
             }
@@ -185,7 +218,11 @@ fn every_reference_resolves() {
         for r in resources(bundle) {
             for id in r["identifier"].as_array().into_iter().flatten() {
                 if let (Some(s), Some(v)) = (id["system"].as_str(), id["value"].as_str()) {
-                    identifiers.insert((r["resourceType"].as_str().unwrap().to_owned(), s.to_owned(), v.to_owned()));
+                    identifiers.insert((
+                        r["resourceType"].as_str().unwrap().to_owned(),
+                        s.to_owned(),
+                        v.to_owned(),
+                    ));
                 }
             }
         }
@@ -193,38 +230,69 @@ fn every_reference_resolves() {
     let (mut urn, mut conditional, mut local) = (0, 0, 0);
     for bundle in &all {
         let entries = bundle["entry"].as_array().unwrap();
-        let full_urls: HashSet<&str> = entries.iter().filter_map(|e| e["fullUrl"].as_str()).collect();
+        let full_urls: HashSet<&str> = entries
+            .iter()
+            .filter_map(|e| e["fullUrl"].as_str())
+            .collect();
         for e in entries {
             let r = &e["resource"];
-            assert_eq!(e["fullUrl"].as_str().unwrap(), format!("urn:uuid:{}", r["id"].as_str().unwrap()));
-            let contained: HashSet<&str> = r["contained"].as_array().into_iter().flatten().filter_map(|c| c["id"].as_str()).collect();
+            assert_eq!(
+                e["fullUrl"].as_str().unwrap(),
+                format!("urn:uuid:{}", r["id"].as_str().unwrap())
+            );
+            let contained: HashSet<&str> = r["contained"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["id"].as_str())
+                .collect();
             let mut refs = Vec::new();
             strings(r, String::new(), &mut refs);
             for (path, reference) in refs.into_iter().filter(|(p, _)| p.ends_with("/reference")) {
                 if reference.starts_with("urn:uuid:") {
-                    assert!(full_urls.contains(reference), "{path}: {reference} does not resolve");
+                    assert!(
+                        full_urls.contains(reference),
+                        "{path}: {reference} does not resolve"
+                    );
                     urn += 1;
                 } else if let Some(id) = reference.strip_prefix('#') {
                     assert!(contained.contains(id), "{path}: #{id}");
                     local += 1;
                 } else {
-                    let (rtype, query) = reference.split_once("?identifier=").unwrap_or_else(|| panic!("{path}: {reference}"));
+                    let (rtype, query) = reference
+                        .split_once("?identifier=")
+                        .unwrap_or_else(|| panic!("{path}: {reference}"));
                     let (system, value) = query.split_once('|').unwrap();
                     assert!(
-                        identifiers.contains(&(rtype.to_owned(), system.to_owned(), value.to_owned())),
+                        identifiers.contains(&(
+                            rtype.to_owned(),
+                            system.to_owned(),
+                            value.to_owned()
+                        )),
                         "{path}: {reference} matches no identifier"
                     );
                     conditional += 1;
                 }
             }
             if let Some(q) = e["request"]["ifNoneExist"].as_str() {
-                let (system, value) = q.strip_prefix("identifier=").unwrap().split_once('|').unwrap();
+                let (system, value) = q
+                    .strip_prefix("identifier=")
+                    .unwrap()
+                    .split_once('|')
+                    .unwrap();
                 let rtype = r["resourceType"].as_str().unwrap();
-                assert!(identifiers.contains(&(rtype.to_owned(), system.to_owned(), value.to_owned())));
+                assert!(identifiers.contains(&(
+                    rtype.to_owned(),
+                    system.to_owned(),
+                    value.to_owned()
+                )));
             }
         }
     }
-    assert!(urn > 5000 && conditional > 1000 && local > 100, "{urn} {conditional} {local}");
+    assert!(
+        urn > 5000 && conditional > 1000 && local > 100,
+        "{urn} {conditional} {local}"
+    );
 }
 
 fn is_date(s: &str) -> bool {
@@ -243,20 +311,32 @@ fn date_intervals_per_patient_are_kept_exactly() {
         for (a, b) in ins.iter().zip(&outs) {
             let mut dates = Vec::new();
             strings(a, String::new(), &mut dates);
-            for (path, x) in dates.into_iter().filter(|(p, s)| is_date(s) && !p.contains("/extension/")) {
+            for (path, x) in dates
+                .into_iter()
+                .filter(|(p, s)| is_date(s) && !p.contains("/extension/"))
+            {
                 total += 1;
-                let Some(y) = b.pointer(&path).and_then(Value::as_str) else { continue };
+                let Some(y) = b.pointer(&path).and_then(Value::as_str) else {
+                    continue;
+                };
                 let ((dx, tx), (dy, ty)) = (days(x).unwrap(), days(y).unwrap());
                 assert_eq!(tx, ty, "{path}: time of day changed");
                 let o = *offset.get_or_insert(dy - dx);
-                assert_eq!(o, dy - dx, "{path}: another offset in the same patient's bundle");
+                assert_eq!(
+                    o,
+                    dy - dx,
+                    "{path}: another offset in the same patient's bundle"
+                );
                 assert!(o.abs() <= 365);
                 compared += 1;
             }
         }
     }
     assert!(compared > 5000, "{compared}");
-    assert!(compared * 10 >= total * 9, "only {compared} of {total} dates found again");
+    assert!(
+        compared * 10 >= total * 9,
+        "only {compared} of {total} dates found again"
+    );
 }
 
 /// Writes the resources of some bundles as NDJSON, one file per type.
@@ -284,14 +364,26 @@ fn to_ndjson(bundles: &[PathBuf], dir: &Path, skip: &[&str]) -> usize {
 #[test]
 fn ndjson_resources_come_out_as_in_the_bundle() {
     let (out, report) = standard();
-    let bundles: Vec<PathBuf> = report.files.iter().map(|f| f.input.clone()).filter(|p| p.to_string_lossy().contains("_")).take(3).collect();
+    let bundles: Vec<PathBuf> = report
+        .files
+        .iter()
+        .map(|f| f.input.clone())
+        .filter(|p| p.to_string_lossy().contains("_"))
+        .take(3)
+        .collect();
     assert_eq!(bundles.len(), 3);
     let dir = tempfile::tempdir().unwrap();
     // Provenance names no patient: in a bundle it belongs to the bundle's one Patient, alone on
     // an NDJSON line it has no patient to shift its date for.
     let n = to_ndjson(&bundles, dir.path(), &["Provenance"]);
     let nd_out = tempfile::tempdir().unwrap();
-    let nd_report = run(&engine(FHIR_PROFILE), dir.path(), nd_out.path(), &Options::default()).unwrap();
+    let nd_report = run(
+        &engine(FHIR_PROFILE),
+        dir.path(),
+        nd_out.path(),
+        &Options::default(),
+    )
+    .unwrap();
     assert_eq!(nd_report.records as usize, n);
     assert!(nd_report.files.iter().all(|f| f.format == "fhir-ndjson"));
     let mut by_id: HashMap<String, Value> = HashMap::new();
@@ -302,10 +394,18 @@ fn ndjson_resources_come_out_as_in_the_bundle() {
     }
     let mut same = 0;
     for f in &nd_report.files {
-        for line in std::fs::read_to_string(nd_out.path().join(&f.file)).unwrap().lines() {
+        for line in std::fs::read_to_string(nd_out.path().join(&f.file))
+            .unwrap()
+            .lines()
+        {
             let r: Value = serde_json::from_str(line).unwrap();
             let id = r["id"].as_str().unwrap();
-            assert_eq!(&r, by_id.get(id).unwrap_or_else(|| panic!("{id} not in the bundle output")));
+            assert_eq!(
+                &r,
+                by_id
+                    .get(id)
+                    .unwrap_or_else(|| panic!("{id} not in the bundle output"))
+            );
             same += 1;
         }
     }
@@ -319,20 +419,43 @@ fn a_patient_keeps_its_pseudonym_and_offset_between_csv_and_fhir() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("csv")).unwrap();
     std::fs::create_dir(dir.path().join("fhir")).unwrap();
-    std::fs::copy(Path::new(SYNTHEA_CSV).join("patients.csv"), dir.path().join("csv/patients.csv")).unwrap();
+    std::fs::copy(
+        Path::new(SYNTHEA_CSV).join("patients.csv"),
+        dir.path().join("csv/patients.csv"),
+    )
+    .unwrap();
     std::fs::write(
         dir.path().join("fhir/Patient.ndjson"),
         format!("{{\"resourceType\":\"Patient\",\"id\":\"{id}\",\"birthDate\":\"{birth}\"}}\n"),
     )
     .unwrap();
     let out = tempfile::tempdir().unwrap();
-    run(&engine(CSV_PROFILE), &dir.path().join("csv"), &out.path().join("csv"), &Options::default()).unwrap();
-    run(&engine(FHIR_PROFILE), &dir.path().join("fhir"), &out.path().join("fhir"), &Options::default()).unwrap();
+    run(
+        &engine(CSV_PROFILE),
+        &dir.path().join("csv"),
+        &out.path().join("csv"),
+        &Options::default(),
+    )
+    .unwrap();
+    run(
+        &engine(FHIR_PROFILE),
+        &dir.path().join("fhir"),
+        &out.path().join("fhir"),
+        &Options::default(),
+    )
+    .unwrap();
     let csv_out = Table::read(&out.path().join("csv/patients.csv"));
-    let fhir_files: Vec<PathBuf> = entries(&out.path().join("fhir")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "ndjson")).collect();
-    let patient: Value = serde_json::from_str(std::fs::read_to_string(&fhir_files[0]).unwrap().trim()).unwrap();
+    let fhir_files: Vec<PathBuf> = entries(&out.path().join("fhir"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "ndjson"))
+        .collect();
+    let patient: Value =
+        serde_json::from_str(std::fs::read_to_string(&fhir_files[0]).unwrap().trim()).unwrap();
     assert_eq!(patient["id"].as_str().unwrap(), csv_out.values("Id")[0]);
-    assert_eq!(patient["birthDate"].as_str().unwrap(), csv_out.values("BIRTHDATE")[0]);
+    assert_eq!(
+        patient["birthDate"].as_str().unwrap(),
+        csv_out.values("BIRTHDATE")[0]
+    );
     assert_ne!(patient["id"].as_str().unwrap(), id);
 }
 
@@ -346,15 +469,38 @@ fn unknown_elements_and_extensions_are_dropped_and_reported_or_stop_the_run() {
     )
     .unwrap();
     let out = tempfile::tempdir().unwrap();
-    let report = run(&engine(FHIR_PROFILE), dir.path(), out.path(), &Options::default()).unwrap();
+    let report = run(
+        &engine(FHIR_PROFILE),
+        dir.path(),
+        out.path(),
+        &Options::default(),
+    )
+    .unwrap();
     let fields: Vec<&str> = report.warnings.iter().map(|w| w.field.as_str()).collect();
-    assert_eq!(fields, vec!["Patient.extension(http://example.org/favourite-nurse)", "Patient.nickname"]);
-    let secrets = vec![("nickname".into(), "Bobbie77".into()), ("extension".into(), "Nurse Ratched12".into())];
+    assert_eq!(
+        fields,
+        vec![
+            "Patient.extension(http://example.org/favourite-nurse)",
+            "Patient.nickname"
+        ]
+    );
+    let secrets = vec![
+        ("nickname".into(), "Bobbie77".into()),
+        ("extension".into(), "Nurse Ratched12".into()),
+    ];
     assert_eq!(assert_no_leaks(out.path(), &secrets), 2);
 
-    let strict = Policy::builtin(FHIR_PROFILE).unwrap().with_unknown_fields(UnknownFields::Error);
+    let strict = Policy::builtin(FHIR_PROFILE)
+        .unwrap()
+        .with_unknown_fields(UnknownFields::Error);
     let out = tempfile::tempdir().unwrap();
-    let err = run(&Engine::new(&strict, &key()).unwrap(), dir.path(), out.path(), &Options::default()).unwrap_err();
+    let err = run(
+        &Engine::new(&strict, &key()).unwrap(),
+        dir.path(),
+        out.path(),
+        &Options::default(),
+    )
+    .unwrap_err();
     match &err {
         DeidError::UnknownField { line, field, .. } => {
             assert_eq!(*line, 2);
