@@ -313,6 +313,7 @@ impl Engine {
                         ids,
                         patient_references: f.patient_references.clone(),
                         reference_label: Arc::from("reference"),
+                        id_label: Arc::from("id"),
                     },
                     file_namer,
                     keep_names: f.keep_names.clone(),
@@ -476,8 +477,8 @@ impl Engine {
             report.rejected += r.report.rejected;
             report.bytes_in += r.report.bytes_in;
             report.bytes_out += r.bytes_out;
-            for c in r.report.fields.values() {
-                *report.transforms.entry(c.transform.to_owned()).or_insert(0) += c.count;
+            for (kind, n) in r.report.fields.values().flatten() {
+                *report.transforms.entry(kind.clone()).or_insert(0) += n;
             }
             report.files.push(r.report);
             report.rejects.extend(r.rejects);

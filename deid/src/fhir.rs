@@ -82,6 +82,7 @@ pub(crate) struct FhirRules {
     pub(crate) ids: Arc<Applier>,
     pub(crate) patient_references: Vec<String>,
     pub(crate) reference_label: Arc<str>,
+    pub(crate) id_label: Arc<str>,
 }
 
 /// What a reference string is.
@@ -502,6 +503,7 @@ impl FhirRules {
                 "id" if root => match &mut v {
                     Json::String(s) => {
                         *s = self.id(s, cx)?;
+                        cx.stats.add(&self.id_label, "pseudonym", 1);
                         true
                     }
                     _ => {

@@ -46,4 +46,4 @@ mod report;
 pub use engine::{Engine, OnMalformed, Options};
 pub use error::{DeidError, PolicyError, RejectReason};
 pub use policy::{FileNames, Policy, UnknownFields, BUILTIN_PROFILES};
-pub use report::{FieldCount, FileReport, Progress, Reject, Report, Warning};
+pub use report::{FileReport, Progress, Reject, Report, Warning};

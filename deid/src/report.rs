@@ -11,10 +11,11 @@ use serde::Serialize;
 
 use crate::ops::Op;
 
-/// Counts of values per field label, as gathered by one worker.
+/// Counts of values per field label and transform, as gathered by one worker.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct FieldStats {
-    counts: HashMap<Arc<str>, (&'static str, u64)>,
+    /// label → (transform kind, count); a label has one or two kinds (conditional rules).
+    counts: HashMap<Arc<str>, Vec<(&'static str, u64)>>,
 }
 
 impl FieldStats {
@@ -23,35 +24,35 @@ impl FieldStats {
     }
 
     pub(crate) fn add(&mut self, label: &Arc<str>, kind: &'static str, n: u64) {
-        match self.counts.get_mut(label) {
-            Some(e) => e.1 += n,
-            None => {
-                self.counts.insert(Arc::clone(label), (kind, n));
-            }
+        // Looked up by `&str`: no `Arc` clone per value.
+        let kinds = match self.counts.get_mut(label.as_ref()) {
+            Some(k) => k,
+            None => self.counts.entry(Arc::clone(label)).or_default(),
+        };
+        match kinds.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, c)) => *c += n,
+            None => kinds.push((kind, n)),
         }
     }
 
     pub(crate) fn merge(&mut self, other: FieldStats) {
-        for (label, (kind, n)) in other.counts {
-            self.add(&label, kind, n);
+        for (label, kinds) in other.counts {
+            for (kind, n) in kinds {
+                self.add(&label, kind, n);
+            }
         }
     }
 
-    pub(crate) fn into_fields(self) -> BTreeMap<String, FieldCount> {
+    /// field → transform → count.
+    pub(crate) fn into_fields(self) -> BTreeMap<String, BTreeMap<String, u64>> {
         self.counts
             .into_iter()
-            .map(|(label, (transform, count))| (label.to_string(), FieldCount { transform, count }))
+            .map(|(label, kinds)| {
+                let kinds = kinds.into_iter().map(|(k, n)| (k.to_owned(), n)).collect();
+                (label.to_string(), kinds)
+            })
             .collect()
     }
-}
-
-/// How many values of one field went through which transform.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FieldCount {
-    /// The transform kind (`keep`, `pseudonym`, `date_shift`, `drop`, `reference`, …).
-    pub transform: &'static str,
-    /// Non-empty values it was applied to.
-    pub count: u64,
 }
 
 /// The report of a whole run; written as JSON next to the output.
@@ -102,8 +103,10 @@ pub struct FileReport {
     pub rejected: u64,
     /// Input bytes.
     pub bytes_in: u64,
-    /// Values per field (column name, JSON pointer or FHIR rule path).
-    pub fields: BTreeMap<String, FieldCount>,
+    /// Values per field (column name, JSON pointer or FHIR rule path) and transform kind
+    /// (`keep`, `pseudonym`, `date_shift`, `drop`, `redact`, `zip3`, `reference`, …); empty
+    /// values are not counted.
+    pub fields: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 /// A rejected record.

@@ -166,6 +166,17 @@ fn no_identifier_of_the_input_appears_in_the_output() {
 fn dates_of_birth_are_shifted() {
     let (i, o) = (input("patients.csv"), output("patients.csv"));
     let (bi, bo) = (i.values("BIRTHDATE"), o.values("BIRTHDATE"));
+    let report = &standard().1;
+    let fr = report
+        .files
+        .iter()
+        .find(|f| f.file == "patients.csv")
+        .unwrap();
+    assert_eq!(fr.fields["BIRTHDATE"]["date_shift"] as usize, bi.len());
+    assert_eq!(
+        fr.fields["SSN"]["pseudonym"] as usize,
+        i.values("SSN").len()
+    );
     let mut unchanged = 0;
     for (a, b) in bi.iter().zip(&bo) {
         let (da, _) = days(a).unwrap();
