@@ -4,6 +4,7 @@
 //! | TOML key                  | environment              | default                              |
 //! |---------------------------|--------------------------|--------------------------------------|
 //! | `listen`                  | `KMS_LISTEN`             | `127.0.0.1:50051`                    |
+//! | `instance_name`           | `KMS_INSTANCE_NAME`      | `<host name>:<listen port>` (unique per replica sharing a store) |
 //! | `hsm.module`              | `KMS_HSM_MODULE`         | `/usr/lib/softhsm/libsofthsm2.so`    |
 //! | `hsm.token_label`         | `KMS_HSM_TOKEN_LABEL`    | (required)                           |
 //! | `hsm.pin_file`            | `KMS_HSM_PIN_FILE`       | — (or the PIN itself in `KMS_HSM_PIN`) |
@@ -48,6 +49,7 @@ pub const DEFAULT_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     listen: Option<String>,
+    instance_name: Option<String>,
     #[serde(default)]
     hsm: RawHsm,
     #[serde(default)]
@@ -166,6 +168,8 @@ pub enum LogFormat {
 pub struct ServerParams {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// This replica's name among the replicas sharing the store.
+    pub instance: String,
     /// Path of the PKCS#11 module.
     pub module: PathBuf,
     /// Token and login.
@@ -255,6 +259,16 @@ impl ServerParams {
         let listen: SocketAddr = listen_text
             .parse()
             .map_err(|_| invalid("listen", "not an IP:port address"))?;
+        let instance = match env("KMS_INSTANCE_NAME").or(raw.instance_name) {
+            Some(name) => name,
+            None => format!("{}:{}", host_name(), listen.port()),
+        };
+        if !valid_instance_name(&instance) {
+            return Err(invalid(
+                "instance_name",
+                "1-64 characters of A-Z a-z 0-9 . _ : -",
+            ));
+        }
 
         let module = env("KMS_HSM_MODULE")
             .map(PathBuf::from)
@@ -454,6 +468,7 @@ impl ServerParams {
             audit,
             rotation,
             listen,
+            instance,
             module,
             hsm: HsmParams {
                 token_label,
@@ -466,6 +481,30 @@ impl ServerParams {
             log_format,
             tls,
         })
+    }
+}
+
+/// Whether `name` is a usable instance name: it is shown to callers, so plain characters only.
+fn valid_instance_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// The kernel's host name, reduced to the characters an instance name may hold.
+fn host_name() -> String {
+    let name: String = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(50)
+        .collect();
+    if name.is_empty() {
+        "kms".to_string()
+    } else {
+        name
     }
 }
 
@@ -589,6 +628,32 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(p.listen.to_string(), "0.0.0.0:50051");
+    }
+
+    #[test]
+    fn instance_names_default_to_host_and_port_and_are_plain() {
+        let base = [
+            ("KMS_LISTEN", "127.0.0.1:50071"),
+            ("KMS_HSM_TOKEN_LABEL", "t"),
+            ("KMS_HSM_PIN", "1"),
+            ("KMS_STORE_URL", "sqlite://x"),
+            ("KMS_TLS_CA_CERT", "/pki/ca.pem"),
+            ("KMS_TLS_CERT", "/pki/server.pem"),
+            ("KMS_TLS_KEY", "/pki/server.key"),
+            ("KMS_BOOTSTRAP_SECURITY_OFFICERS", OFFICERS),
+        ];
+        let p = ServerParams::from_raw(RawConfig::default(), env_of(&base)).expect("valid");
+        assert!(p.instance.ends_with(":50071"), "{}", p.instance);
+        assert!(valid_instance_name(&p.instance), "{}", p.instance);
+        let named = |name: &str| {
+            let mut pairs = base.to_vec();
+            pairs.push(("KMS_INSTANCE_NAME", name));
+            ServerParams::from_raw(RawConfig::default(), env_of(&pairs))
+        };
+        assert_eq!(named("kms-2.eu").expect("valid").instance, "kms-2.eu");
+        for bad in ["", "two words", "a/b", "ü", &"a".repeat(65)] {
+            assert!(named(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     /// Regression: a PIN written into the TOML file by mistake must not be echoed back by the

@@ -76,6 +76,14 @@ pub enum KmsError {
         /// Why.
         reason: &'static str,
     },
+    /// The recovery share session is held in the memory of another replica (share sessions
+    /// are pinned to the replica that opened them): status, submissions and cancels must go
+    /// to that replica, and no second session opens meanwhile.
+    #[error("the recovery session is held by replica {replica}")]
+    SessionElsewhere {
+        /// The holder's instance name (configured by the operator; never a secret).
+        replica: String,
+    },
     /// A transform's parameters or a value do not suit the transform (FF1 domain rules, a
     /// character outside the alphabet, a malformed date). Positions and lengths, never values.
     #[error("{0}")]

@@ -44,10 +44,20 @@ pub fn to_status(e: &KmsError) -> Status {
         }
         KmsError::NotFound { what } => Status::not_found(format!("{what} not found")),
         KmsError::Conflict { reason } => Status::failed_precondition(*reason),
+        // The one message with a variable part: the replica's configured instance name, so
+        // that custodians and officers know where to send their recovery calls.
+        KmsError::SessionElsewhere { replica } => Status::failed_precondition(format!(
+            "the recovery session is held by another replica ({replica}): send recovery calls \
+             to that replica"
+        )),
         KmsError::Transform(e) => Status::invalid_argument(format!("transform: {e}")),
         KmsError::Internal { .. } => Status::internal("internal error"),
     }
 }
+
+/// The response header (and error trailer) that carries the request id of the audit record
+/// written for the call.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// The `kms.v1.KeyManagement` service over a [`KeyService`], behind authorization and audit.
 pub struct GrpcService {
@@ -187,6 +197,9 @@ impl GrpcService {
             Err(KmsError::PermissionDenied { .. }) => Outcome::Denied,
             Err(_) => Outcome::Failed,
         };
+        // The audit record's request id goes back to the caller (success or refusal alike),
+        // so a client can later find the record of any answer it received.
+        let header = tonic::metadata::MetadataValue::try_from(request_id.as_str()).ok();
         let event = AuditEvent {
             request_id,
             principal: caller.map(|c| c.principal.clone()).unwrap_or_default(),
@@ -211,8 +224,19 @@ impl GrpcService {
             return Err(to_status(&KmsError::AuditUnavailable));
         }
         match (result, status) {
-            (Ok(value), _) => Ok(Response::new(value)),
-            (Err(_), Some(status)) => Err(status),
+            (Ok(value), _) => {
+                let mut response = Response::new(value);
+                if let Some(id) = header {
+                    response.metadata_mut().insert(REQUEST_ID_HEADER, id);
+                }
+                Ok(response)
+            }
+            (Err(_), Some(mut status)) => {
+                if let Some(id) = header {
+                    status.metadata_mut().insert(REQUEST_ID_HEADER, id);
+                }
+                Err(status)
+            }
             (Err(e), None) => Err(to_status(&e)),
         }
     }

@@ -40,6 +40,7 @@ async fn main() -> anyhow::Result<()> {
         authz: params.authz,
         audit: params.audit,
         tls: params.tls,
+        instance: params.instance,
     })
     .await
     .context("start-up")?;

@@ -1,5 +1,8 @@
 //! Assembling and running a server: mutual TLS, HSM self-test, store, the KMS service, gRPC
-//! health and reflection, request size limits, graceful shutdown.
+//! health and reflection, request size limits, graceful shutdown, and the background tasks
+//! that let several replicas share one store: the key cache check, the PostgreSQL listener,
+//! the authorization refresher, the scheduler (one replica at a time on PostgreSQL), the
+//! recovery session heartbeat and readiness.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,8 +20,9 @@ use crate::error::KmsError;
 use crate::grpc::GrpcService;
 use crate::hsm::{Hsm, HsmError, HsmParams};
 use crate::recovery::Recovery;
-use crate::service::{Clock, KeyService};
-use crate::store::{Store, StoreError};
+use crate::recovery::SESSION_HEARTBEAT;
+use crate::service::{Clock, KeyService, KEY_SYNC_INTERVAL};
+use crate::store::{Backend, Store, StoreError};
 use crate::tls::{ServerTls, TlsError, TlsIncoming, TlsParams};
 
 /// Largest request message accepted by the transport. `Encrypt` payloads are further limited
@@ -71,6 +75,9 @@ pub struct Parts {
     pub audit: Option<AuditParams>,
     /// Mutual TLS material (the server serves nothing else).
     pub tls: TlsParams,
+    /// This replica's name among those sharing the store (recorded with the recovery share
+    /// sessions it holds, and named to callers who reach another replica).
+    pub instance: String,
 }
 
 /// A server ready to serve: ports opened, self-test passed.
@@ -83,6 +90,7 @@ pub struct Ready {
     store: Store,
     check_interval: std::time::Duration,
     tls: ServerTls,
+    instance: String,
 }
 
 impl Ready {
@@ -117,6 +125,7 @@ impl Ready {
             hsm.clone(),
             store.clone(),
             Arc::clone(&parts.clock),
+            parts.instance.clone(),
         ));
         let domains = Arc::new(Domains::new(
             Arc::clone(&service),
@@ -141,6 +150,7 @@ impl Ready {
             store,
             check_interval: parts.rotation.check_interval,
             tls,
+            instance: parts.instance,
         })
     }
 
@@ -157,6 +167,11 @@ impl Ready {
     /// The authorization layer this server asks.
     pub fn authz(&self) -> Arc<Authz> {
         Arc::clone(&self.authz)
+    }
+
+    /// This replica's instance name.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// Serves mutual TLS on `listener` until `shutdown` completes, then
@@ -179,9 +194,24 @@ impl Ready {
             .map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))?;
         let scheduler = tokio::spawn(rotation_scheduler(
             Arc::clone(&self.service),
+            self.store.clone(),
             self.check_interval,
         ));
-        let refresher = tokio::spawn(authz_refresher(Arc::clone(&self.authz)));
+        let authz_changed = Arc::new(tokio::sync::Notify::new());
+        let refresher = tokio::spawn(authz_refresher(
+            Arc::clone(&self.authz),
+            Arc::clone(&authz_changed),
+        ));
+        let key_sync = tokio::spawn(key_sync(Arc::clone(&self.service)));
+        let notifications = (self.store.backend() == Backend::Postgres).then(|| {
+            tokio::spawn(store_listener(
+                self.store.clone(),
+                Arc::clone(&self.service),
+                authz_changed,
+            ))
+        });
+        let recovery = Arc::clone(self.authz.recovery());
+        let heartbeat = tokio::spawn(recovery_heartbeat(Arc::clone(&recovery)));
         let readiness = tokio::spawn(readiness(self.hsm.clone(), self.store.clone(), health));
         let kms = KeyManagementServer::new(GrpcService::new(
             self.service,
@@ -199,7 +229,13 @@ impl Ready {
             .await;
         scheduler.abort();
         refresher.abort();
+        key_sync.abort();
+        if let Some(notifications) = notifications {
+            notifications.abort();
+        }
+        heartbeat.abort();
         readiness.abort();
+        recovery.shutdown().await;
         self.audit.shutdown().await;
         self.store.close().await;
         result.map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))
@@ -261,36 +297,182 @@ async fn readiness(hsm: Hsm, store: Store, health: tonic_health::server::HealthR
     }
 }
 
-/// Re-reads bindings, grants and windows every [`AUTHZ_REFRESH`], so that a revocation made
-/// through another replica takes effect here within that bound.
-async fn authz_refresher(authz: Arc<Authz>) {
+/// Re-reads bindings, grants and windows every [`AUTHZ_REFRESH`], and at once when `changed`
+/// is notified (a PostgreSQL notification that another replica changed them): a revocation
+/// made through another replica takes effect here within milliseconds on PostgreSQL, within
+/// [`AUTHZ_REFRESH`] otherwise. Notifications that arrive during a reload coalesce into one
+/// more reload.
+async fn authz_refresher(authz: Arc<Authz>, changed: Arc<tokio::sync::Notify>) {
     let mut tick = tokio::time::interval(AUTHZ_REFRESH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = changed.notified() => {}
+        }
         if let Err(e) = authz.reload().await {
             tracing::warn!(error = %e, "authorization refresh failed; keeping the last view");
         }
     }
 }
 
+/// Every [`KEY_SYNC_INTERVAL`]: checks that the cached key records are current
+/// ([`KeyService::sync`]). Logs only when checking starts or stops failing.
+async fn key_sync(service: Arc<KeyService>) {
+    let mut tick = tokio::time::interval(KEY_SYNC_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        match service.sync().await {
+            Ok(outcome) => {
+                if outcome.evicted > 0 {
+                    tracing::debug!(evicted = outcome.evicted, "stale key records evicted");
+                }
+                if failing {
+                    tracing::info!("key cache check works again");
+                    failing = false;
+                }
+            }
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "key cache check failed; keys are read from the store once the cache is older than its bound");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// PostgreSQL only: listens on `kms_keys` (a key row changed: evict it at once) and
+/// `kms_authz` (bindings, grants or windows changed: reload them), which the store's triggers
+/// notify at commit. A lost connection is re-established (with a pause after errors); what
+/// changed meanwhile is found by [`key_sync`] within a second, and authorization is reloaded
+/// after every reconnection.
+async fn store_listener(
+    store: Store,
+    service: Arc<KeyService>,
+    authz_changed: Arc<tokio::sync::Notify>,
+) {
+    use sqlx::postgres::PgListener;
+    let pause = std::time::Duration::from_secs(1);
+    loop {
+        let mut listener = match PgListener::connect(store.url()).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::debug!(error = %e, "store listener cannot connect; retrying");
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen_all([KEYS_CHANNEL, AUTHZ_CHANNEL]).await {
+            tracing::debug!(error = %e, "store listener cannot LISTEN; retrying");
+            tokio::time::sleep(pause).await;
+            continue;
+        }
+        tracing::debug!("store listener listening");
+        // Whatever changed while nobody listened.
+        authz_changed.notify_one();
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(notification)) => match notification.channel() {
+                    KEYS_CHANNEL => match parse_key_notification(notification.payload()) {
+                        Some((key_id, revision)) => {
+                            service.invalidate(key_id, revision);
+                        }
+                        None => tracing::warn!("malformed key notification ignored"),
+                    },
+                    _ => authz_changed.notify_one(),
+                },
+                // The connection was lost and has been re-established: changes in between
+                // were not notified.
+                Ok(None) => {
+                    tracing::info!("store listener reconnected");
+                    authz_changed.notify_one();
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "store listener lost its connection");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// The channel the `kms_keys` trigger notifies: `'<key id>:<revision>'`.
+const KEYS_CHANNEL: &str = "kms_keys";
+/// The channel the authorization tables' triggers notify.
+const AUTHZ_CHANNEL: &str = "kms_authz";
+
+fn parse_key_notification(payload: &str) -> Option<(uuid::Uuid, i64)> {
+    let (id, revision) = payload.split_once(':')?;
+    Some((uuid::Uuid::parse_str(id).ok()?, revision.parse().ok()?))
+}
+
+/// Every [`SESSION_HEARTBEAT`]: renews this replica's claim on the recovery share session it
+/// holds, if any.
+async fn recovery_heartbeat(recovery: Arc<Recovery>) {
+    let mut tick = tokio::time::interval(SESSION_HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = recovery.heartbeat().await {
+            tracing::warn!(error = %e, "recovery session heartbeat failed");
+        }
+    }
+}
+
+/// The PostgreSQL advisory lock the scheduler holds while it runs (one replica at a time).
+pub const SCHEDULER_LOCK: i64 = 7_243_011;
+/// The longest one scheduler run may take before it is abandoned (and, on PostgreSQL, its
+/// lock released for another replica).
+pub const SCHEDULER_MAX_RUN: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Every `interval`: rotates keys whose period is due and destroys keys whose pending deletion
-/// is due. Failures are logged and retried at the next tick; several servers may run this at
-/// once (see [`KeyService::rotate_due`] and [`KeyService::destroy_due`]).
-async fn rotation_scheduler(service: Arc<KeyService>, interval: std::time::Duration) {
+/// is due. Failures are logged and retried at the next tick.
+///
+/// Exactly once per due item across replicas: every rotation is a conditional update and every
+/// destruction a conditional state change, so even concurrent runs cannot rotate a key twice
+/// or destroy it twice. On PostgreSQL the run also holds a session advisory lock
+/// ([`SCHEDULER_LOCK`], tried, never waited for), so only one replica at a time does the HSM
+/// work; if that replica dies, its connection closes, PostgreSQL releases the lock, and the
+/// next replica to tick takes over.
+async fn rotation_scheduler(service: Arc<KeyService>, store: Store, interval: std::time::Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match service.rotate_due().await {
-            Ok(rotated) if !rotated.is_empty() => {
-                tracing::info!(count = rotated.len(), "scheduled rotations done")
+        let lock = match store.backend() {
+            Backend::Sqlite => None,
+            Backend::Postgres => match store.try_job_lock(SCHEDULER_LOCK).await {
+                Ok(Some(lock)) => Some(lock),
+                Ok(None) => {
+                    tracing::debug!("another replica runs the scheduler");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "scheduler lock unavailable");
+                    continue;
+                }
+            },
+        };
+        let run = async {
+            match service.rotate_due().await {
+                Ok(rotated) if !rotated.is_empty() => {
+                    tracing::info!(count = rotated.len(), "scheduled rotations done")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "scheduled rotation check failed"),
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "scheduled rotation check failed"),
+            if let Err(e) = service.destroy_due().await {
+                tracing::warn!(error = %e, "scheduled deletion check failed");
+            }
+        };
+        if tokio::time::timeout(SCHEDULER_MAX_RUN, run).await.is_err() {
+            tracing::error!("scheduler run took too long: abandoned");
         }
-        if let Err(e) = service.destroy_due().await {
-            tracing::warn!(error = %e, "scheduled deletion check failed");
+        if let Some(lock) = lock {
+            lock.release().await;
         }
     }
 }

@@ -3,9 +3,22 @@
 //! It validates requests, resolves key ids and aliases (cached: no database round trip on the
 //! hot path), checks that a key is usable, builds the authenticated data of every blob, and
 //! asks the HSM to do the cryptography. It speaks its own types; protobuf stays in `grpc`.
+//!
+//! **Several replicas on one store.** Each replica caches key records; a change made through
+//! another replica reaches this cache in two ways: a notification (PostgreSQL `NOTIFY`, handed
+//! to [`KeyService::invalidate`] by the server's listener, milliseconds after the commit), and
+//! [`KeyService::sync`], run every [`KEY_SYNC_INTERVAL`], which compares one digest of every
+//! key's revision with the last one seen and, when it moved, evicts every cached record whose
+//! revision is behind (the only mechanism on SQLite, the fallback on PostgreSQL). A replica
+//! whose last successful check started more than [`KEY_CACHE_MAX_AGE`] ago stops trusting its
+//! cache and reads every key from the store (failing with `UNAVAILABLE` if it cannot): so a
+//! change committed through any replica is honoured by every replica within that bound, by
+//! requests that resolve the key after it (a request already past its checks may finish).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 use zeroize::Zeroizing;
@@ -21,6 +34,14 @@ pub const MAX_PLAINTEXT: usize = 4096;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 /// `ListKeys` page size when the caller gives none.
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
+
+/// How often every replica checks that its cached key records are current
+/// ([`KeyService::sync`]).
+pub const KEY_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest a replica serves key records from its cache after the start of its last
+/// successful check; after that it reads every key from the store until a check succeeds
+/// again. This is the documented bound on how stale another replica's view of a key can be.
+pub const KEY_CACHE_MAX_AGE: Duration = Duration::from_secs(3);
 
 /// Longest rotation period accepted: 100 years, in seconds.
 pub const MAX_ROTATION_PERIOD_SECS: u64 = 100 * 365 * 86_400;
@@ -204,8 +225,32 @@ pub struct KeyService {
     /// Serializes reservations and limit rotations, so concurrent requests that find a window
     /// empty reserve one block between them, not one each.
     reserving: tokio::sync::Mutex<()>,
-    by_id: RwLock<HashMap<Uuid, Arc<KeyRecord>>>,
+    cache: RwLock<KeyCache>,
     by_alias: RwLock<HashMap<String, Uuid>>,
+    /// When this service was made: the origin of `validated_ms`.
+    epoch: Instant,
+    /// Milliseconds after `epoch` at which the last successful [`KeyService::sync`] started.
+    validated_ms: AtomicU64,
+}
+
+/// Cached key records, and what is known about newer ones.
+#[derive(Default)]
+struct KeyCache {
+    by_id: HashMap<Uuid, Arc<KeyRecord>>,
+    /// The newest revision each key is known to have (from a notification or a check): a
+    /// record read from the store before a change is never cached after hearing of it.
+    floor: HashMap<Uuid, i64>,
+    /// The store's [`Store::key_digest`] at the last full comparison.
+    digest: Option<(i64, i64)>,
+}
+
+/// What one [`KeyService::sync`] found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncOutcome {
+    /// Whether the digest had moved (so every revision was compared).
+    pub compared: bool,
+    /// Cached records found behind the store and evicted.
+    pub evicted: usize,
 }
 
 impl KeyService {
@@ -218,9 +263,59 @@ impl KeyService {
             usage_policy: UsagePolicy::default(),
             windows: std::sync::Mutex::default(),
             reserving: tokio::sync::Mutex::new(()),
-            by_id: RwLock::default(),
+            cache: RwLock::default(),
             by_alias: RwLock::default(),
+            // An empty cache is trivially current.
+            epoch: Instant::now(),
+            validated_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Compares the cache with the store: one digest query and, when the digest moved since
+    /// the last comparison, every key's revision; evicts each cached record that is behind.
+    /// On success the cache counts as current as of this call's start (see
+    /// [`KEY_CACHE_MAX_AGE`]).
+    pub async fn sync(&self) -> Result<SyncOutcome, KmsError> {
+        let started = self.epoch.elapsed();
+        let digest = self.store.key_digest().await?;
+        let seen = self.cache.read().unwrap_or_else(|p| p.into_inner()).digest;
+        let mut outcome = SyncOutcome::default();
+        if seen != Some(digest) {
+            outcome.compared = true;
+            for (key_id, revision) in self.store.key_revisions().await? {
+                if self.invalidate(key_id, revision) {
+                    outcome.evicted += 1;
+                }
+            }
+            self.cache.write().unwrap_or_else(|p| p.into_inner()).digest = Some(digest);
+        }
+        let started_ms = u64::try_from(started.as_millis()).unwrap_or(u64::MAX);
+        self.validated_ms.fetch_max(started_ms, Ordering::SeqCst);
+        Ok(outcome)
+    }
+
+    /// Learns that `key_id` has reached `revision` in the store (from a notification or a
+    /// check): a cached record behind it is evicted, and no older record is cached from now
+    /// on. Returns whether a record was evicted.
+    pub fn invalidate(&self, key_id: Uuid, revision: i64) -> bool {
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        let floor = cache.floor.entry(key_id).or_insert(revision);
+        *floor = (*floor).max(revision);
+        let behind = cache
+            .by_id
+            .get(&key_id)
+            .is_some_and(|cached| cached.revision < revision);
+        if behind {
+            cache.by_id.remove(&key_id);
+            tracing::debug!(%key_id, revision, "cached key record was stale: evicted");
+        }
+        behind
+    }
+
+    /// Whether the cache was confirmed current less than [`KEY_CACHE_MAX_AGE`] ago.
+    fn cache_is_current(&self) -> bool {
+        let validated = Duration::from_millis(self.validated_ms.load(Ordering::SeqCst));
+        self.epoch.elapsed().saturating_sub(validated) <= KEY_CACHE_MAX_AGE
     }
 
     /// Uses `policy` instead of the default usage limits.
@@ -265,6 +360,7 @@ impl KeyService {
                 hsm_tag: first.tag,
                 usage_reserved: 0,
             }],
+            revision: 0,
         };
         let handle = self
             .hsm
@@ -875,13 +971,16 @@ impl KeyService {
     }
 
     async fn resolve_id(&self, id: Uuid) -> Result<Arc<KeyRecord>, KmsError> {
-        if let Some(record) = self
-            .by_id
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-        {
-            return Ok(Arc::clone(record));
+        if self.cache_is_current() {
+            if let Some(record) = self
+                .cache
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .by_id
+                .get(&id)
+            {
+                return Ok(Arc::clone(record));
+            }
         }
         let record = Arc::new(
             self.store
@@ -893,6 +992,8 @@ impl KeyService {
         Ok(record)
     }
 
+    /// Caches `record` unless the cache already holds or knows of a newer revision (a record
+    /// read just before a change must not replace what a notification or a check taught us).
     fn remember(&self, record: Arc<KeyRecord>) {
         if let Some(alias) = &record.alias {
             self.by_alias
@@ -900,10 +1001,14 @@ impl KeyService {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(alias.clone(), record.key_id);
         }
-        self.by_id
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(record.key_id, record);
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        let floor = cache.floor.get(&record.key_id).copied();
+        let cached = cache.by_id.get(&record.key_id).map(|c| c.revision);
+        if floor.is_some_and(|f| record.revision < f) || cached.is_some_and(|c| record.revision < c)
+        {
+            return;
+        }
+        cache.by_id.insert(record.key_id, record);
     }
 }
 

@@ -108,6 +108,10 @@ pub struct KeyRecord {
     pub usage_limit: u64,
     /// Every version, oldest first.
     pub versions: Vec<VersionRecord>,
+    /// Bumped by every change of the key's row (state, primary, minimum version, policy,
+    /// deletion): how replicas tell that a cached record is stale. Usage counters are not part
+    /// of it (they live on the versions and are never served from a cache).
+    pub revision: i64,
 }
 
 /// One version of a key.
@@ -151,6 +155,7 @@ pub struct KeyPage {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    url: std::sync::Arc<str>,
 }
 
 impl Store {
@@ -189,7 +194,16 @@ impl Store {
         if backend == Backend::Sqlite {
             restrict_sqlite_files(&url);
         }
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            backend,
+            url: url.into(),
+        })
+    }
+
+    /// The database URL (PostgreSQL listeners open their own connection with it).
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// Which database is behind this store.
@@ -290,7 +304,7 @@ impl Store {
     ) -> Result<bool, KmsError> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
         let updated = sqlx::query(
-            "UPDATE kms_keys SET primary_version = $1 WHERE key_id = $2 AND primary_version = $3",
+            "UPDATE kms_keys SET primary_version = $1, revision = revision + 1 WHERE key_id = $2 AND primary_version = $3",
         )
         .bind(i64::from(from) + 1)
         .bind(key_id.to_string())
@@ -315,7 +329,7 @@ impl Store {
     /// those two states.
     pub async fn set_state(&self, key_id: Uuid, state: KeyState) -> Result<bool, KmsError> {
         let updated = sqlx::query(
-            "UPDATE kms_keys SET state = $1 WHERE key_id = $2 AND state IN ('enabled', 'disabled')",
+            "UPDATE kms_keys SET state = $1, revision = revision + 1 WHERE key_id = $2 AND state IN ('enabled', 'disabled')",
         )
         .bind(state.as_str())
         .bind(key_id.to_string())
@@ -333,7 +347,7 @@ impl Store {
         version: u32,
     ) -> Result<bool, KmsError> {
         let updated = sqlx::query(
-            "UPDATE kms_keys SET min_decryption_version = $1 WHERE key_id = $2 AND primary_version >= $3",
+            "UPDATE kms_keys SET min_decryption_version = $1, revision = revision + 1 WHERE key_id = $2 AND primary_version >= $3",
         )
         .bind(i64::from(version))
         .bind(key_id.to_string())
@@ -401,7 +415,7 @@ impl Store {
         usage_limit: u64,
     ) -> Result<bool, KmsError> {
         let updated = sqlx::query(
-            "UPDATE kms_keys SET rotation_period_secs = $1, usage_limit = $2 WHERE key_id = $3",
+            "UPDATE kms_keys SET rotation_period_secs = $1, usage_limit = $2, revision = revision + 1 WHERE key_id = $3",
         )
         .bind(i64::try_from(period_secs).unwrap_or(i64::MAX))
         .bind(i64::try_from(usage_limit).unwrap_or(i64::MAX))
@@ -416,7 +430,7 @@ impl Store {
     /// was in one of those states.
     pub async fn schedule_deletion(&self, key_id: Uuid, due_at: i64) -> Result<bool, KmsError> {
         let updated = sqlx::query(
-            "UPDATE kms_keys SET state = 'pending_deletion', deletion_due_at = $1
+            "UPDATE kms_keys SET state = 'pending_deletion', deletion_due_at = $1, revision = revision + 1
               WHERE key_id = $2 AND state IN ('enabled', 'disabled')",
         )
         .bind(due_at)
@@ -430,7 +444,7 @@ impl Store {
     /// Cancels a pending deletion: the key goes back to disabled. Returns whether it was pending.
     pub async fn cancel_deletion(&self, key_id: Uuid) -> Result<bool, KmsError> {
         let updated = sqlx::query(
-            "UPDATE kms_keys SET state = 'disabled', deletion_due_at = NULL
+            "UPDATE kms_keys SET state = 'disabled', deletion_due_at = NULL, revision = revision + 1
               WHERE key_id = $1 AND state = 'pending_deletion'",
         )
         .bind(key_id.to_string())
@@ -444,7 +458,7 @@ impl Store {
     /// were destroyed). Returns whether this call marked it.
     pub async fn mark_destroyed(&self, key_id: Uuid, now: i64) -> Result<bool, KmsError> {
         let updated = sqlx::query(
-            "UPDATE kms_keys SET state = 'destroyed'
+            "UPDATE kms_keys SET state = 'destroyed', revision = revision + 1
               WHERE key_id = $1 AND state = 'pending_deletion' AND deletion_due_at <= $2",
         )
         .bind(key_id.to_string())
@@ -453,6 +467,40 @@ impl Store {
         .await
         .map_err(db_error)?;
         Ok(updated.rows_affected() == 1)
+    }
+
+    /// A digest of every key's revision: the number of keys and the sum of their revisions.
+    /// Revisions only grow and key rows are never deleted, so the digest changes exactly when
+    /// some key was created or changed: one cheap query tells a replica whether its cache may
+    /// be stale.
+    pub async fn key_digest(&self) -> Result<(i64, i64), KmsError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(revision), 0) AS BIGINT) AS s FROM kms_keys",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok((
+            row.try_get("n").map_err(db_error)?,
+            row.try_get("s").map_err(db_error)?,
+        ))
+    }
+
+    /// Every key's id and revision.
+    pub async fn key_revisions(&self) -> Result<Vec<(Uuid, i64)>, KmsError> {
+        let rows = sqlx::query("SELECT key_id, revision FROM kms_keys")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|row| {
+                let key_id: String = row.try_get("key_id").map_err(db_error)?;
+                let key_id = Uuid::parse_str(&key_id).map_err(|_| KmsError::Internal {
+                    what: "malformed key id in store",
+                })?;
+                Ok((key_id, row.try_get("revision").map_err(db_error)?))
+            })
+            .collect()
     }
 
     /// Up to `limit` keys created after position `after`, in creation order.
@@ -478,9 +526,71 @@ impl Store {
         })
     }
 
+    /// PostgreSQL: tries (never waits) to take the session advisory lock `key` on a pool
+    /// connection of its own, for a job only one replica should run at a time. `None` when
+    /// another session holds it. The lock lives as long as that connection: if this process
+    /// dies, PostgreSQL releases it with the connection.
+    pub async fn try_job_lock(&self, key: i64) -> Result<Option<JobLock>, KmsError> {
+        if self.backend != Backend::Postgres {
+            return Err(KmsError::Internal {
+                what: "advisory locks need PostgreSQL",
+            });
+        }
+        let mut conn = self.pool.acquire().await.map_err(db_error)?;
+        let taken: bool = sqlx::query("SELECT pg_try_advisory_lock($1) AS taken")
+            .bind(key)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db_error)?
+            .try_get("taken")
+            .map_err(db_error)?;
+        Ok(taken.then_some(JobLock {
+            conn: Some(conn),
+            key,
+        }))
+    }
+
     /// Closes the pool (waits for connections to be returned).
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// A PostgreSQL session advisory lock held on its own connection ([`Store::try_job_lock`]).
+/// [`JobLock::release`] unlocks it and returns the connection to the pool; dropped without
+/// that (a cancelled task), the connection is closed instead, which releases the lock too —
+/// a pooled connection never keeps a lock.
+pub struct JobLock {
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
+    key: i64,
+}
+
+impl JobLock {
+    /// Unlocks. If the unlock cannot be confirmed the connection is closed, which releases
+    /// the lock as well.
+    pub async fn release(mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1) AS unlocked")
+            .bind(self.key)
+            .fetch_one(&mut *conn)
+            .await
+            .ok()
+            .and_then(|row| row.try_get::<bool, _>("unlocked").ok());
+        if unlocked != Some(true) {
+            tracing::warn!("advisory unlock not confirmed: closing its connection");
+            drop(conn.detach());
+        }
+    }
+}
+
+impl Drop for JobLock {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // Closing the connection is what releases a lock nobody unlocked.
+            drop(conn.detach());
+        }
     }
 }
 
@@ -503,7 +613,7 @@ async fn insert_version(
 }
 
 const SELECT_KEY: &str =
-    "SELECT seq, key_id, alias, description, tags, state, created_at, primary_version, min_decryption_version, rotation_period_secs, usage_limit, deletion_due_at FROM kms_keys";
+    "SELECT seq, key_id, alias, description, tags, state, created_at, primary_version, min_decryption_version, rotation_period_secs, usage_limit, deletion_due_at, revision FROM kms_keys";
 
 fn key_from_row(row: &AnyRow) -> Result<KeyRecord, KmsError> {
     let corrupt = |_| KmsError::Internal {
@@ -536,6 +646,7 @@ fn key_from_row(row: &AnyRow) -> Result<KeyRecord, KmsError> {
             .map_err(corrupt)?,
         deletion_due_at: row.try_get("deletion_due_at").map_err(db_error)?,
         versions: Vec::new(),
+        revision: row.try_get("revision").map_err(db_error)?,
     })
 }
 
@@ -633,6 +744,7 @@ mod tests {
                 hsm_tag: 1,
                 usage_reserved: 0,
             }],
+            revision: 0,
         };
         store.insert_key(&record).await.expect("insert");
         (dir, store, key_id)

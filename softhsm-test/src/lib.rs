@@ -364,6 +364,7 @@ pub fn parts(
             ..AuthzParams::default()
         },
         audit: Some(AuditParams::default()),
+        instance: format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
     }
 }
 
@@ -380,6 +381,8 @@ pub struct ServerOptions {
     pub break_glass_requires_approval: bool,
     /// Whether the audit trail is on (off only for benchmark baselines).
     pub audit: bool,
+    /// The label of a token of the test's own ([`new_token`]) instead of the run's token.
+    pub token: Option<String>,
 }
 
 impl Default for ServerOptions {
@@ -389,6 +392,7 @@ impl Default for ServerOptions {
             rotation: RotationParams::default(),
             break_glass_requires_approval: true,
             audit: true,
+            token: None,
         }
     }
 }
@@ -489,6 +493,8 @@ impl Clock for ManualClock {
 pub struct TestServer {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Its instance name (what other replicas call it).
+    pub instance: String,
     pki: TestPki,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -561,6 +567,9 @@ impl TestServer {
         parts.authz.break_glass_requires_approval = options.break_glass_requires_approval;
         if !options.audit {
             parts.audit = None;
+        }
+        if let Some(label) = options.token {
+            parts.hsm.token_label = label;
         }
         let ready = Ready::open(parts).await?;
         Self::serve(ready, pki).await
@@ -697,6 +706,7 @@ impl TestServer {
     async fn serve_only(ready: Ready, pki: TestPki) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let instance = ready.instance().to_string();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {
             ready
@@ -708,6 +718,7 @@ impl TestServer {
         });
         Ok(TestServer {
             addr,
+            instance,
             pki,
             shutdown: Some(tx),
             task: Some(task),

@@ -19,6 +19,7 @@ mod lifecycle;
 mod limits;
 mod recovery;
 mod recovery_cli;
+mod replicas;
 mod restart;
 mod rewrap;
 mod rotation;

@@ -18,15 +18,19 @@ use crate::support::{on_both_stores, StoreKind, TestDb, TestServer};
 const PASSPHRASE: &str = "correct horse battery staple";
 
 /// A custodian: their client on the current server, principal and key pair.
-struct Custodian {
-    principal: String,
-    identity: Identity,
-    client: KmsClient,
+pub(crate) struct Custodian {
+    pub(crate) principal: String,
+    pub(crate) identity: Identity,
+    pub(crate) client: KmsClient,
 }
 
 /// Binds `count` new custodians on `server` and registers a key for each (or reuses the key
 /// pairs in `dir` when they exist).
-async fn custodians(server: &TestServer, dir: &std::path::Path, count: usize) -> Vec<Custodian> {
+pub(crate) async fn custodians(
+    server: &TestServer,
+    dir: &std::path::Path,
+    count: usize,
+) -> Vec<Custodian> {
     let mut out = Vec::new();
     for i in 1..=count {
         let name = format!("keeper-{i}");
@@ -68,12 +72,12 @@ pub(crate) async fn own_server(so_pin: bool) -> (TestDb, tempfile::TempDir, Stri
     (db, keys_dir, token, server)
 }
 
-fn principals(custodians: &[Custodian]) -> Vec<String> {
+pub(crate) fn principals(custodians: &[Custodian]) -> Vec<String> {
     custodians.iter().map(|c| c.principal.clone()).collect()
 }
 
 /// officer-1 proposes, officer-2 approves; returns the approval's result.
-async fn approved(server: &TestServer, approval: sdk::governance::Approval) -> String {
+pub(crate) async fn approved(server: &TestServer, approval: sdk::governance::Approval) -> String {
     let done = server
         .client_as("officer-2")
         .await
@@ -85,7 +89,7 @@ async fn approved(server: &TestServer, approval: sdk::governance::Approval) -> S
     done.result
 }
 
-async fn init(server: &TestServer, threshold: u32, custodians: &[Custodian]) -> String {
+pub(crate) async fn init(server: &TestServer, threshold: u32, custodians: &[Custodian]) -> String {
     let officer = server.client_as("officer-1").await.expect("officer");
     let proposal = officer
         .propose_recovery_init(threshold, &principals(custodians), false)
@@ -95,7 +99,7 @@ async fn init(server: &TestServer, threshold: u32, custodians: &[Custodian]) -> 
 }
 
 /// Each custodian fetches, opens and confirms their share; returns the opened envelopes.
-async fn confirm_all(custodians: &[Custodian]) -> Vec<ShareEnvelope> {
+pub(crate) async fn confirm_all(custodians: &[Custodian]) -> Vec<ShareEnvelope> {
     let mut opened = Vec::new();
     for c in custodians {
         let sealed = c.client.get_recovery_share().await.expect("fetch share");
@@ -121,7 +125,10 @@ async fn backup(server: &TestServer) -> Vec<u8> {
         .expect("download backup")
 }
 
-fn submission(status: &sdk::recovery::RecoveryStatus, e: &ShareEnvelope) -> SubmitShareRequest {
+pub(crate) fn submission(
+    status: &sdk::recovery::RecoveryStatus,
+    e: &ShareEnvelope,
+) -> SubmitShareRequest {
     let session = status.session.as_ref().expect("open session");
     SubmitShareRequest {
         session_id: session.session_id.clone(),

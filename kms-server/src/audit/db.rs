@@ -55,8 +55,14 @@ pub(super) async fn register_audit_key(
 
 /// The last record's seq and hash.
 pub(super) async fn head(pool: &AnyPool) -> Result<Option<Head>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    head_on(&mut conn).await
+}
+
+/// Like [`head`], on `conn` (inside the writer's transaction when it holds the chain lock).
+pub(super) async fn head_on(conn: &mut sqlx::AnyConnection) -> Result<Option<Head>, sqlx::Error> {
     let row = sqlx::query("SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1")
-        .fetch_optional(pool)
+        .fetch_optional(&mut *conn)
         .await?;
     let Some(row) = row else {
         return Ok(None);
@@ -110,6 +116,30 @@ pub(super) async fn insert_records(
         insert_statement(&sql, chunk).execute(&mut *tx).await?;
     }
     tx.commit().await
+}
+
+/// The PostgreSQL advisory lock writers of one chain hold, once they have seen another
+/// writer, while they read the head and append (see the writer's contended mode).
+const CHAIN_LOCK: i64 = 7_243_012;
+
+/// Inside `conn`'s open transaction: waits until no other writer of the chain is appending.
+/// PostgreSQL: a transaction advisory lock; SQLite: a first write, which takes the database's
+/// single write lock (held until commit).
+pub(super) async fn lock_chain(
+    conn: &mut sqlx::AnyConnection,
+    backend: Backend,
+) -> Result<(), sqlx::Error> {
+    match backend {
+        Backend::Postgres => sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(CHAIN_LOCK)
+            .execute(&mut *conn)
+            .await
+            .map(drop),
+        Backend::Sqlite => sqlx::query("UPDATE audit_key SET id = id WHERE id = 1")
+            .execute(&mut *conn)
+            .await
+            .map(drop),
+    }
 }
 
 /// The text of an `INSERT` of `rows` rows. Statements are cached per connection by their

@@ -5,6 +5,14 @@
 //! (a commit that failed ambiguously may have landed). A batch that loses a race with another
 //! writer on the same chain (a seq primary-key conflict) is re-chained on the new head and
 //! retried. Checkpoints are written between batches, never while a caller waits on them.
+//!
+//! **Several writers on one chain** (replicas sharing a store). Alone, a writer appends
+//! optimistically: one `INSERT` per batch on the head it knows. Once it has lost a race it
+//! switches to *contended mode* for [`CONTENDED_FOR`]: each batch is a transaction that first
+//! takes the chain lock ([`db::lock_chain`]: a PostgreSQL advisory lock, SQLite's write lock),
+//! then reads the head, chains on it and appends — writers take turns instead of racing, so a
+//! batch never fails because others keep winning. The cost is three more round trips per
+//! batch, paid only while other writers are active.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,6 +28,8 @@ use crate::store::Store;
 
 /// How many times a batch is re-chained after losing a race with another writer.
 const MAX_CONFLICT_RETRIES: usize = 8;
+/// How long a writer that lost a race appends under the chain lock.
+const CONTENDED_FOR: Duration = Duration::from_secs(30);
 
 /// What the writer is asked to do.
 // Records are nearly every message: boxing them would only add an allocation per request.
@@ -93,6 +103,8 @@ pub(super) struct Writer {
     head: Option<Option<Head>>,
     last_checkpoint: LastCheckpoint,
     conn: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
+    /// Until when batches are appended under the chain lock (another writer was seen).
+    contended_until: Option<tokio::time::Instant>,
 }
 
 impl Writer {
@@ -110,6 +122,7 @@ impl Writer {
             // Without a checkpoint yet, the interval counts from start-up.
             last_checkpoint: last_checkpoint.unwrap_or(LastCheckpoint { seq: 0, time: now }),
             conn: None,
+            contended_until: None,
         }
     }
 
@@ -178,43 +191,17 @@ impl Writer {
     async fn flush(&mut self, mut batch: Vec<Pending>) {
         let stats = Arc::clone(&self.ports.stats);
         for _ in 0..=MAX_CONFLICT_RETRIES {
-            let head = match self.head {
-                Some(head) => head,
-                None => match db::head(self.ports.store.pool()).await {
-                    Ok(head) => {
-                        self.set_head(head);
-                        head
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "audit: cannot read the chain head");
-                        break;
-                    }
-                },
+            let contended = self
+                .contended_until
+                .is_some_and(|until| tokio::time::Instant::now() < until);
+            let written = if contended {
+                self.append_locked(&mut batch).await
+            } else {
+                self.append(&mut batch).await
             };
-            let mut prev = head.map(|h| h.hash).unwrap_or(chain::GENESIS);
-            let mut seq = head.map(|h| h.seq).unwrap_or(0);
-            for pending in &mut batch {
-                seq += 1;
-                let r = &mut pending.record;
-                r.seq = seq;
-                let hash = chain::record_hash(&self.ports.chain_key, &prev, r);
-                r.prev_hash = hex::encode(prev);
-                r.hash = hex::encode(hash);
-                prev = hash;
-            }
-            let records: Vec<&AuditRecord> = batch.iter().map(|p| &p.record).collect();
-            let backend = self.ports.store.backend();
-            let written = match self.connection().await {
-                Ok(conn) => db::insert_records(conn, backend, &records).await,
-                Err(e) => Err(e),
-            };
-            if written.is_err() {
-                // A connection that failed mid-transaction is not reused.
-                self.conn = None;
-            }
             match written {
-                Ok(()) => {
-                    self.set_head(Some(Head { seq, hash: prev }));
+                Ok(head) => {
+                    self.set_head(Some(head));
                     stats.flushes.fetch_add(1, Ordering::Relaxed);
                     stats
                         .records
@@ -225,12 +212,18 @@ impl Writer {
                     return;
                 }
                 Err(e) if is_conflict(&e) => {
-                    // Another writer extended the chain: re-chain on its head.
+                    // Another writer extended the chain: re-chain on its head, and take turns
+                    // with it from now on.
                     stats.conflicts.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!("audit: another writer extended the chain; retrying");
+                    if !contended {
+                        tracing::info!("audit: another writer shares the chain; appending under the chain lock");
+                    }
+                    self.contended_until = Some(tokio::time::Instant::now() + CONTENDED_FOR);
                     self.head = None;
                 }
                 Err(e) => {
+                    // A connection that failed mid-transaction is not reused.
+                    self.conn = None;
                     tracing::error!(error = %e, records = batch.len(), "audit: batch not written");
                     self.head = None;
                     break;
@@ -242,6 +235,50 @@ impl Writer {
         for p in batch {
             let _ = p.reply.send(Err(AuditError::NotDurable));
         }
+    }
+
+    /// Appends `batch` on the head this writer knows (reloaded first if unknown): one
+    /// `INSERT`. Another writer's append since then is a primary-key conflict.
+    async fn append(&mut self, batch: &mut [Pending]) -> Result<Head, sqlx::Error> {
+        let head = match self.head {
+            Some(head) => head,
+            None => {
+                let head = db::head(self.ports.store.pool()).await?;
+                self.set_head(head);
+                head
+            }
+        };
+        let new_head = chain_batch(&self.ports.chain_key, batch, head);
+        let records: Vec<&AuditRecord> = batch.iter().map(|p| &p.record).collect();
+        let backend = self.ports.store.backend();
+        let conn = self.connection().await?;
+        db::insert_records(conn, backend, &records).await?;
+        Ok(new_head)
+    }
+
+    /// Contended mode: in one transaction, takes the chain lock, reads the head, chains
+    /// `batch` on it and appends. Only a writer still in optimistic mode can conflict.
+    async fn append_locked(&mut self, batch: &mut [Pending]) -> Result<Head, sqlx::Error> {
+        use sqlx::Connection as _;
+        let backend = self.ports.store.backend();
+        let mut conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => self.ports.store.pool().acquire().await?,
+        };
+        let chain_key = Arc::clone(&self.ports.chain_key);
+        let result = async {
+            let mut tx = conn.begin().await?;
+            db::lock_chain(&mut tx, backend).await?;
+            let head = db::head_on(&mut tx).await?;
+            let new_head = chain_batch(&chain_key, batch, head);
+            let records: Vec<&AuditRecord> = batch.iter().map(|p| &p.record).collect();
+            db::insert_records(&mut tx, backend, &records).await?;
+            tx.commit().await?;
+            Ok(new_head)
+        }
+        .await;
+        self.conn = Some(conn);
+        result
     }
 
     /// The writer's own connection, taken from the pool once and kept: its statement cache
@@ -330,6 +367,22 @@ impl Writer {
         self.ports.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// Chains `batch` on `head` (seq, previous hash, hash of each record); returns the new head.
+fn chain_batch(chain_key: &SecretKey, batch: &mut [Pending], head: Option<Head>) -> Head {
+    let mut prev = head.map(|h| h.hash).unwrap_or(chain::GENESIS);
+    let mut seq = head.map(|h| h.seq).unwrap_or(0);
+    for pending in batch {
+        seq += 1;
+        let r = &mut pending.record;
+        r.seq = seq;
+        let hash = chain::record_hash(chain_key, &prev, r);
+        r.prev_hash = hex::encode(prev);
+        r.hash = hex::encode(hash);
+        prev = hash;
+    }
+    Head { seq, hash: prev }
 }
 
 fn is_conflict(e: &sqlx::Error) -> bool {

@@ -12,6 +12,13 @@
 //!   session, held in this process's memory only; custodians submit opened shares; when M
 //!   valid ones are in, the key is rebuilt, checked against the key-check value before any
 //!   use, used, and zeroized. A cancel forgets the shares and changes the nonce.
+//!   **Pinned to one replica**: the store's `recovery_sessions` row (at most one) names the
+//!   replica holding the session; the others refuse status, submissions and cancels with
+//!   [`KmsError::SessionElsewhere`] naming it, and refuse to open a second session. The holder
+//!   renews the row every [`SESSION_HEARTBEAT`]; a row not renewed for [`SESSION_LEASE_SECS`]
+//!   belongs to a dead replica (its session died with it) and no longer blocks a new one. The
+//!   M-th share runs the session only after deleting the row it still holds, so a session
+//!   whose claim was taken over can never run as well as its successor.
 //!
 //! Secrets (the recovery key, shares) live in zeroizing buffers and reach neither the store
 //! nor a log line: the store holds sealed shares, commitments and the key-check value.
@@ -44,6 +51,11 @@ pub const MAX_CUSTODIANS: usize = shamir::MAX_SHARES;
 const KEY_LEN: usize = 32;
 /// Largest sealed share or recipient accepted.
 const MAX_RECIPIENT_LEN: usize = 256;
+/// A share session's claim in the store that its holder has not renewed for this long
+/// belongs to a dead replica: its session died with it, and a new one may be opened.
+pub const SESSION_LEASE_SECS: i64 = 30;
+/// How often the holder of a share session renews its claim ([`Recovery::heartbeat`]).
+pub const SESSION_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A ceremony's shape: M and the N custodians, in share order.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -217,6 +229,18 @@ pub struct Recovery {
     store: Store,
     clock: Arc<dyn Clock>,
     session: Mutex<Option<Session>>,
+    /// This replica's instance name, recorded with the sessions it opens.
+    replica: String,
+    /// Random per process start: tells this process's claims from those of an earlier run of
+    /// the same replica.
+    holder: String,
+}
+
+/// The store's claim on the one share session.
+struct Claim {
+    replica: String,
+    holder: String,
+    heartbeat_at: i64,
 }
 
 /// HKDF-SHA256 of the recovery key for one purpose.
@@ -312,14 +336,151 @@ fn seal(recipient: &str, plaintext: &[u8]) -> Result<String, KmsError> {
 }
 
 impl Recovery {
-    /// The recovery domain over this HSM and store.
-    pub fn new(hsm: Hsm, store: Store, clock: Arc<dyn Clock>) -> Self {
+    /// The recovery domain over this HSM and store; `replica` is this server's instance name
+    /// (unique among the replicas sharing the store).
+    pub fn new(hsm: Hsm, store: Store, clock: Arc<dyn Clock>, replica: String) -> Self {
         Recovery {
             hsm,
             store,
             clock,
             session: Mutex::new(None),
+            replica,
+            holder: Uuid::new_v4().to_string(),
         }
+    }
+
+    /// The claim on the share session, if a row exists.
+    async fn claim(&self) -> Result<Option<Claim>, KmsError> {
+        let row = sqlx::query(
+            "SELECT replica, holder, heartbeat_at FROM recovery_sessions WHERE slot = 1",
+        )
+        .fetch_optional(self.store.pool())
+        .await
+        .map_err(db_error)?;
+        row.map(|row| {
+            Ok(Claim {
+                replica: row.try_get("replica").map_err(db_error)?,
+                holder: row.try_get("holder").map_err(db_error)?,
+                heartbeat_at: row.try_get("heartbeat_at").map_err(db_error)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Whether `claim` is held by another live process: renewed within the lease, and not an
+    /// earlier run of this replica (whose session died when it restarted).
+    fn held_elsewhere(&self, claim: &Claim) -> bool {
+        let earlier_run_of_this_replica = claim.replica == self.replica;
+        claim.holder != self.holder
+            && !earlier_run_of_this_replica
+            && claim.heartbeat_at >= self.clock.now_unix() - SESSION_LEASE_SECS
+    }
+
+    /// Refuses with [`KmsError::SessionElsewhere`] when another replica holds the session.
+    async fn refuse_if_elsewhere(&self) -> Result<(), KmsError> {
+        match self.claim().await? {
+            Some(claim) if self.held_elsewhere(&claim) => Err(KmsError::SessionElsewhere {
+                replica: claim.replica,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records in the store that this replica holds session `session_id`. Claims of dead
+    /// holders (lease expired), of an earlier run of this replica and of this process (left by
+    /// a completion whose release failed: the caller holds the session lock and has no
+    /// session) are cleared first; a live claim of another replica refuses.
+    async fn take_claim(&self, session_id: &str, purpose: &str) -> Result<(), KmsError> {
+        let now = self.clock.now_unix();
+        let mut tx = self.store.pool().begin().await.map_err(db_error)?;
+        let cleared = sqlx::query(
+            "DELETE FROM recovery_sessions WHERE heartbeat_at < $1 OR replica = $2 OR holder = $3",
+        )
+        .bind(now - SESSION_LEASE_SECS)
+        .bind(self.replica.as_str())
+        .bind(self.holder.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        if cleared.rows_affected() > 0 {
+            tracing::warn!("recovery: cleared the claim of a share session whose holder is gone");
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO recovery_sessions (slot, session_id, purpose, replica, holder, opened_at, \
+             heartbeat_at) VALUES (1, $1, $2, $3, $4, $5, $6) ON CONFLICT (slot) DO NOTHING",
+        )
+        .bind(session_id)
+        .bind(purpose)
+        .bind(self.replica.as_str())
+        .bind(self.holder.as_str())
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        if inserted.rows_affected() != 1 {
+            drop(tx);
+            return Err(match self.claim().await? {
+                Some(claim) => KmsError::SessionElsewhere {
+                    replica: claim.replica,
+                },
+                None => conflict("another replica opened a recovery session at the same time"),
+            });
+        }
+        tx.commit().await.map_err(db_error)
+    }
+
+    /// Deletes this process's claim on `session_id`. `false` when it no longer holds it (its
+    /// claim expired and was cleared, so a session elsewhere may have replaced this one).
+    async fn release_claim(&self, session_id: &str) -> Result<bool, KmsError> {
+        let deleted =
+            sqlx::query("DELETE FROM recovery_sessions WHERE holder = $1 AND session_id = $2")
+                .bind(self.holder.as_str())
+                .bind(session_id)
+                .execute(self.store.pool())
+                .await
+                .map_err(db_error)?;
+        Ok(deleted.rows_affected() == 1)
+    }
+
+    /// At shutdown: forgets the open share session (it dies with this process anyway) and
+    /// deletes its claim, so that no other replica has to wait for the lease to expire.
+    pub async fn shutdown(&self) {
+        let mut guard = self.session.lock().await;
+        if let Some(session) = guard.take() {
+            tracing::warn!(session_id = %session.id, "recovery share session ends with this server");
+            if let Err(e) = self.release_claim(&session.id).await {
+                tracing::warn!(error = %e, "recovery session claim not released; it expires by itself");
+            }
+        }
+    }
+
+    /// Renews this process's claim on its open share session, if it has one (the server calls
+    /// this every [`SESSION_HEARTBEAT`]). A session whose claim is gone (it expired while the
+    /// store was unreachable and another replica may have opened a session since) is dropped:
+    /// two sessions never run.
+    pub async fn heartbeat(&self) -> Result<(), KmsError> {
+        let mut guard = self.session.lock().await;
+        let Some(session) = guard.as_ref() else {
+            return Ok(());
+        };
+        let renewed = sqlx::query(
+            "UPDATE recovery_sessions SET heartbeat_at = $1 WHERE holder = $2 AND session_id = $3",
+        )
+        .bind(self.clock.now_unix())
+        .bind(self.holder.as_str())
+        .bind(session.id.as_str())
+        .execute(self.store.pool())
+        .await
+        .map_err(db_error)?;
+        if renewed.rows_affected() != 1 {
+            tracing::error!(
+                session_id = %session.id,
+                "recovery: this replica's claim on its share session is gone; session dropped"
+            );
+            *guard = None;
+        }
+        Ok(())
     }
 
     /// Registers (or replaces) `principal`'s custodian key.
@@ -682,7 +843,11 @@ impl Recovery {
                 })
                 .collect();
         }
-        status.session = self.session.lock().await.as_ref().map(session_status);
+        let guard = self.session.lock().await;
+        status.session = guard.as_ref().map(session_status);
+        if status.session.is_none() {
+            self.refuse_if_elsewhere().await?;
+        }
         Ok(status)
     }
 
@@ -959,8 +1124,10 @@ impl Recovery {
                 "a recovery session is already open: finish or cancel it",
             ));
         }
+        let id = Uuid::new_v4().to_string();
+        self.take_claim(&id, "restore").await?;
         *session = Some(Session {
-            id: Uuid::new_v4().to_string(),
+            id,
             nonce: fresh_nonce(),
             manifest: parsed.body.ceremony.clone(),
             purpose: Purpose::Restore(Box::new(parsed)),
@@ -990,6 +1157,7 @@ impl Recovery {
             ));
         }
         let id = Uuid::new_v4().to_string();
+        self.take_claim(&id, "reshare").await?;
         *session = Some(Session {
             id: id.clone(),
             nonce: fresh_nonce(),
@@ -1008,6 +1176,9 @@ impl Recovery {
     /// Forgets the shares submitted to the session and gives it a new nonce.
     pub async fn cancel(&self, session_id: &str) -> Result<Status, KmsError> {
         let mut guard = self.session.lock().await;
+        if guard.as_ref().is_none_or(|s| s.id != session_id) {
+            self.refuse_if_elsewhere().await?;
+        }
         let session = guard
             .as_mut()
             .filter(|s| s.id == session_id)
@@ -1032,6 +1203,9 @@ impl Recovery {
         request: &Submission,
     ) -> Result<Status, KmsError> {
         let mut guard = self.session.lock().await;
+        if guard.as_ref().is_none_or(|s| s.id != request.session_id) {
+            self.refuse_if_elsewhere().await?;
+        }
         let session = guard
             .as_mut()
             .filter(|s| s.id == request.session_id)
@@ -1070,6 +1244,24 @@ impl Recovery {
             let mut full = self.status().await?;
             full.session = Some(status);
             return Ok(full);
+        }
+        // Consuming the claim is what lets this session run: if it expired (this replica
+        // could not renew it) another session may exist, and this one must not run too. If
+        // the store cannot be asked, the last share is handed back (it may be sent again).
+        let session_id = session.id.clone();
+        match self.release_claim(&session_id).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::error!(%session_id, "recovery: share session's claim lost; not run");
+                *guard = None;
+                return Err(conflict(
+                    "this replica's claim on the recovery session expired: open a new session",
+                ));
+            }
+            Err(e) => {
+                session.accepted.pop();
+                return Err(e);
+            }
         }
         // Complete: the session ends whatever the outcome; its shares are zeroized on drop.
         let Some(done) = guard.take() else {
