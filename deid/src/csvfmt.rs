@@ -64,6 +64,20 @@ enum State {
     QuoteInQuoted,
 }
 
+/// Bytes that end a run of plain bytes in an unquoted field, and in a quoted one.
+const UNQUOTED_SPECIAL: [bool; 256] = special(b",\"\r\n");
+const QUOTED_SPECIAL: [bool; 256] = special(b"\"\n");
+
+const fn special(bytes: &[u8]) -> [bool; 256] {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < bytes.len() {
+        table[bytes[i] as usize] = true;
+        i += 1;
+    }
+    table
+}
+
 /// Result of scanning one record from `buf[pos..]`.
 struct Scanned {
     end: usize,
@@ -89,6 +103,17 @@ fn scan(buf: &[u8], pos: usize, eof: bool, fields: &mut Vec<FieldSpan>) -> Optio
         });
     };
     loop {
+        // Runs of plain bytes inside a field need no state change: skip them in a tight loop.
+        let table = match state {
+            State::Unquoted => Some(&UNQUOTED_SPECIAL),
+            State::Quoted => Some(&QUOTED_SPECIAL),
+            State::FieldStart | State::QuoteInQuoted => None,
+        };
+        if let Some(table) = table {
+            while buf.get(i).is_some_and(|&b| !table[usize::from(b)]) {
+                i += 1;
+            }
+        }
         let Some(&b) = buf.get(i) else {
             if !eof {
                 fields.truncate(first_field);
@@ -340,6 +365,29 @@ pub(crate) fn field_text<'a>(
 ) -> Option<&'a str> {
     let bytes = data.get(span.start..span.end)?;
     let text = std::str::from_utf8(bytes).ok()?;
+    if !span.escaped {
+        return Some(text);
+    }
+    scratch.clear();
+    let mut rest = text;
+    while let Some(i) = rest.find("\"\"") {
+        scratch.push_str(&rest[..=i]);
+        rest = &rest[i + 2..];
+    }
+    scratch.push_str(rest);
+    Some(scratch.as_str())
+}
+
+/// The text of a field of a record already checked as UTF-8 (`record` starts at byte `base`
+/// of the chunk); `""` unescaped into `scratch` when needed. Field bounds are at ASCII
+/// delimiters, so they are character boundaries.
+pub(crate) fn field_in<'a>(
+    record: &'a str,
+    base: usize,
+    span: FieldSpan,
+    scratch: &'a mut String,
+) -> Option<&'a str> {
+    let text = record.get(span.start - base..span.end - base)?;
     if !span.escaped {
         return Some(text);
     }

@@ -992,8 +992,14 @@ impl Engine {
                         },
                     };
                     let dropped = matches!(&rule, ColRule::Simple(op) if op.is_drop());
+                    let label = match &rule {
+                        ColRule::Simple(op) | ColRule::When { otherwise: op, .. } => {
+                            Arc::clone(&op.label)
+                        }
+                    };
                     ColPlan {
                         rule,
+                        label,
                         dropped,
                         unknown: false,
                         shift: prepared.has_shift(),
@@ -1012,6 +1018,7 @@ impl Engine {
                         label: Arc::from(names[i].as_str()),
                     };
                     ColPlan {
+                        label: Arc::clone(&op.label),
                         rule: ColRule::Simple(op),
                         dropped: true,
                         unknown: true,
@@ -1183,6 +1190,8 @@ struct CsvPlan {
 
 struct ColPlan {
     rule: ColRule,
+    /// The column's name as the policy writes it (or the header, for unknown columns).
+    label: Arc<str>,
     dropped: bool,
     unknown: bool,
     shift: bool,
@@ -1227,14 +1236,31 @@ struct CsvProcessor<'a> {
 }
 
 /// A worker's scratch space: field texts, one-entry caches per column (consecutive rows
-/// repeat patient and encounter ids), the record being built.
+/// repeat patient and encounter ids), the previous row's patient with its date offset,
+/// per-column counters (folded into the chunk's stats once per chunk).
 #[derive(Default)]
 struct CsvState {
     scratch: Vec<String>,
     last: Vec<Option<(String, String)>>,
-    patient: Option<(String, String, String)>,
-    record: Vec<u8>,
+    patient: Option<PatientCache>,
+    counts: Vec<Vec<(&'static str, u64)>>,
     value: String,
+}
+
+/// The parts of [`CsvState`] one row writes while its texts borrow the scratch buffers.
+struct Row<'a> {
+    last: &'a mut Vec<Option<(String, String)>>,
+    counts: &'a mut Vec<Vec<(&'static str, u64)>>,
+    record: &'a mut Vec<u8>,
+    value: &'a mut String,
+}
+
+/// The previous row's patient: raw id, pseudonym token, column output, date offset.
+struct PatientCache {
+    raw: String,
+    token: String,
+    shown: String,
+    offset: Option<i64>,
 }
 
 impl Processor for CsvProcessor<'_> {
@@ -1246,159 +1272,195 @@ impl Processor for CsvProcessor<'_> {
         CsvState {
             scratch: vec![String::new(); n],
             last: vec![None; n],
+            counts: vec![Vec::new(); n],
             ..CsvState::default()
         }
     }
 
     fn process(&self, chunk: &Chunk, st: &mut CsvState) -> ChunkOut {
         let mut out = ChunkOut::new(chunk.data.len() + chunk.data.len() / 2);
-        let ops = &self.engine.ops;
         for rec in &chunk.records {
-            let reject =
-                |out: &mut ChunkOut, reason| out.rejects.push((rec.line, reason, rec.raw.clone()));
-            if let Some(fault) = &rec.fault {
-                reject(&mut out, fault.clone());
-                continue;
+            if let Err(reason) = self.record(chunk, rec, st, &mut out) {
+                out.rejects.push((rec.line, reason, rec.raw.clone()));
             }
-            let spans = chunk.fields_of(rec);
-            if spans.len() != self.plan.cols.len() {
-                reject(
-                    &mut out,
-                    RejectReason::FieldCount {
-                        expected: self.plan.cols.len(),
-                        found: spans.len(),
-                    },
-                );
-                continue;
-            }
-            let mut texts: Vec<&str> = Vec::with_capacity(spans.len());
-            let mut bad = None;
-            for (i, (span, scratch)) in spans.iter().zip(st.scratch.iter_mut()).enumerate() {
-                match csvfmt::field_text(&chunk.data, *span, scratch) {
-                    Some(t) => texts.push(t),
-                    None => {
-                        bad = Some(i + 1);
-                        break;
-                    }
-                }
-            }
-            if let Some(field) = bad {
-                reject(&mut out, RejectReason::InvalidUtf8 { field });
-                continue;
-            }
-            // The patient's pseudonym: the date-shift context and the patient column's value.
-            let mut patient = PatientState::default();
-            let mut patient_out: Option<&str> = None;
-            if let (Some(pc), Some(p)) = (self.plan.patient, ops.patient()) {
-                let raw = texts[pc];
-                if !raw.is_empty() {
-                    let hit = matches!(&st.patient, Some((r, _, _)) if r == raw);
-                    if !hit {
-                        let mut token = String::new();
-                        let mut shown = String::new();
-                        if let Err(error) = p
-                            .token(raw, &mut token)
-                            .and_then(|()| p.apply(raw, &mut shown))
-                        {
-                            reject(
-                                &mut out,
-                                RejectReason::Transform {
-                                    field: "patient".into(),
-                                    entry: None,
-                                    error,
-                                },
-                            );
-                            continue;
-                        }
-                        st.patient = Some((raw.to_owned(), token, shown));
-                    }
-                    if let Some((_, token, shown)) = &st.patient {
-                        patient = PatientState::new(Some(token.clone()));
-                        patient_out = Some(shown.as_str());
-                    }
-                }
-            }
-            st.record.clear();
-            let mut first = true;
-            let mut failed = None;
-            for (i, col) in self.plan.cols.iter().enumerate() {
-                let value = texts[i];
-                let op = match &col.rule {
-                    ColRule::Simple(op) => op,
-                    ColRule::When { conds, otherwise } => conds
-                        .iter()
-                        .find(|(c, values, _)| {
-                            c.is_some_and(|c| values.iter().any(|v| v == texts[c]))
-                        })
-                        .map_or(otherwise, |(_, _, op)| op),
-                };
+        }
+        for (col, counts) in self.plan.cols.iter().zip(st.counts.iter_mut()) {
+            for (kind, n) in counts.drain(..) {
                 if col.unknown {
-                    if !value.is_empty() {
-                        match out.unknown.get_mut(op.label.as_ref()) {
-                            Some(n) => *n += 1,
-                            None => {
-                                out.unknown.insert(op.label.to_string(), 1);
-                            }
-                        }
-                    }
-                    continue;
-                }
-                if !value.is_empty() {
-                    out.stats.count(op);
-                }
-                if col.dropped {
-                    continue;
-                }
-                if !first {
-                    st.record.push(b',');
-                }
-                first = false;
-                if Some(i) == self.plan.patient {
-                    csvfmt::write_field(&mut st.record, patient_out.unwrap_or(""));
-                    continue;
-                }
-                let written = match &op.kind {
-                    OpKind::Keep => {
-                        csvfmt::write_field(&mut st.record, value);
-                        continue;
-                    }
-                    OpKind::Apply(a) => match &st.last[i] {
-                        Some((input, output)) if input == value => {
-                            csvfmt::write_field(&mut st.record, output);
-                            continue;
-                        }
-                        _ => a.apply(value, &mut st.value).map(|()| true),
-                    },
-                    _ => ops.apply(op, value, &mut patient, &mut st.value),
-                };
-                match written {
-                    Ok(_) => {
-                        csvfmt::write_field(&mut st.record, &st.value);
-                        if matches!(op.kind, OpKind::Apply(_))
-                            && !matches!(col.rule, ColRule::When { .. })
-                        {
-                            st.last[i] = Some((value.to_owned(), st.value.clone()));
-                        }
-                    }
-                    Err(error) => {
-                        failed = Some(RejectReason::Transform {
-                            field: op.label.to_string(),
-                            entry: None,
-                            error,
-                        });
-                        break;
-                    }
+                    *out.unknown.entry(col.label.to_string()).or_insert(0) += n;
+                } else {
+                    out.stats.add(&col.label, kind, n);
                 }
             }
-            if let Some(reason) = failed {
-                reject(&mut out, reason);
-                continue;
-            }
-            st.record.push(b'\n');
-            out.bytes.extend_from_slice(&st.record);
-            out.records += 1;
         }
         out
+    }
+}
+
+impl CsvProcessor<'_> {
+    /// One record into `out.bytes`, or why it is rejected.
+    fn record(
+        &self,
+        chunk: &Chunk,
+        rec: &csvfmt::RawRecord,
+        st: &mut CsvState,
+        out: &mut ChunkOut,
+    ) -> Result<(), RejectReason> {
+        if let Some(fault) = &rec.fault {
+            return Err(fault.clone());
+        }
+        let spans = chunk.fields_of(rec);
+        if spans.len() != self.plan.cols.len() {
+            return Err(RejectReason::FieldCount {
+                expected: self.plan.cols.len(),
+                found: spans.len(),
+            });
+        }
+        // One UTF-8 check per record; on failure, find the field for the report.
+        let Ok(text) = std::str::from_utf8(&chunk.data[rec.raw.clone()]) else {
+            let field = spans
+                .iter()
+                .position(|s| std::str::from_utf8(&chunk.data[s.start..s.end]).is_err())
+                .map_or(1, |i| i + 1);
+            return Err(RejectReason::InvalidUtf8 { field });
+        };
+        let CsvState {
+            scratch,
+            patient: patient_cache,
+            ..
+        } = st;
+        let mut texts: Vec<&str> = Vec::with_capacity(spans.len());
+        for (i, (span, scratch)) in spans.iter().zip(scratch.iter_mut()).enumerate() {
+            let t = csvfmt::field_in(text, rec.raw.start, *span, scratch)
+                .ok_or(RejectReason::InvalidUtf8 { field: i + 1 })?;
+            texts.push(t);
+        }
+        let ops = &self.engine.ops;
+        // The patient's pseudonym: the date-shift context and the patient column's value.
+        let mut patient = PatientState::default();
+        let mut cached = None;
+        if let (Some(pc), Some(p)) = (self.plan.patient, ops.patient()) {
+            let raw = texts[pc];
+            if !raw.is_empty() {
+                let mut c = match patient_cache.take() {
+                    Some(c) if c.raw == raw => c,
+                    _ => {
+                        let (mut token, mut shown) = (String::new(), String::new());
+                        p.token(raw, &mut token)
+                            .and_then(|()| p.apply(raw, &mut shown))
+                            .map_err(|error| RejectReason::Transform {
+                                field: self.plan.cols[pc].label.to_string(),
+                                entry: None,
+                                error,
+                            })?;
+                        PatientCache {
+                            raw: raw.to_owned(),
+                            token,
+                            shown,
+                            offset: None,
+                        }
+                    }
+                };
+                patient = PatientState::with_offset(std::mem::take(&mut c.token), c.offset);
+                cached = Some(c);
+            }
+        }
+        // The record is built in place at the end of the output; a reject truncates it away.
+        let start = out.bytes.len();
+        let mut row = Row {
+            last: &mut st.last,
+            counts: &mut st.counts,
+            record: &mut out.bytes,
+            value: &mut st.value,
+        };
+        let result = self.fields(&texts, &mut patient, cached.as_ref(), &mut row);
+        if let Some(mut c) = cached {
+            let (token, offset) = patient.into_parts();
+            c.token = token.unwrap_or_default();
+            c.offset = offset;
+            st.patient = Some(c);
+        }
+        if let Err(reason) = result {
+            out.bytes.truncate(start);
+            return Err(reason);
+        }
+        out.bytes.push(b'\n');
+        out.records += 1;
+        Ok(())
+    }
+
+    /// The output fields of one record into `st.record`.
+    fn fields(
+        &self,
+        texts: &[&str],
+        patient: &mut PatientState,
+        cached: Option<&PatientCache>,
+        st: &mut Row<'_>,
+    ) -> Result<(), RejectReason> {
+        let ops = &self.engine.ops;
+        let mut first = true;
+        for (i, col) in self.plan.cols.iter().enumerate() {
+            let value = texts[i];
+            let op = match &col.rule {
+                ColRule::Simple(op) => op,
+                ColRule::When { conds, otherwise } => conds
+                    .iter()
+                    .find(|(c, values, _)| c.is_some_and(|c| values.iter().any(|v| v == texts[c])))
+                    .map_or(otherwise, |(_, _, op)| op),
+            };
+            if !value.is_empty() {
+                let kind = op.kind_name();
+                let counts = &mut st.counts[i];
+                match counts.iter_mut().find(|(k, _)| *k == kind) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((kind, 1)),
+                }
+            }
+            if col.dropped {
+                continue;
+            }
+            if !first {
+                st.record.push(b',');
+            }
+            first = false;
+            if Some(i) == self.plan.patient {
+                csvfmt::write_field(&mut st.record, cached.map_or("", |c| c.shown.as_str()));
+                continue;
+            }
+            let cacheable = matches!(col.rule, ColRule::Simple(_));
+            let result = match &op.kind {
+                OpKind::Keep => {
+                    csvfmt::write_field(&mut st.record, value);
+                    continue;
+                }
+                OpKind::Apply(a) => match &st.last[i] {
+                    Some((input, output)) if cacheable && input == value => {
+                        csvfmt::write_field(&mut st.record, output);
+                        continue;
+                    }
+                    _ => a.apply(value, &mut st.value),
+                },
+                _ => ops.apply(op, value, patient, &mut st.value).map(|_| ()),
+            };
+            result.map_err(|error| RejectReason::Transform {
+                field: op.label.to_string(),
+                entry: None,
+                error,
+            })?;
+            csvfmt::write_field(&mut st.record, &st.value);
+            if cacheable && matches!(op.kind, OpKind::Apply(_)) {
+                match &mut st.last[i] {
+                    Some((input, output)) => {
+                        input.clear();
+                        input.push_str(value);
+                        output.clear();
+                        output.push_str(&st.value);
+                    }
+                    slot => *slot = Some((value.to_owned(), st.value.clone())),
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -128,6 +128,19 @@ impl PatientState {
             offset: None,
         }
     }
+
+    /// A patient whose offset may be known already (a cache of the previous record's).
+    pub(crate) fn with_offset(token: String, offset: Option<i64>) -> Self {
+        Self {
+            token: Some(token),
+            offset,
+        }
+    }
+
+    /// The token and the offset, if it was computed, for the caller's cache.
+    pub(crate) fn into_parts(self) -> (Option<String>, Option<i64>) {
+        (self.token, self.offset)
+    }
 }
 
 /// Every prepared transform of one engine.

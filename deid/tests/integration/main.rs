@@ -9,3 +9,4 @@ mod csv_export;
 mod fhir_export;
 mod malformed;
 mod policy_files;
+mod throughput;
