@@ -42,6 +42,7 @@ mod output;
 mod pipeline;
 mod policy;
 mod report;
+mod table;
 
 pub use engine::{Engine, OnMalformed, Options};
 pub use error::{DeidError, PolicyError, RejectReason};

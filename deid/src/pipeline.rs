@@ -17,8 +17,37 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use crate::csvfmt::Chunk;
+use crate::error::RejectReason;
+use crate::report::FieldStats;
 use crate::DeidError;
+
+/// What a worker made of a chunk.
+pub(crate) struct ChunkOut {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) records: u64,
+    /// (line, reason, raw bytes within the chunk).
+    pub(crate) rejects: Vec<(u64, RejectReason, std::ops::Range<usize>)>,
+    /// An unknown field under `unknown_fields = "error"`: (line, field).
+    pub(crate) fatal: Option<(u64, String)>,
+    pub(crate) stats: FieldStats,
+    pub(crate) unknown: HashMap<String, u64>,
+}
+
+impl ChunkOut {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            bytes: Vec::with_capacity(capacity),
+            records: 0,
+            rejects: Vec::new(),
+            fatal: None,
+            stats: FieldStats::default(),
+            unknown: HashMap::new(),
+        }
+    }
+}
 
 /// Transforms chunks; one `State` per worker (scratch buffers, caches).
 pub(crate) trait Processor: Sync {
