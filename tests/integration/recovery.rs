@@ -739,30 +739,57 @@ async fn rekey_replaces_the_recovery_key_and_a_large_backup_restores() {
         .expect("server");
     let two = custodians(&server, keys_dir.path(), 2).await;
     let officer = server.client_as("officer-1").await.expect("officer");
-    // An edited backup: the shares rebuild the key, the backup's MAC fails with it, nothing is
-    // written to the token or the store.
-    let mut edited = new_backup.clone();
-    let at = edited.len() / 2;
-    edited[at] ^= 0x01;
-    let status = officer.begin_restore(edited).await.expect("begin");
-    two[0]
-        .client
-        .submit_share(submission(&status, &new_shares[0]))
-        .await
-        .expect("share 1");
-    assert_refused(
-        two[1]
+    // Edited backups: one flipped hex digit of the header's MAC (the file still parses, so the
+    // shares rebuild the key and the MAC check refuses), and one flipped byte in the middle of
+    // the body (refused when opened if it no longer parses, else by the MAC). Either way
+    // nothing is written to the token or the store.
+    let mut edited_mac = new_backup.clone();
+    let mac_at = "KMS-RECOVERY-BACKUP v1 mac=".len();
+    edited_mac[mac_at] = if edited_mac[mac_at] == b'0' {
+        b'1'
+    } else {
+        b'0'
+    };
+    let mut edited_body = new_backup.clone();
+    let body_at = edited_body.len() / 2;
+    edited_body[body_at] ^= 0x01;
+    for (edited, must_open) in [(edited_mac, true), (edited_body, false)] {
+        let status = match officer.begin_restore(edited).await {
+            Ok(status) => status,
+            Err(e) if !must_open => {
+                assert!(
+                    matches!(
+                        &e,
+                        sdk::Error::Rpc {
+                            code: tonic::Code::InvalidArgument,
+                            ..
+                        }
+                    ),
+                    "{e:?}"
+                );
+                continue;
+            }
+            Err(e) => panic!("begin: {e:?}"),
+        };
+        two[0]
             .client
-            .submit_share(submission(&status, &new_shares[1]))
-            .await,
-        tonic::Code::InvalidArgument,
-        "altered",
-    );
-    let listed = officer.list_keys(1000, None).await.expect("list");
-    assert!(
-        listed.keys.is_empty(),
-        "nothing restored from an edited backup"
-    );
+            .submit_share(submission(&status, &new_shares[0]))
+            .await
+            .expect("share 1");
+        assert_refused(
+            two[1]
+                .client
+                .submit_share(submission(&status, &new_shares[1]))
+                .await,
+            tonic::Code::InvalidArgument,
+            "altered",
+        );
+        let listed = officer.list_keys(1000, None).await.expect("list");
+        assert!(
+            listed.keys.is_empty(),
+            "nothing restored from an edited backup"
+        );
+    }
     let status = officer.begin_restore(new_backup).await.expect("begin");
     assert_refused(
         two[0]
