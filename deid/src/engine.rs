@@ -28,7 +28,7 @@ use crate::ops::{Applier, OpKind, Ops, PatientState};
 use crate::output::{StagedFile, Staging};
 use crate::pipeline::{self, ChunkOut, Processor};
 use crate::policy::{ColumnRule, FileNames, Policy};
-use crate::report::{FieldStats, FileReport, Progress, Reject, Report, Warning};
+use crate::report::{schema_name, FieldStats, FileReport, Progress, Reject, Report, Warning};
 use crate::table::{self, CsvEntry, CsvProcessor, PreparedRule};
 use crate::{DeidError, UnknownFields};
 
@@ -666,7 +666,7 @@ impl Engine {
                 return Err(DeidError::UnknownField {
                     file: job.input.clone(),
                     line,
-                    field,
+                    field: schema_name(&field),
                 });
             }
         }
@@ -716,7 +716,7 @@ impl Engine {
         File::open(&job.input)
             .and_then(|mut f| f.read_to_end(&mut bytes))
             .map_err(io("read", &job.input))?;
-        let mut staged = run.staging.create(&path)?;
+        let mut staged = run.staging.create_private(&path)?;
         staged.write_all(&bytes)?;
         staged.finish()?;
         let line = match &reason {
@@ -851,7 +851,7 @@ impl Engine {
                 return Err(DeidError::UnknownField {
                     file: job.input.clone(),
                     line: 1,
-                    field,
+                    field: schema_name(&field),
                 })
             }
             Err(Fail::Reject(reason)) => {
@@ -925,7 +925,11 @@ impl Engine {
 }
 
 fn warnings(file: &str, unknown: HashMap<String, u64>) -> Vec<Warning> {
-    let mut w: Vec<Warning> = unknown
+    let mut merged: HashMap<String, u64> = HashMap::new();
+    for (field, n) in unknown {
+        *merged.entry(schema_name(&field)).or_insert(0) += n;
+    }
+    let mut w: Vec<Warning> = merged
         .into_iter()
         .map(|(field, occurrences)| Warning {
             file: file.to_owned(),
@@ -980,7 +984,7 @@ impl<'a> RejectSink<'a> {
         let file = match &mut self.file {
             Some(f) => f,
             None => {
-                let mut f = self.staging.create(path)?;
+                let mut f = self.staging.create_private(path)?;
                 if let Some(header) = &self.header {
                     f.write_all(header)?;
                 }

@@ -57,6 +57,16 @@ impl StagedFile {
 impl Staging {
     /// Starts the file that becomes `dest` on commit.
     pub(crate) fn create(&self, dest: &Path) -> Result<StagedFile, DeidError> {
+        self.create_with(dest, false)
+    }
+
+    /// Starts a file only its owner may read (0600 on Unix): reject files hold the original,
+    /// identifying records.
+    pub(crate) fn create_private(&self, dest: &Path) -> Result<StagedFile, DeidError> {
+        self.create_with(dest, true)
+    }
+
+    fn create_with(&self, dest: &Path, private: bool) -> Result<StagedFile, DeidError> {
         let dir = dest.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(io("create directory", dir))?;
         let name = dest
@@ -65,11 +75,16 @@ impl Staging {
             .unwrap_or_default();
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!(".{name}.{}-{n}.deid-tmp", std::process::id()));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
+        let mut options = OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        if private {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        #[cfg(not(unix))]
+        let _ = private;
+        let file = options.open(&tmp).map_err(io("create", &tmp))?;
         if let Ok(mut files) = self.files.lock() {
             files.push((tmp.clone(), dest.to_owned()));
         }

@@ -556,7 +556,7 @@ impl<'a> Validator<'a> {
                 None => self.max_days = Some((max_days, at)),
                 Some((n, _)) if n == max_days => {}
                 Some((n, first)) => {
-                    let (line, _) = (self.loc.at(first, "").line, ());
+                    let line = self.loc.at(first, "").line;
                     return Err(self.err(
                         at,
                         format!(

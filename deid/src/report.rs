@@ -11,6 +11,25 @@ use serde::Serialize;
 
 use crate::ops::Op;
 
+/// A field name taken from the data (a CSV header, a JSON member name, an extension URL) as
+/// the report may show it. Names are schema, not values, but a data set can misuse them: a
+/// name with control or non-ASCII characters, a run of seven or more digits (an SSN, a phone
+/// number, a date) or more than 128 characters is shown as a placeholder instead.
+pub(crate) fn schema_name(name: &str) -> String {
+    let mut run = 0;
+    let mut longest = 0;
+    for b in name.bytes() {
+        run = if b.is_ascii_digit() { run + 1 } else { 0 };
+        longest = longest.max(run);
+    }
+    let printable = name.bytes().all(|b| b == b' ' || b.is_ascii_graphic());
+    if printable && longest < 7 && name.len() <= 128 {
+        name.to_owned()
+    } else {
+        "(a field whose name is not shown)".to_owned()
+    }
+}
+
 /// Counts of values per field label and transform, as gathered by one worker.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct FieldStats {
@@ -132,6 +151,33 @@ pub struct Warning {
     pub field: String,
     /// How many values were dropped (for a CSV column: its rows).
     pub occurrences: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_looking_names_are_not_shown() {
+        assert_eq!(
+            schema_name("Patient.maritalStatus"),
+            "Patient.maritalStatus"
+        );
+        assert_eq!(
+            schema_name(
+                "Patient.extension(http://hl7.org/fhir/us/core/StructureDefinition/us-core-race)"
+            ),
+            "Patient.extension(http://hl7.org/fhir/us/core/StructureDefinition/us-core-race)"
+        );
+        assert_eq!(schema_name("/visits/12/note"), "/visits/12/note");
+        for bad in ["/999412363", "/Jos\u{e9}", "/a\nb", &"x".repeat(200)] {
+            assert_eq!(
+                schema_name(bad),
+                "(a field whose name is not shown)",
+                "{bad}"
+            );
+        }
+    }
 }
 
 /// Progress of a run, for a progress bar.

@@ -111,7 +111,7 @@ pub(crate) fn plan(
                     return Err(DeidError::UnknownField {
                         file: file.to_owned(),
                         line: 1,
-                        field: names[i].clone(),
+                        field: crate::report::schema_name(&names[i]),
                     });
                 }
                 let op = Op {

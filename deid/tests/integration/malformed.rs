@@ -87,6 +87,16 @@ fn bad_csv_quoting_is_rejected_into_the_reject_file() {
     assert!(text.contains("\"line\": 5"));
     let ssn = bad.split(',').nth(3).unwrap();
     assert!(!text.contains(ssn));
+    // The reject file holds the original record: its owner alone may read it.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(rejects.path().join("patients.csv"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 }
 
 #[test]
