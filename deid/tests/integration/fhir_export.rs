@@ -511,3 +511,88 @@ fn unknown_elements_and_extensions_are_dropped_and_reported_or_stop_the_run() {
     assert!(!err.to_string().contains("Bobbie77") && !err.to_string().contains("Ratched"));
     assert!(entries(out.path()).is_empty());
 }
+
+#[test]
+fn relative_references_follow_the_pseudonym_of_their_target() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("Patient.ndjson"),
+        "{\"resourceType\":\"Patient\",\"id\":\"p-1\",\"birthDate\":\"1970-05-06\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("Encounter.ndjson"),
+        "{\"resourceType\":\"Encounter\",\"id\":\"e-1\",\"status\":\"finished\",\"subject\":{\"reference\":\"Patient/p-1\"},\"period\":{\"start\":\"1990-05-06T10:00:00+02:00\"}}\n\
+         {\"resourceType\":\"Encounter\",\"id\":\"e-2\",\"status\":\"finished\",\"subject\":{\"reference\":\"https://ehr.example.org/fhir/Patient/p-1/_history/3\"},\"period\":{\"start\":\"1991-01-01\"}}\n",
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let report = run(
+        &engine(FHIR_PROFILE),
+        dir.path(),
+        out.path(),
+        &Options::default(),
+    )
+    .unwrap();
+    assert_eq!((report.records, report.rejected), (3, 0));
+    let read = |name: &str| -> Vec<Value> {
+        std::fs::read_to_string(out.path().join(name))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let patient = &read("Patient.ndjson")[0];
+    let encounters = read("Encounter.ndjson");
+    let pid = patient["id"].as_str().unwrap();
+    assert_ne!(pid, "p-1");
+    assert_eq!(
+        encounters[0]["subject"]["reference"],
+        format!("Patient/{pid}")
+    );
+    // An absolute reference loses the server's base, keeps the version.
+    assert_eq!(
+        encounters[1]["subject"]["reference"],
+        format!("Patient/{pid}/_history/3")
+    );
+    // Both encounters are the patient's: the birth-to-visit intervals are kept.
+    let (birth, _) = days(patient["birthDate"].as_str().unwrap()).unwrap();
+    let (visit, time) = days(encounters[0]["period"]["start"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        visit - birth,
+        days("1990-05-06").unwrap().0 - days("1970-05-06").unwrap().0
+    );
+    assert_eq!(time, "T10:00:00+02:00");
+    let (visit2, _) = days(encounters[1]["period"]["start"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        visit2 - birth,
+        days("1991-01-01").unwrap().0 - days("1970-05-06").unwrap().0
+    );
+}
+
+#[test]
+fn a_bundle_over_the_size_limit_is_refused_unread() {
+    let (_, report) = standard();
+    let big = report.files.iter().map(|f| f.bytes_in).max().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for f in report.files.iter().take(2) {
+        std::fs::copy(&f.input, dir.path().join(f.input.file_name().unwrap())).unwrap();
+    }
+    let options = Options {
+        max_document_bytes: 1000,
+        ..Options::default()
+    };
+    let out = tempfile::tempdir().unwrap();
+    let err = run(&engine(FHIR_PROFILE), dir.path(), out.path(), &options).unwrap_err();
+    assert!(
+        matches!(err, DeidError::TooLarge { limit: 1000, .. }),
+        "{err}"
+    );
+    assert!(entries(out.path()).is_empty());
+    let options = Options {
+        max_document_bytes: big,
+        ..Options::default()
+    };
+    let report = run(&engine(FHIR_PROFILE), dir.path(), out.path(), &options).unwrap();
+    assert_eq!(report.records, 2);
+}
