@@ -59,6 +59,26 @@ async fn grant(
         .state
 }
 
+/// Creates the master key `research` and the domains `names` under it (as officer-1); returns
+/// officer-1's client.
+async fn research_domains(server: &TestServer, names: &[&str]) -> KmsClient {
+    let officer = server.client_as("officer-1").await.expect("officer");
+    officer
+        .create_key(sdk::NewKey {
+            alias: Some("research".into()),
+            ..sdk::NewKey::default()
+        })
+        .await
+        .expect("key");
+    for name in names {
+        officer
+            .create_domain(name, "research")
+            .await
+            .expect("domain");
+    }
+    officer
+}
+
 async fn values_of(
     client: &KmsClient,
     domain: &str,
@@ -468,18 +488,7 @@ async fn the_python_example_tokenizes_like_the_sdk() {
         }
     };
     let (_db, server) = sqlite_server().await;
-    let officer = server.client_as("officer-1").await.expect("officer");
-    officer
-        .create_key(sdk::NewKey {
-            alias: Some("research".into()),
-            ..sdk::NewKey::default()
-        })
-        .await
-        .expect("key");
-    officer
-        .create_domain("study-py", "research")
-        .await
-        .expect("domain");
+    research_domains(&server, &["study-py"]).await;
     let tokenizer_id = server.principal("tokenizer-1");
     assert_eq!(
         grant(
@@ -578,22 +587,7 @@ async fn the_python_example_tokenizes_like_the_sdk() {
 /// re-identifier; the store holds no value in clear.
 async fn vault_tokens(db: TestDb) {
     let server = TestServer::start(&db).await.expect("server");
-    let officer = server.client_as("officer-1").await.expect("officer");
-    officer
-        .create_key(sdk::NewKey {
-            alias: Some("research".into()),
-            ..sdk::NewKey::default()
-        })
-        .await
-        .expect("key");
-    officer
-        .create_domain("study-v", "research")
-        .await
-        .expect("domain");
-    officer
-        .create_domain("study-w", "research")
-        .await
-        .expect("domain");
+    research_domains(&server, &["study-v", "study-w"]).await;
     let tokenizer_id = server.principal("tokenizer-1");
     let reidentifier_id = server.principal("reidentifier-1");
     assert_eq!(
