@@ -264,10 +264,14 @@ impl Engine {
                     .kind
                 {
                     OpKind::Apply(a) => a,
-                    // The policy checks that `ids` names a pseudonym.
+                    // Unreachable: the policy checks that `ids` names a pseudonym.
                     _ => {
-                        return Err(DeidError::Layout {
-                            what: "the FHIR ids transform must be a pseudonym",
+                        return Err(DeidError::Transform {
+                            field: "id".to_owned(),
+                            source: tokenize::TokenizeError::InvalidParameter {
+                                parameter: "ids",
+                                reason: "must be a pseudonym",
+                            },
                         })
                     }
                 };
