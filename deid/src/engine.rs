@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use tokenize::DomainKey;
 
+use crate::age::{AgeCap, Date};
 use crate::csvfmt::{Chunk, CsvReader, LineReader, CHUNK_RECORDS};
 use crate::error::RejectReason;
 use crate::fhir::{FhirRules, Node};
@@ -27,7 +28,7 @@ use crate::json::{self, Fail, Json, PointerNode, RecordCx};
 use crate::ops::{Applier, OpKind, Ops, PatientState};
 use crate::output::{StagedFile, Staging};
 use crate::pipeline::{self, ChunkOut, Processor};
-use crate::policy::{ColumnRule, FileNames, Policy};
+use crate::policy::{AgeLimit, ColumnRule, FileNames, Policy};
 use crate::report::{schema_name, FieldStats, FileReport, Progress, Reject, Report, Warning};
 use crate::table::{self, CsvEntry, CsvProcessor, PreparedRule};
 use crate::{DeidError, UnknownFields};
@@ -61,6 +62,9 @@ pub struct Options {
     pub overwrite: bool,
     /// The report's file name in the output directory.
     pub report_name: String,
+    /// The run's date, at which ages are computed for `[patient] age_cap` when the policy
+    /// gives no `reference_date` (default: today in UTC, by the system clock).
+    pub today: Option<Date>,
 }
 
 impl Default for Options {
@@ -72,6 +76,7 @@ impl Default for Options {
             max_record_bytes: 16 << 20,
             overwrite: false,
             report_name: "deid-report.json".to_owned(),
+            today: None,
         }
     }
 }
@@ -98,6 +103,7 @@ pub struct Engine {
     domain: String,
     key_version: u32,
     unknown_fields: UnknownFields,
+    age_cap: Option<AgeLimit>,
     ops: Ops,
     csv: Vec<CsvEntry>,
     json: Vec<JsonEntry>,
@@ -155,6 +161,7 @@ struct Run<'a> {
     records: AtomicU64,
     bytes: AtomicU64,
     total: u64,
+    age: Option<AgeCap>,
 }
 
 impl Run<'_> {
@@ -228,6 +235,8 @@ impl Engine {
                 files: entry.files.clone(),
                 patient: entry.patient.iter().map(|p| p.to_lowercase()).collect(),
                 columns,
+                birth_date: entry.birth_date.as_ref().map(|c| c.to_lowercase()),
+                death_date: entry.death_date.as_ref().map(|c| c.to_lowercase()),
             });
         }
         let mut json = Vec::new();
@@ -289,6 +298,12 @@ impl Engine {
                         patient_references: f.patient_references.clone(),
                         reference_label: Arc::from("reference"),
                         id_label: Arc::from("id"),
+                        birth_date_label: Arc::from("Patient.birthDate"),
+                        age_extensions: f
+                            .age_extensions
+                            .iter()
+                            .map(|u| Arc::from(u.as_str()))
+                            .collect(),
                     },
                     file_namer,
                     keep_names: f.keep_names.clone(),
@@ -300,6 +315,7 @@ impl Engine {
             domain: policy.domain().to_owned(),
             key_version: key.version(),
             unknown_fields: policy.unknown_fields(),
+            age_cap: policy.age_cap,
             ops,
             csv,
             json,
@@ -418,6 +434,11 @@ impl Engine {
             records: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             total,
+            // The policy's reference date, else the run's: one date for the whole run.
+            age: self.age_cap.map(|a| AgeCap {
+                cap: a.cap,
+                at: a.reference.or(options.today).unwrap_or_else(Date::today),
+            }),
         };
         let mut results: Vec<Option<FileResult>> = (0..jobs.len()).map(|_| None).collect();
         for (i, job) in jobs.iter().enumerate() {
@@ -594,6 +615,7 @@ impl Engine {
                 let processor = CsvProcessor {
                     ops: &self.ops,
                     plan: &plan,
+                    age: run.age,
                 };
                 let read = || -> Result<Chunk, DeidError> {
                     let chunk = reader
@@ -622,6 +644,7 @@ impl Engine {
                 let processor = LineProcessor {
                     engine: self,
                     kind: job.kind,
+                    age: run.age,
                 };
                 let read = || -> Result<Chunk, DeidError> {
                     let chunk = reader
@@ -846,6 +869,7 @@ impl Engine {
                 mode: self.unknown_fields,
                 entry: None,
                 scratch: String::new(),
+                age: run.age,
             };
             self.record(job.kind, &mut value, &mut cx)
         };
@@ -1013,6 +1037,7 @@ impl<'a> RejectSink<'a> {
 struct LineProcessor<'a> {
     engine: &'a Engine,
     kind: Kind,
+    age: Option<AgeCap>,
 }
 
 impl Processor for LineProcessor<'_> {
@@ -1043,6 +1068,7 @@ impl Processor for LineProcessor<'_> {
                 mode: self.engine.unknown_fields,
                 entry: None,
                 scratch: String::new(),
+                age: self.age,
             };
             match self.engine.record(self.kind, &mut value, &mut cx) {
                 Ok(()) => {

@@ -31,6 +31,7 @@ use crate::error::RejectReason;
 use crate::json::{Fail, Json, RecordCx};
 use crate::ops::{Applier, Op, OpKind, PatientState};
 use crate::policy::PathSeg;
+use crate::table::OVER_AGE_CAP;
 
 /// A trie of element rules.
 #[derive(Debug, Default)]
@@ -83,6 +84,9 @@ pub(crate) struct FhirRules {
     pub(crate) patient_references: Vec<String>,
     pub(crate) reference_label: Arc<str>,
     pub(crate) id_label: Arc<str>,
+    pub(crate) birth_date_label: Arc<str>,
+    /// Extensions dropped from a Patient over `age_cap` (their values show the age).
+    pub(crate) age_extensions: Vec<Arc<str>>,
 }
 
 /// What a reference string is.
@@ -477,8 +481,48 @@ impl FhirRules {
                 entry: cx.entry,
             }));
         };
+        if rtype == "Patient" {
+            self.age_cap(members, cx);
+        }
         let tn = self.types.get(rtype);
         self.object(members, tn, Some(&self.star), None, rtype, true, cx)
+    }
+
+    /// A Patient over the policy's `age_cap` (by its own birth and death dates) loses its
+    /// `birthDate` (with `_birthDate`) and the `age_extensions`, before the rules apply.
+    fn age_cap(&self, members: &mut Vec<(String, Json)>, cx: &mut RecordCx<'_>) {
+        let Some(age) = cx.age else { return };
+        let text = |key: &str| {
+            members
+                .iter()
+                .find(|(k, _)| k == key)
+                .and_then(|(_, v)| v.as_str())
+        };
+        let Some(birth) = text("birthDate") else {
+            return;
+        };
+        if !age.exceeded(birth, text("deceasedDateTime")) {
+            return;
+        }
+        members.retain(|(k, _)| k != "birthDate" && k != "_birthDate");
+        cx.stats.add(&self.birth_date_label, OVER_AGE_CAP, 1);
+        let Some((_, Json::Array(items))) = members.iter_mut().find(|(k, _)| k == "extension")
+        else {
+            return;
+        };
+        items.retain(|item| {
+            let url = item.get("url").and_then(Json::as_str).unwrap_or_default();
+            match self.age_extensions.iter().find(|u| u.as_ref() == url) {
+                Some(label) => {
+                    cx.stats.add(label, OVER_AGE_CAP, 1);
+                    false
+                }
+                None => true,
+            }
+        });
+        if items.is_empty() {
+            members.retain(|(k, _)| k != "extension");
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

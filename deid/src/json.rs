@@ -9,6 +9,7 @@ use std::fmt;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 
+use crate::age::AgeCap;
 use crate::error::RejectReason;
 use crate::ops::{Op, Ops, PatientState};
 use crate::policy::PointerSeg;
@@ -173,6 +174,8 @@ pub(crate) struct RecordCx<'a> {
     pub(crate) mode: UnknownFields,
     pub(crate) entry: Option<usize>,
     pub(crate) scratch: String,
+    /// The run's age limit, if the policy sets `age_cap`.
+    pub(crate) age: Option<AgeCap>,
 }
 
 impl RecordCx<'_> {

@@ -25,12 +25,15 @@
 //!
 //! Guarantees: the same patient gets the same pseudonym in every file (the `[patient]`
 //! transform has one key for all files) and every date of a patient moves by that patient's
-//! offset; ids that other records point to map alike everywhere, so joins and FHIR references
-//! still resolve; errors and the report never hold a field value; nothing is half-written.
+//! offset, except the birth date of a patient over the policy's `age_cap`, which is removed
+//! (HIPAA Safe Harbor's "90 or older"); ids that other records point to map alike everywhere,
+//! so joins and FHIR references still resolve; errors and the report never hold a field
+//! value; nothing is half-written.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod age;
 mod csvfmt;
 mod engine;
 mod error;
@@ -44,6 +47,7 @@ mod policy;
 mod report;
 mod table;
 
+pub use age::Date;
 pub use engine::{Engine, OnMalformed, Options};
 pub use error::{DeidError, PolicyError, RejectReason};
 pub use policy::{FileNames, Policy, UnknownFields, BUILTIN_PROFILES};

@@ -55,6 +55,8 @@ pub(crate) struct Applier {
     uuid: bool,
     zero_pad: usize,
     kind: &'static str,
+    /// For `age` under an `age_cap` below 89: ages above it are aggregated too.
+    age_cap: Option<u32>,
 }
 
 impl Applier {
@@ -80,6 +82,14 @@ impl Applier {
         }
         if self.uuid && !out.is_empty() {
             token_to_uuid(out);
+        }
+        if let Some(cap) = self.age_cap {
+            let above = out == tokenize::generalize::AGE_90_OR_OLDER
+                || out.parse::<u32>().is_ok_and(|age| age > cap);
+            if above {
+                out.clear();
+                out.push_str(&format!("{} or older", cap + 1));
+            }
         }
         Ok(())
     }
@@ -222,6 +232,9 @@ impl Ops {
                             uuid: spec.uuid,
                             zero_pad: spec.zero_pad,
                             kind: transform.kind(),
+                            age_cap: policy.age_cap.map(|a| a.cap).filter(|&cap| {
+                                cap < 89 && matches!(transform, Transform::Age { .. })
+                            }),
                         });
                         self.cache.insert(cache_key, Arc::clone(&a));
                         a
@@ -250,6 +263,7 @@ impl Ops {
             uuid: true,
             zero_pad: 0,
             kind: "pseudonym",
+            age_cap: None,
         }))
     }
 

@@ -9,6 +9,8 @@
 //!
 //! [patient]
 //! transform = "patient_id"       # named pseudonym (with an explicit key) of the patient id
+//! age_cap = 89                   # birth dates of patients older than this are removed
+//! reference_date = "2024-12-31"  # ages are computed at this date (default: the run's date)
 //!
 //! [transforms]                   # named transforms; `key` shares derived keys between
 //! patient_id = { kind = "pseudonym", normalize = "exact", key = "patient", format = "uuid" }
@@ -17,6 +19,8 @@
 //! [[csv]]                        # CSV columns by header name (case-insensitive)
 //! files = ["patients.csv"]
 //! patient = "Id"                 # or a list of candidate columns
+//! birth_date = "BIRTHDATE"       # with age_cap: the column checked (and removed) ...
+//! death_date = "DEATHDATE"       # ... and the death date the age is taken at, if present
 //! [csv.columns]
 //! Id = "patient_id"
 //! BIRTHDATE = "date"
@@ -34,6 +38,7 @@
 //! ids = "patient_id"             # resource ids, fullUrls and references
 //! file_names = "pseudonymize"    # output names (default "keep")
 //! keep_names = ["*.ndjson"]      # except these
+//! age_extensions = ["http://example.org/age"] # with age_cap: dropped from a Patient over it
 //! [fhir.elements]
 //! "Patient.birthDate" = "date"
 //! "*.meta" = "keep"
@@ -48,6 +53,10 @@
 //! the policy), so two fields share pseudonyms only when the policy says so. Besides the
 //! transform's own parameters a table may hold `key`, `format = "uuid"` (pseudonyms written as
 //! UUIDs) and, for `zip3`, `zero_pad = 5` (`1850` is read as `01850`).
+//!
+//! `age_cap` (at most 89, Safe Harbor's limit) is described in [`crate::age`]: in FHIR the
+//! birth and death dates are `Patient.birthDate` and `Patient.deceasedDateTime`; in CSV the
+//! `[[csv]]` entry names them. With a cap below 89 the `age` transform aggregates above it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -57,6 +66,7 @@ use tokenize::{DomainKey, FieldTransformer, Transform};
 use toml::{Spanned, Value};
 use zeroize::Zeroizing;
 
+use crate::age::Date;
 use crate::glob::Glob;
 use crate::{DeidError, PolicyError};
 
@@ -90,9 +100,18 @@ pub struct Policy {
     pub(crate) unknown_fields: UnknownFields,
     pub(crate) specs: Vec<Spec>,
     pub(crate) patient: Option<usize>,
+    pub(crate) age_cap: Option<AgeLimit>,
     pub(crate) csv: Vec<CsvRule>,
     pub(crate) json: Vec<JsonRule>,
     pub(crate) fhir: Option<FhirPolicy>,
+}
+
+/// `[patient] age_cap` and `reference_date`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AgeLimit {
+    pub(crate) cap: u32,
+    /// `None`: the run's date.
+    pub(crate) reference: Option<Date>,
 }
 
 /// One transform of the policy, named or inline.
@@ -142,6 +161,9 @@ pub(crate) struct CsvRule {
     pub(crate) patient: Vec<String>,
     /// (name as written, rule).
     pub(crate) columns: Vec<(String, ColumnRule)>,
+    /// The birth-date and death-date columns `age_cap` reads.
+    pub(crate) birth_date: Option<String>,
+    pub(crate) death_date: Option<String>,
 }
 
 /// A JSON pointer segment; `*` matches any member or index.
@@ -178,6 +200,8 @@ pub(crate) struct FhirPolicy {
     /// (path as written, resource type or `*`, segments, action).
     pub(crate) elements: Vec<(String, String, Vec<PathSeg>, Action)>,
     pub(crate) extensions: Vec<(String, Action)>,
+    /// Extension URLs dropped from the Patient of a patient over `age_cap`.
+    pub(crate) age_extensions: Vec<String>,
 }
 
 /// The built-in profiles, by name.
@@ -266,6 +290,11 @@ impl Policy {
         self
     }
 
+    /// The age over which birth dates are removed, if the policy sets `age_cap`.
+    pub fn age_cap(&self) -> Option<u32> {
+        self.age_cap.map(|a| a.cap)
+    }
+
     /// The spec of the patient transform, if the policy declares a patient linkage.
     pub(crate) fn patient_spec(&self) -> Option<usize> {
         self.patient
@@ -295,6 +324,8 @@ struct RawPolicy {
 #[serde(deny_unknown_fields)]
 struct RawPatient {
     transform: Spanned<String>,
+    age_cap: Option<Spanned<i64>>,
+    reference_date: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -309,6 +340,8 @@ enum OneOrMany {
 struct RawCsv {
     files: Spanned<Vec<String>>,
     patient: Option<Spanned<OneOrMany>>,
+    birth_date: Option<Spanned<String>>,
+    death_date: Option<Spanned<String>>,
     #[serde(default)]
     columns: BTreeMap<String, Spanned<Value>>,
 }
@@ -335,6 +368,7 @@ struct RawFhir {
     elements: BTreeMap<String, Spanned<Value>>,
     #[serde(default)]
     extensions: BTreeMap<String, Spanned<Value>>,
+    age_extensions: Option<Spanned<Vec<String>>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -445,9 +479,13 @@ impl<'a> Validator<'a> {
             None => None,
             Some(p) => Some(self.patient(&p.transform)?),
         };
+        let age_cap = match &raw.patient {
+            None => None,
+            Some(p) => self.age_limit(p)?,
+        };
         let mut csv = Vec::new();
         for entry in &raw.csv {
-            csv.push(self.csv(entry, patient)?);
+            csv.push(self.csv(entry, patient, age_cap.is_some())?);
         }
         if let Some(entry) = raw.csv.iter().find(|e| e.get_ref().patient.is_none()) {
             let uses_shift = entry
@@ -469,7 +507,7 @@ impl<'a> Validator<'a> {
         }
         let fhir = match &raw.fhir {
             None => None,
-            Some(f) => Some(self.fhir(f)?),
+            Some(f) => Some(self.fhir(f, age_cap.is_some())?),
         };
         if let (Some(at), None) = (self.first_shift, patient) {
             return Err(self.err(
@@ -484,6 +522,7 @@ impl<'a> Validator<'a> {
             unknown_fields: raw.unknown_fields,
             specs: self.specs,
             patient,
+            age_cap,
             csv,
             json,
             fhir,
@@ -633,6 +672,66 @@ impl<'a> Validator<'a> {
         Ok(id)
     }
 
+    /// `age_cap` and `reference_date` of `[patient]`.
+    fn age_limit(&self, p: &RawPatient) -> Result<Option<AgeLimit>, PolicyError> {
+        let Some(cap) = &p.age_cap else {
+            if let Some(r) = &p.reference_date {
+                return Err(self.err(r.span().start, "`reference_date` needs `age_cap`"));
+            }
+            return Ok(None);
+        };
+        let at = cap.span().start;
+        let cap = match u32::try_from(*cap.get_ref()) {
+            Ok(n) if (1..=89).contains(&n) => n,
+            _ => {
+                return Err(self.err(
+                    at,
+                    "`age_cap` must be from 1 to 89 (Safe Harbor aggregates ages over 89)",
+                ))
+            }
+        };
+        let reference = match &p.reference_date {
+            None => None,
+            Some(r) => Some(Date::parse(r.get_ref()).ok_or_else(|| {
+                self.err(
+                    r.span().start,
+                    "`reference_date` must be a date, YYYY-MM-DD",
+                )
+            })?),
+        };
+        Ok(Some(AgeLimit { cap, reference }))
+    }
+
+    /// A `birth_date` / `death_date` column: needs `age_cap` and a rule in the entry.
+    fn age_column(
+        &self,
+        column: &Option<Spanned<String>>,
+        columns: &[(String, ColumnRule)],
+        age_cap: bool,
+    ) -> Result<Option<String>, PolicyError> {
+        let Some(c) = column else { return Ok(None) };
+        let at = c.span().start;
+        if !age_cap {
+            return Err(self.err(
+                at,
+                "birth and death columns are read for [patient] age_cap, which is not set",
+            ));
+        }
+        if !columns
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case(c.get_ref()))
+        {
+            return Err(self.err(
+                at,
+                format!(
+                    "column `{}` must have a rule in this entry's [csv.columns]",
+                    c.get_ref()
+                ),
+            ));
+        }
+        Ok(Some(c.get_ref().clone()))
+    }
+
     fn globs(&self, files: &Spanned<Vec<String>>) -> Result<Vec<Glob>, PolicyError> {
         if files.get_ref().is_empty() {
             return Err(self.err(files.span().start, "`files` must list at least one pattern"));
@@ -655,6 +754,7 @@ impl<'a> Validator<'a> {
         &mut self,
         entry: &Spanned<RawCsv>,
         patient: Option<usize>,
+        age_cap: bool,
     ) -> Result<CsvRule, PolicyError> {
         let raw = entry.get_ref();
         let files = self.globs(&raw.files)?;
@@ -702,10 +802,17 @@ impl<'a> Validator<'a> {
                 cols
             }
         };
+        let birth_date = self.age_column(&raw.birth_date, &columns, age_cap)?;
+        let death_date = self.age_column(&raw.death_date, &columns, age_cap)?;
+        if let (None, Some(d)) = (&birth_date, &raw.death_date) {
+            return Err(self.err(d.span().start, "`death_date` needs `birth_date`"));
+        }
         Ok(CsvRule {
             files,
             patient: patient_cols,
             columns,
+            birth_date,
+            death_date,
         })
     }
 
@@ -832,7 +939,7 @@ impl<'a> Validator<'a> {
         })
     }
 
-    fn fhir(&mut self, raw: &Spanned<RawFhir>) -> Result<FhirPolicy, PolicyError> {
+    fn fhir(&mut self, raw: &Spanned<RawFhir>, age_cap: bool) -> Result<FhirPolicy, PolicyError> {
         let raw = raw.get_ref();
         let files = match &raw.files {
             Some(f) => self.globs(f)?,
@@ -890,7 +997,18 @@ impl<'a> Validator<'a> {
             Some(k) => self.globs(k)?,
             None => Vec::new(),
         };
+        let age_extensions = match &raw.age_extensions {
+            None => Vec::new(),
+            Some(urls) if !age_cap => {
+                return Err(self.err(
+                    urls.span().start,
+                    "`age_extensions` are dropped for [patient] age_cap, which is not set",
+                ))
+            }
+            Some(urls) => urls.get_ref().clone(),
+        };
         Ok(FhirPolicy {
+            age_extensions,
             files,
             ids,
             patient_references,

@@ -5,12 +5,16 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::age::AgeCap;
 use crate::csvfmt::{self, Chunk};
 use crate::error::RejectReason;
 use crate::glob::Glob;
 use crate::ops::{Op, OpKind, Ops, PatientState};
 use crate::pipeline::{ChunkOut, Processor};
 use crate::{DeidError, UnknownFields};
+
+/// The report's transform kind for a birth date removed under `age_cap`.
+pub(crate) const OVER_AGE_CAP: &str = "over_age_cap";
 
 /// A prepared CSV column rule.
 #[derive(Debug, Clone)]
@@ -40,6 +44,9 @@ pub(crate) struct CsvEntry {
     pub(crate) patient: Vec<String>,
     /// (lower-case name, rule).
     pub(crate) columns: Vec<(String, PreparedRule)>,
+    /// Lower-case birth-date and death-date columns (`age_cap`).
+    pub(crate) birth_date: Option<String>,
+    pub(crate) death_date: Option<String>,
 }
 
 /// The per-column plan of a CSV file from its header: each column's rule from the first
@@ -174,9 +181,16 @@ pub(crate) fn plan(
             });
         }
     }
+    // The birth and death columns: the first entry that names a birth date decides.
+    let ages = entries.iter().find(|e| e.birth_date.is_some());
+    let position = |c: &Option<String>| c.as_ref().and_then(|c| lower.iter().position(|n| n == c));
+    let birth = ages.and_then(|e| position(&e.birth_date));
+    let death = ages.and_then(|e| position(&e.death_date));
     Ok(CsvPlan {
         cols,
         patient,
+        birth,
+        death,
         out_header,
     })
 }
@@ -208,6 +222,9 @@ pub(crate) fn header_names(
 pub(crate) struct CsvPlan {
     pub(crate) cols: Vec<ColPlan>,
     pub(crate) patient: Option<usize>,
+    /// The birth-date column `age_cap` checks and removes, and the death-date column.
+    pub(crate) birth: Option<usize>,
+    pub(crate) death: Option<usize>,
     pub(crate) out_header: Vec<u8>,
 }
 
@@ -231,6 +248,7 @@ enum ColRule {
 pub(crate) struct CsvProcessor<'a> {
     pub(crate) ops: &'a Ops,
     pub(crate) plan: &'a CsvPlan,
+    pub(crate) age: Option<AgeCap>,
 }
 
 /// A worker's scratch space: field texts, one-entry caches per column (consecutive rows
@@ -363,6 +381,12 @@ impl CsvProcessor<'_> {
                 cached = Some(c);
             }
         }
+        // A patient over the age cap: the birth date is removed instead of shifted.
+        let over_cap = match (self.age, self.plan.birth) {
+            (Some(age), Some(b)) => age.exceeded(texts[b], self.plan.death.map(|d| texts[d])),
+            _ => false,
+        };
+        let aggregated = self.plan.birth.filter(|_| over_cap);
         // The record is built in place at the end of the output; a reject truncates it away.
         let start = out.bytes.len();
         let mut row = Row {
@@ -371,7 +395,7 @@ impl CsvProcessor<'_> {
             record: &mut out.bytes,
             value: &mut st.value,
         };
-        let result = self.fields(&texts, &mut patient, cached.as_ref(), &mut row);
+        let result = self.fields(&texts, &mut patient, cached.as_ref(), aggregated, &mut row);
         if let Some(mut c) = cached {
             let (token, offset) = patient.into_parts();
             c.token = token.unwrap_or_default();
@@ -393,6 +417,7 @@ impl CsvProcessor<'_> {
         texts: &[&str],
         patient: &mut PatientState,
         cached: Option<&PatientCache>,
+        aggregated: Option<usize>,
         st: &mut Row<'_>,
     ) -> Result<(), RejectReason> {
         let ops = self.ops;
@@ -406,8 +431,13 @@ impl CsvProcessor<'_> {
                     .find(|(c, values, _)| c.is_some_and(|c| values.iter().any(|v| v == texts[c])))
                     .map_or(otherwise, |(_, _, op)| op),
             };
+            let removed = Some(i) == aggregated;
             if !value.is_empty() {
-                let kind = op.kind_name();
+                let kind = if removed {
+                    OVER_AGE_CAP
+                } else {
+                    op.kind_name()
+                };
                 let counts = &mut st.counts[i];
                 match counts.iter_mut().find(|(k, _)| *k == kind) {
                     Some((_, n)) => *n += 1,
@@ -421,6 +451,9 @@ impl CsvProcessor<'_> {
                 st.record.push(b',');
             }
             first = false;
+            if removed {
+                continue;
+            }
             if Some(i) == self.plan.patient {
                 csvfmt::write_field(st.record, cached.map_or("", |c| c.shown.as_str()));
                 continue;

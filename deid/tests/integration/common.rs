@@ -99,6 +99,39 @@ pub fn days(value: &str) -> Option<(i64, &str)> {
     Some((era * 146_097 + doe - 719_468, &value[10..]))
 }
 
+/// The run date of the standard runs, so that who is over 89 does not change with the clock.
+pub fn run_date() -> deid::Date {
+    deid::Date::new(2025, 6, 30).unwrap()
+}
+
+/// Options of the standard runs: the fixed run date.
+pub fn dated_options() -> Options {
+    Options {
+        today: Some(run_date()),
+        ..Options::default()
+    }
+}
+
+/// Whether someone born on `birth` (`YYYY-MM-DD…`) is over 89 at `death` (if not empty) or
+/// at the standard run date: completed years, counted by hand.
+pub fn over_89(birth: &str, death: &str) -> bool {
+    let ymd = |s: &str| -> (i32, u32, u32) {
+        (
+            s[0..4].parse().unwrap(),
+            s[5..7].parse().unwrap(),
+            s[8..10].parse().unwrap(),
+        )
+    };
+    let b = ymd(birth);
+    let e = if death.is_empty() {
+        ymd(&run_date().to_string())
+    } else {
+        ymd(death)
+    };
+    let years = e.0 - b.0 - i32::from((e.1, e.2) < (b.1, b.2));
+    years > 89
+}
+
 /// Lower case, white space and dashes removed: the form both sides of a leak check take.
 pub fn normalize(s: &str) -> String {
     s.chars()

@@ -19,7 +19,7 @@ fn standard() -> &'static (PathBuf, Report) {
             &engine(CSV_PROFILE),
             Path::new(SYNTHEA_CSV),
             &out,
-            &Options::default(),
+            &dated_options(),
         )
         .expect("the Synthea export de-identifies");
         (out, report)
@@ -163,22 +163,37 @@ fn no_identifier_of_the_input_appears_in_the_output() {
 }
 
 #[test]
-fn dates_of_birth_are_shifted() {
+fn dates_of_birth_are_shifted_or_removed_over_89() {
     let (i, o) = (input("patients.csv"), output("patients.csv"));
     let (bi, bo) = (i.values("BIRTHDATE"), o.values("BIRTHDATE"));
+    let deaths = i.values("DEATHDATE");
     let report = &standard().1;
     let fr = report
         .files
         .iter()
         .find(|f| f.file == "patients.csv")
         .unwrap();
-    assert_eq!(fr.fields["BIRTHDATE"]["date_shift"] as usize, bi.len());
+    let over: usize = bi
+        .iter()
+        .zip(&deaths)
+        .filter(|(b, d)| over_89(b, d))
+        .count();
+    // The sample holds two patients (born 1929, 1935) alive at the run date and one who died
+    // at 94; two more born then died at 78 and 88.
+    assert_eq!(over, 3);
+    let counts = &fr.fields["BIRTHDATE"];
+    assert_eq!(counts["over_age_cap"] as usize, over);
+    assert_eq!(counts["date_shift"] as usize, bi.len() - over);
     assert_eq!(
         fr.fields["SSN"]["pseudonym"] as usize,
         i.values("SSN").len()
     );
     let mut unchanged = 0;
-    for (a, b) in bi.iter().zip(&bo) {
+    for ((a, b), death) in bi.iter().zip(&bo).zip(&deaths) {
+        if over_89(a, death) {
+            assert_eq!(*b, "", "a birth date over 89 is written");
+            continue;
+        }
         let (da, _) = days(a).unwrap();
         let (db, _) = days(b).unwrap();
         assert!((da - db).abs() <= 365, "shift beyond max_days");
@@ -324,17 +339,23 @@ fn date_intervals_per_patient_are_kept_exactly() {
         );
         for ((patient, before), (_, after)) in di.iter().zip(&dout) {
             let (b0, _) = days(&birth_in[patient]).unwrap();
-            let (b1, _) = days(birth_out[patient.as_str()]).unwrap();
+            // A patient over 89 has no birth date in the output (checked above).
+            let b1 = days(birth_out[patient.as_str()]).map(|(d, _)| d);
             for (x, y) in before.iter().zip(after) {
                 if x.is_empty() {
                     assert!(y.is_empty());
+                    continue;
+                }
+                if y.is_empty() && b1.is_none() && x == &birth_in[patient] {
                     continue;
                 }
                 let (dx, tx) = days(x).unwrap_or_else(|| panic!("{file}: not a date"));
                 let (dy, ty) = days(y).unwrap_or_else(|| panic!("{file}: not a date"));
                 assert_eq!(tx, ty, "{file}: the time of day changed");
                 // The interval to the patient's birth, before and after.
-                assert_eq!(dx - b0, dy - b1, "{file}: interval to birth changed");
+                if let Some(b1) = b1 {
+                    assert_eq!(dx - b0, dy - b1, "{file}: interval to birth changed");
+                }
                 let offset = offsets.entry(patient.clone()).or_insert(dy - dx);
                 assert_eq!(*offset, dy - dx, "{file}: two offsets for one patient");
                 pairs += 1;

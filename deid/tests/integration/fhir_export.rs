@@ -20,7 +20,7 @@ fn standard() -> &'static (PathBuf, Report) {
             &engine(FHIR_PROFILE),
             Path::new(SYNTHEA_FHIR),
             &out,
-            &Options::default(),
+            &dated_options(),
         )
         .expect("the Synthea bundles de-identify");
         (out, report)

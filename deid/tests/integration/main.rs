@@ -4,6 +4,7 @@
 #![allow(missing_docs)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests state their expectations with expect()
 
+mod age_cap;
 mod common;
 mod csv_export;
 mod fhir_export;
