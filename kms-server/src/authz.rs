@@ -1298,9 +1298,25 @@ impl Authz {
             Ok(done) if done.rows_affected() == 1 => {}
             Ok(_) => return Err(self.approval(approval_id).await?.state.refusal()),
             Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                // This principal's vote is in. If the call that cast it failed before the
+                // request ran (a replica killed, the store restarting between the vote and
+                // the execution), the quorum may be met with the request still pending:
+                // run it now — execution is exactly once whoever calls it — so that
+                // repeating an approval after an error completes it instead of leaving it
+                // pending for good.
+                let approval = self.approval(approval_id).await?;
+                if approval.state == ApprovalState::Pending
+                    && approval.approvers.len() >= approval.required as usize
+                {
+                    self.execute(&approval).await?;
+                    let after = self.approval(approval_id).await?;
+                    if after.state != ApprovalState::Pending {
+                        return Ok(after);
+                    }
+                }
                 return Err(KmsError::Conflict {
                     reason: "already approved by this principal",
-                })
+                });
             }
             Err(e) => return Err(db_error(e)),
         }

@@ -62,6 +62,10 @@ fn hold(access: Access) -> Option<std::sync::MutexGuard<'static, ()>> {
     }
 }
 
+/// Pauses before an operation is tried again because the token does not show the key version
+/// it names (see [`Hsm::run_with`]): about six seconds in all before `KeyMissing`.
+const NEW_OBJECT_WAITS_MS: [u64; 9] = [10, 40, 100, 250, 500, 1000, 1000, 1500, 1500];
+
 /// How many times an operation is retried on a fresh session after a session fault.
 pub const MAX_RETRIES: usize = 2;
 /// Length of a data key, in bytes.
@@ -450,7 +454,7 @@ impl Hsm {
     async fn run<T, F>(&self, op: F) -> Result<T, HsmError>
     where
         T: Send + 'static,
-        F: Fn(&Inner, &Session) -> Result<T, OpError> + Send + 'static,
+        F: Fn(&Inner, &Session) -> Result<T, OpError> + Send + Sync + 'static,
     {
         self.run_with(Access::Shared, op).await
     }
@@ -459,26 +463,58 @@ impl Hsm {
     async fn run_exclusive<T, F>(&self, op: F) -> Result<T, HsmError>
     where
         T: Send + 'static,
-        F: Fn(&Inner, &Session) -> Result<T, OpError> + Send + 'static,
+        F: Fn(&Inner, &Session) -> Result<T, OpError> + Send + Sync + 'static,
     {
         self.run_with(Access::Exclusive, op).await
     }
 
+    /// Runs `op` with a session on the blocking pool, under a session permit.
+    ///
+    /// The store names a key version only after its object was made, so a version the token
+    /// does not show is usually one another replica made a moment ago that this process's
+    /// view of the token has not caught up with: SoftHSM2's file store shows another
+    /// process's new object late — measured from about 50 ms on an idle machine to several
+    /// seconds while three debug-build replicas, PostgreSQL and the load generator share two
+    /// CPUs (`kms-server/tests/scaleout.rs`); a clustered HSM may replicate a new key to its
+    /// other nodes with a lag. Such an operation is tried again after each of
+    /// [`NEW_OBJECT_WAITS_MS`], with the session and the permit given back while it waits,
+    /// before `KeyMissing` stands.
     async fn run_with<T, F>(&self, access: Access, op: F) -> Result<T, HsmError>
     where
         T: Send + 'static,
-        F: Fn(&Inner, &Session) -> Result<T, OpError> + Send + 'static,
+        F: Fn(&Inner, &Session) -> Result<T, OpError> + Send + Sync + 'static,
     {
-        let _permit = self
-            .inner
-            .permits
-            .acquire()
+        let op = Arc::new(op);
+        let mut waits = NEW_OBJECT_WAITS_MS.into_iter();
+        let mut waited_ms = 0;
+        loop {
+            let permit = self
+                .inner
+                .permits
+                .acquire()
+                .await
+                .map_err(|_| HsmError::Unavailable(RvError::DeviceRemoved))?;
+            let inner = Arc::clone(&self.inner);
+            let attempt = Arc::clone(&op);
+            let outcome = tokio::task::spawn_blocking(move || {
+                inner.with_session(access, |inner, session| attempt(inner, session))
+            })
             .await
-            .map_err(|_| HsmError::Unavailable(RvError::DeviceRemoved))?;
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.with_session(access, op))
-            .await
-            .map_err(|_| HsmError::Other("HSM worker panicked".into()))?
+            .map_err(|_| HsmError::Other("HSM worker panicked".into()))?;
+            drop(permit);
+            match (outcome, waits.next()) {
+                (Err(HsmError::KeyMissing), Some(wait_ms)) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
+                    waited_ms += wait_ms;
+                }
+                (outcome, _) => {
+                    if waited_ms > 0 && outcome.is_ok() {
+                        tracing::debug!(waited_ms, "key version appeared in the token late");
+                    }
+                    return outcome;
+                }
+            }
+        }
     }
 }
 
@@ -624,7 +660,10 @@ impl Inner {
             [] if !logged_in(session) => {
                 Err(CkError::Pkcs11(RvError::UserNotLoggedIn, Function::FindObjects).into())
             }
-            [] => Err(HsmError::KeyMissing.into()),
+            [] => {
+                tracing::debug!(key_id = %key.key_id, version = key.version, "no object for this key version in the token (yet)");
+                Err(HsmError::KeyMissing.into())
+            }
             _ => Err(HsmError::Other("more than one object for a key version".into()).into()),
         }
     }

@@ -258,11 +258,16 @@ pub const READINESS_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// answer. Logs only the transitions.
 async fn readiness(hsm: Hsm, store: Store, health: tonic_health::server::HealthReporter) {
     use tonic_health::ServingStatus;
-    let mut tick = tokio::time::interval(READINESS_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ready = true;
     loop {
-        tick.tick().await;
+        // While the store is known to be down, look four times as often: requests fail fast
+        // meanwhile, and service resumes at the first probe that the store answers.
+        let pause = if store.reachable() {
+            READINESS_INTERVAL
+        } else {
+            READINESS_INTERVAL / 4
+        };
+        tokio::time::sleep(pause).await;
         let hsm_ok = matches!(
             tokio::time::timeout(READINESS_TIMEOUT, hsm.ping()).await,
             Ok(Ok(()))
@@ -275,6 +280,7 @@ async fn readiness(hsm: Hsm, store: Store, health: tonic_health::server::HealthR
             .await,
             Ok(Ok(_))
         );
+        store.set_reachable(store_ok);
         let now_ready = hsm_ok && store_ok;
         if now_ready == ready {
             continue;

@@ -368,10 +368,32 @@ impl KeyService {
             .await
             .map_err(hsm_error)?;
         if let Err(e) = self.store.insert_key(&record).await {
-            if let Err(undo) = self.hsm.destroy_master_key(first, handle).await {
-                tracing::error!(key_id = %record.key_id, error = %undo, "could not destroy the HSM object of a key whose metadata was not stored");
+            // A taken alias certainly stored nothing; any other failure may be a commit that
+            // landed although its answer was lost (the store restarting): ask before
+            // destroying, and keep the object if the store cannot say (an orphan is harmless,
+            // a destroyed key that the store names is not).
+            let stored = match e {
+                KmsError::AliasExists => Some(false),
+                _ => match self.store.key_by_id(key_id).await {
+                    Ok(found) => Some(found.is_some()),
+                    Err(_) => None,
+                },
+            };
+            match stored {
+                Some(true) => {
+                    tracing::warn!(%key_id, "key stored although the store reported an error");
+                }
+                Some(false) => {
+                    if let Err(undo) = self.hsm.destroy_master_key(first, handle).await {
+                        tracing::error!(%key_id, error = %undo, "could not destroy the HSM object of a key whose metadata was not stored");
+                    }
+                    return Err(e);
+                }
+                None => {
+                    tracing::warn!(%key_id, "key creation unconfirmed: its HSM object is kept as an orphan");
+                    return Err(e);
+                }
             }
-            return Err(e);
         }
         tracing::info!(key_id = %record.key_id, "key created");
         self.remember(Arc::new(record.clone()));
@@ -564,11 +586,17 @@ impl KeyService {
         expected_key: Option<&str>,
     ) -> Result<(Blob<'b>, KeyRef), KmsError> {
         let parsed = Blob::parse(blob)?;
-        let record = match self.resolve_id(parsed.key_id).await {
+        let mut record = match self.resolve_id(parsed.key_id).await {
             Ok(record) => record,
             Err(KmsError::KeyNotFound) => return Err(KmsError::InvalidCiphertext),
             Err(other) => return Err(other),
         };
+        if parsed.key_version > record.primary_version {
+            // A version newer than the cached record knows: another replica may have rotated
+            // the key a moment ago (and a client already holds a blob of the new version).
+            // The store decides; a version it does not know either is an invalid blob.
+            record = Arc::new(self.reload(record.key_id).await?);
+        }
         access.check(op, record.key_id, context)?;
         if let Some(expected) = expected_key.filter(|k| !k.is_empty()) {
             match self.resolve(expected).await {
@@ -633,17 +661,47 @@ impl KeyService {
             .generate_master_key(target)
             .await
             .map_err(hsm_error)?;
-        let rotated = self.store.rotate(record.key_id, from, &new).await;
-        if !matches!(rotated, Ok(true)) {
-            if let Err(undo) = self.hsm.destroy_master_key(target, handle).await {
-                tracing::error!(key_id = %record.key_id, error = %undo, "could not destroy the HSM object of an abandoned rotation");
+        let rotated = match self.store.rotate(record.key_id, from, &new).await {
+            Ok(true) => true,
+            Ok(false) => {
+                // Lost the race: another rotation made this version.
+                self.abandon(target, handle).await;
+                false
             }
-        }
-        let rotated = rotated?;
+            // The commit may have landed although its answer was lost (the store restarting):
+            // the object is destroyed only if the store names another one for this version,
+            // and kept as an orphan if the store cannot say.
+            Err(e) => match self.store.key_by_id(record.key_id).await {
+                Ok(Some(now))
+                    if now
+                        .versions
+                        .iter()
+                        .any(|v| v.version == version && v.hsm_tag == new.hsm_tag) =>
+                {
+                    tracing::warn!(key_id = %record.key_id, version, "rotation stored although the store reported an error");
+                    true
+                }
+                Ok(_) => {
+                    self.abandon(target, handle).await;
+                    return Err(e);
+                }
+                Err(_) => {
+                    tracing::warn!(key_id = %record.key_id, version, "rotation unconfirmed: its HSM object is kept as an orphan");
+                    return Err(e);
+                }
+            },
+        };
         if rotated {
             tracing::info!(key_id = %record.key_id, version, "key rotated");
         }
         Ok((self.reload(record.key_id).await?, rotated))
+    }
+
+    /// Destroys the HSM object of a rotation that did not happen.
+    async fn abandon(&self, target: KeyRef, handle: cryptoki::object::ObjectHandle) {
+        if let Err(undo) = self.hsm.destroy_master_key(target, handle).await {
+            tracing::error!(key_id = %target.key_id, error = %undo, "could not destroy the HSM object of an abandoned rotation");
+        }
     }
 
     /// Rotates every enabled key whose primary version is older than its rotation period.

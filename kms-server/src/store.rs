@@ -19,6 +19,12 @@ use uuid::Uuid;
 
 use crate::error::KmsError;
 
+/// The longest a query waits for a pool connection. A request that cannot get one within
+/// this fails with `UNAVAILABLE` (and can be retried on another replica) rather than queueing
+/// longer: connections are held for milliseconds, so a longer wait means the database is
+/// unreachable or the pool far too small.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Which database a URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -156,6 +162,10 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     url: std::sync::Arc<str>,
+    /// Cleared when the database was found unreachable (a lost connection, a failed probe),
+    /// set again when it answers: requests fail fast meanwhile instead of each waiting for
+    /// the pool's connection timeout ([`Store::reachable`]).
+    reachable: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Store {
@@ -171,7 +181,7 @@ impl Store {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
@@ -198,7 +208,30 @@ impl Store {
             pool,
             backend,
             url: url.into(),
+            reachable: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
         })
+    }
+
+    /// Whether the database answered the last time it was tried: `false` from a failure to
+    /// reach it (see [`is_unreachable`]) until the next successful probe or write. Every
+    /// request fails fast with `UNAVAILABLE` while it is `false` (its audit record could not
+    /// be written anyway).
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Records whether the database answered; logs the transitions.
+    pub fn set_reachable(&self, reachable: bool) {
+        let was = self
+            .reachable
+            .swap(reachable, std::sync::atomic::Ordering::SeqCst);
+        if was != reachable {
+            if reachable {
+                tracing::warn!("store reachable again");
+            } else {
+                tracing::error!("store unreachable: requests fail fast until it answers");
+            }
+        }
     }
 
     /// The database URL (PostgreSQL listeners open their own connection with it).
@@ -671,6 +704,23 @@ pub(crate) fn db_error(e: sqlx::Error) -> KmsError {
             tracing::error!(error = %other, "store error");
             KmsError::StoreUnavailable
         }
+    }
+}
+
+/// Whether `e` says the database cannot be reached (as opposed to a query it refused): a
+/// transport error, no connection within the pool's timeout, or PostgreSQL ending or refusing
+/// the connection (SQLSTATE class 08, 57P01-57P03: shutdown, crash, starting up).
+pub fn is_unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
     }
 }
 

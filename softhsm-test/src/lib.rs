@@ -17,6 +17,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cluster;
+pub mod scaleout;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};

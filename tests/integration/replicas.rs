@@ -194,6 +194,17 @@ async fn key_changes_reach_every_replica(db: TestDb) {
     assert_eq!(rotated.primary_version, 2);
     let v2 = apps[0].generate_data_key(&key, &ctx).await.expect("v2");
     assert_eq!(v2.key_version, 2);
+    // Regression: a blob of a version another replica has not heard of yet decrypts at once
+    // (the replica asks the store instead of calling the blob invalid).
+    for (i, c) in others.iter().enumerate() {
+        let opened = c.decrypt(&v2.blob, &ctx, None).await.unwrap_or_else(|e| {
+            panic!(
+                "a v2 blob through replica {} right after the rotation: {e}",
+                i + 2
+            )
+        });
+        assert_eq!(opened.plaintext.as_slice(), v2.plaintext.as_slice());
+    }
     lags.measure("rotated", others, within, |c: KmsClient| {
         let (key, ctx) = (key.clone(), ctx.clone());
         async move {
@@ -774,3 +785,68 @@ fn assert_refused<T: std::fmt::Debug>(result: Result<T, sdk::Error>, needle: &st
         other => panic!("expected FAILED_PRECONDITION ({needle}), got {other:?}"),
     }
 }
+
+/// Regression: an approval whose vote was recorded but whose execution never happened (the
+/// replica that took the vote died, or the store restarted, in between) used to stay pending
+/// for good — repeating the approval only said "already approved by this principal". Now the
+/// repeated approval runs it, once.
+async fn a_vote_whose_execution_was_lost_runs_when_repeated(db: TestDb) {
+    use sqlx::Connection as _;
+    let server = TestServer::start(&db).await.expect("server");
+    let key = officer(&server)
+        .await
+        .create_key(sdk::NewKey::default())
+        .await
+        .expect("key");
+    let proposal = officer(&server)
+        .await
+        .propose_grant(sdk::GrantSpec {
+            principal: server.principal("app-1"),
+            key: key.key_id.clone(),
+            operations: vec!["decrypt".into()],
+            ..sdk::GrantSpec::default()
+        })
+        .await
+        .expect("propose");
+    // officer-2's vote, as the approving call left it before it could execute the request.
+    sqlx::any::install_default_drivers();
+    let mut sql = sqlx::AnyConnection::connect(&db.url).await.expect("sql");
+    sqlx::query(
+        "INSERT INTO approval_votes (approval_id, approver, created_at) VALUES ($1, $2, $3)",
+    )
+    .bind(proposal.approval_id.as_str())
+    .bind(server.principal("officer-2"))
+    .bind(NOW)
+    .execute(&mut sql)
+    .await
+    .expect("the lost call's vote");
+    let approver = server.client_as("officer-2").await.expect("officer-2");
+    let done = approver
+        .approve(&proposal.approval_id)
+        .await
+        .expect("the repeated approval runs the request");
+    assert_eq!(done.state, "executed", "{done:?}");
+    let again = approver.approve(&proposal.approval_id).await;
+    assert!(
+        refused_with(again, tonic::Code::FailedPrecondition, ""),
+        "a third approval changes nothing"
+    );
+    let grants = officer(&server)
+        .await
+        .list_grants(None, Some(&key.key_id))
+        .await
+        .expect("grants");
+    assert_eq!(
+        grants
+            .iter()
+            .filter(|g| g.approval_id == proposal.approval_id)
+            .count(),
+        1,
+        "executed once"
+    );
+    server.stop().await.expect("stop");
+}
+on_both_stores!(
+    lost_execution_on,
+    a_vote_whose_execution_was_lost_runs_when_repeated
+);

@@ -540,6 +540,14 @@ impl Audit {
         Audit { inner: None }
     }
 
+    /// Whether a record can be expected to be written now: `false` while the store is known
+    /// to be unreachable, so callers fail fast instead of queueing behind a dead connection.
+    pub fn available(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_none_or(|shared| shared.store.reachable())
+    }
+
     /// Whether this is [`Audit::disabled`].
     pub fn is_disabled(&self) -> bool {
         self.inner.is_none()

@@ -201,6 +201,7 @@ impl Writer {
             };
             match written {
                 Ok(head) => {
+                    self.ports.store.set_reachable(true);
                     self.set_head(Some(head));
                     stats.flushes.fetch_add(1, Ordering::Relaxed);
                     stats
@@ -222,6 +223,9 @@ impl Writer {
                     self.head = None;
                 }
                 Err(e) => {
+                    if crate::store::is_unreachable(&e) {
+                        self.ports.store.set_reachable(false);
+                    }
                     // A connection that failed mid-transaction is not reused.
                     self.conn = None;
                     tracing::error!(error = %e, records = batch.len(), "audit: batch not written");
@@ -263,18 +267,32 @@ impl Writer {
         let backend = self.ports.store.backend();
         let mut conn = match self.conn.take() {
             Some(conn) => conn,
-            None => self.ports.store.pool().acquire().await?,
+            None => acquire(&self.ports.store).await?,
         };
         let chain_key = Arc::clone(&self.ports.chain_key);
         let result = async {
             let mut tx = conn.begin().await?;
-            db::lock_chain(&mut tx, backend).await?;
-            let head = db::head_on(&mut tx).await?;
-            let new_head = chain_batch(&chain_key, batch, head);
-            let records: Vec<&AuditRecord> = batch.iter().map(|p| &p.record).collect();
-            db::insert_records(&mut tx, backend, &records).await?;
-            tx.commit().await?;
-            Ok(new_head)
+            let appended = async {
+                db::lock_chain(&mut tx, backend).await?;
+                let head = db::head_on(&mut tx).await?;
+                let new_head = chain_batch(&chain_key, batch, head);
+                let records: Vec<&AuditRecord> = batch.iter().map(|p| &p.record).collect();
+                db::insert_records(&mut tx, backend, &records).await?;
+                Ok::<_, sqlx::Error>(new_head)
+            }
+            .await;
+            match appended {
+                Ok(new_head) => {
+                    tx.commit().await?;
+                    Ok(new_head)
+                }
+                Err(e) => {
+                    // Now, not at the connection's next use: the chain lock must not outlive
+                    // a failed append.
+                    let _ = tx.rollback().await;
+                    Err(e)
+                }
+            }
         }
         .await;
         self.conn = Some(conn);
@@ -285,7 +303,7 @@ impl Writer {
     /// stays warm and no batch waits for a free pool connection.
     async fn connection(&mut self) -> Result<&mut sqlx::AnyConnection, sqlx::Error> {
         if self.conn.is_none() {
-            self.conn = Some(self.ports.store.pool().acquire().await?);
+            self.conn = Some(acquire(&self.ports.store).await?);
         }
         match self.conn.as_mut() {
             Some(conn) => Ok(&mut **conn),
@@ -366,6 +384,17 @@ impl Writer {
         };
         self.ports.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// How long the writer waits for a connection: its batch's callers are waiting too, and a
+/// store that gives none in this time is treated as unreachable (requests then fail fast).
+const WRITER_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
+
+async fn acquire(store: &Store) -> Result<sqlx::pool::PoolConnection<sqlx::Any>, sqlx::Error> {
+    match tokio::time::timeout(WRITER_ACQUIRE_TIMEOUT, store.pool().acquire()).await {
+        Ok(conn) => conn,
+        Err(_) => Err(sqlx::Error::PoolTimedOut),
     }
 }
 
