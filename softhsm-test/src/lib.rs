@@ -17,7 +17,6 @@
 
 #![forbid(unsafe_code)]
 
-pub mod bench;
 pub mod cluster;
 pub mod scaleout;
 
