@@ -81,7 +81,7 @@ impl Domains {
         let sealed = self.seal_version(key_id, domain, 1).await?;
         let now = self.clock.now_unix();
         let mut tx = self.store.pool().begin().await.map_err(db_error)?;
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO tokenization_domains (domain, key_id, created_at, created_by) \
              VALUES ($1, $2, $3, $4)",
         )
@@ -90,11 +90,19 @@ impl Domains {
         .bind(now)
         .bind(by)
         .execute(&mut *tx)
-        .await
-        // Two concurrent creations: the primary key lets one in.
-        .map_err(|_| KmsError::Conflict {
-            reason: "domain already exists",
-        })?;
+        .await;
+        if let Err(e) = inserted {
+            // Two concurrent creations: the primary key lets one in. Any other failure is the
+            // store's, and is reported as such.
+            drop(tx);
+            return Err(if self.find(domain).await?.is_some() {
+                KmsError::Conflict {
+                    reason: "domain already exists",
+                }
+            } else {
+                db_error(e)
+            });
+        }
         insert_version(&mut tx, domain, 1, &sealed, now, "").await?;
         tx.commit().await.map_err(db_error)?;
         Ok(DomainInfo {
