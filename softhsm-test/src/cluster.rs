@@ -17,6 +17,57 @@ use anyhow::{bail, Context as _};
 
 use crate::TestPki;
 
+/// What this process started and must stop even when it cannot unwind (a watchdog exit):
+/// replica process ids and private PostgreSQL instances (`pg_ctl` daemonizes them).
+#[derive(Default)]
+struct Started {
+    replicas: Vec<u32>,
+    postgres: Vec<(PathBuf, PathBuf, Option<String>)>,
+}
+
+fn registry() -> std::sync::MutexGuard<'static, Started> {
+    static STARTED: std::sync::OnceLock<std::sync::Mutex<Started>> = std::sync::OnceLock::new();
+    STARTED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// Kills every replica and stops every private PostgreSQL instance this process started and
+/// has not stopped yet: for a watchdog about to exit the process, where no destructor runs.
+pub fn emergency_stop() {
+    let mut s = registry();
+    for pid in s.replicas.drain(..) {
+        let _ = Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+    for (bin, data, run_as) in s.postgres.drain(..) {
+        let _ = pg_ctl(&bin, run_as.as_deref())
+            .args(["stop", "-m", "immediate", "-w", "-D"])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn pg_ctl(bin: &Path, run_as: Option<&str>) -> Command {
+    let path = bin.join("pg_ctl");
+    let mut command = match run_as {
+        Some(user) => {
+            let mut c = Command::new("runuser");
+            c.args(["-u", user, "--"]).arg(path);
+            c
+        }
+        None => Command::new(path),
+    };
+    command.stdin(Stdio::null());
+    command
+}
+
 /// A PostgreSQL server of the test's own: `initdb` in a temporary folder, `pg_ctl` on a free
 /// loopback port, trust authentication for `postgres`. Run as the `postgres` user when this
 /// process is root (PostgreSQL refuses to run as root). Stopped (immediately) when dropped.
@@ -87,6 +138,9 @@ impl PrivatePostgres {
             .then_some(())
             .context("initdb failed")?;
         pg.start_server()?;
+        registry()
+            .postgres
+            .push((pg.bin.clone(), pg.data.clone(), pg.run_as.clone()));
         Ok(Some(pg))
     }
 
@@ -160,6 +214,7 @@ impl PrivatePostgres {
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
+        registry().postgres.retain(|(_, data, _)| *data != self.data);
         let _ = self
             .tool("pg_ctl")
             .args(["stop", "-m", "immediate", "-w", "-D"])
@@ -275,8 +330,10 @@ impl Replica {
     /// Kills the process with `SIGKILL` (no shutdown of any kind) and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let pid = child.id();
             let _ = child.kill();
             let _ = child.wait();
+            registry().replicas.retain(|p| *p != pid);
         }
     }
 
@@ -376,6 +433,7 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .with_context(|| format!("start {}", o.server_bin.display()))?;
+        registry().replicas.push(child.id());
         replica.child = Some(child);
         let endpoint = replica.endpoint();
         let officer = self.pki.client_tls("officer-1")?;
