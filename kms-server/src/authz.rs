@@ -14,7 +14,10 @@
 //! [`Authz::approve`]). Revoking a grant lowers privilege and takes effect at once.
 //!
 //! Bindings, grants and windows are small and read on every request, so they are cached in
-//! memory and reloaded after every change this process makes.
+//! memory and reloaded after every change this process makes, when another replica's change
+//! is notified (PostgreSQL), and every few seconds (the server's refresher). A view that could
+//! not be reloaded for [`AUTHZ_MAX_AGE`] is no longer trusted ([`Authz::is_current`]): the
+//! server then refuses every request with `UNAVAILABLE` rather than honour a revoked grant.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -719,7 +722,15 @@ pub struct Authz {
     clock: Arc<dyn Clock>,
     params: AuthzParams,
     cache: RwLock<Cache>,
+    /// When this layer was made: the origin of `reloaded_ms`.
+    epoch: std::time::Instant,
+    /// Milliseconds after `epoch` at which the last successful reload started.
+    reloaded_ms: std::sync::atomic::AtomicU64,
 }
+
+/// The oldest view of bindings, grants and windows a replica acts on: three refresh periods
+/// (the server reloads every 5 s, and at once when PostgreSQL notifies a change).
+pub const AUTHZ_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(15);
 
 const NO_ROLES: &[Role] = &[];
 const MAX_PRINCIPAL: usize = 256;
@@ -742,6 +753,8 @@ impl Authz {
             clock,
             params,
             cache: RwLock::default(),
+            epoch: std::time::Instant::now(),
+            reloaded_ms: std::sync::atomic::AtomicU64::new(0),
         };
         authz.bootstrap().await?;
         authz.reload().await?;
@@ -799,6 +812,7 @@ impl Authz {
 
     /// Re-reads bindings, grants and open windows into the cache.
     pub async fn reload(&self) -> Result<(), KmsError> {
+        let started = self.epoch.elapsed();
         let pool = self.store.pool();
         let mut cache = Cache::default();
         let mut roles: HashMap<String, Vec<Role>> = HashMap::new();
@@ -837,7 +851,18 @@ impl Authz {
         }
         cache.windows = windows.into_iter().map(|(p, w)| (p, Arc::new(w))).collect();
         *self.cache.write().unwrap_or_else(|p| p.into_inner()) = cache;
+        let started_ms = u64::try_from(started.as_millis()).unwrap_or(u64::MAX);
+        self.reloaded_ms
+            .fetch_max(started_ms, std::sync::atomic::Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Whether the cached view was read from the store less than [`AUTHZ_MAX_AGE`] ago.
+    pub fn is_current(&self) -> bool {
+        let reloaded = std::time::Duration::from_millis(
+            self.reloaded_ms.load(std::sync::atomic::Ordering::SeqCst),
+        );
+        self.epoch.elapsed().saturating_sub(reloaded) <= AUTHZ_MAX_AGE
     }
 
     /// The caller behind `principal`, with its roles (possibly none).

@@ -153,6 +153,11 @@ impl GrpcService {
             // be answered but UNAVAILABLE — at once, instead of after the pool's timeout.
             return Err(to_status(&KmsError::AuditUnavailable));
         }
+        if !self.authz.is_current() {
+            // Bindings and grants could not be re-read for too long: a revocation made
+            // through another replica might be missed, so nothing is allowed.
+            return Err(to_status(&KmsError::StoreUnavailable));
+        }
         let request_id = Uuid::new_v4().to_string();
         let principal = request
             .extensions()

@@ -850,3 +850,54 @@ on_both_stores!(
     lost_execution_on,
     a_vote_whose_execution_was_lost_runs_when_repeated
 );
+
+/// A replica that cannot re-read bindings and grants (while it can still write its audit
+/// trail) stops trusting its view after `AUTHZ_MAX_AGE` and refuses everything with
+/// UNAVAILABLE: a grant revoked through another replica is never honoured indefinitely. When
+/// the view can be read again, service resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_authorization_view_is_not_trusted() {
+    use kms_server::authz::AUTHZ_MAX_AGE;
+    use sqlx::Connection as _;
+    let (db, server) = sqlite_server().await;
+    let client = server.client().await.expect("app");
+    client.ping().await.expect("ping");
+    sqlx::any::install_default_drivers();
+    let mut sql = sqlx::AnyConnection::connect(&db.url).await.expect("sql");
+    sqlx::query("ALTER TABLE key_grants RENAME TO key_grants_away")
+        .execute(&mut sql)
+        .await
+        .expect("hide the grants");
+    let hidden = Instant::now();
+    let refused = until(
+        "UNAVAILABLE once the view is too old",
+        AUTHZ_MAX_AGE + AUTHZ_REFRESH + Duration::from_secs(5),
+        || {
+            let c = client.clone();
+            async move { refused_with(c.ping().await, tonic::Code::Unavailable, "store") }
+        },
+    )
+    .await;
+    assert!(
+        refused + AUTHZ_REFRESH + Duration::from_secs(1) >= AUTHZ_MAX_AGE,
+        "refused after {refused:?}: the last good view was at most one refresh old"
+    );
+    eprintln!(
+        "stale authorization view refused after {:?}",
+        hidden.elapsed()
+    );
+    sqlx::query("ALTER TABLE key_grants_away RENAME TO key_grants")
+        .execute(&mut sql)
+        .await
+        .expect("restore the grants");
+    until(
+        "served again",
+        AUTHZ_REFRESH + Duration::from_secs(3),
+        || {
+            let c = client.clone();
+            async move { c.ping().await.is_ok() }
+        },
+    )
+    .await;
+    server.stop().await.expect("stop");
+}
