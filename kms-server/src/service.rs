@@ -43,6 +43,11 @@ pub const KEY_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// again. This is the documented bound on how stale another replica's view of a key can be.
 pub const KEY_CACHE_MAX_AGE: Duration = Duration::from_secs(3);
 
+/// How long past its due time a pending deletion waits before the scheduler destroys the key:
+/// the clock skew between replicas this tolerates. A deletion can be cancelled only before its
+/// due time, so no cancellation races the destruction of the HSM objects.
+pub const DELETION_SKEW_SECS: i64 = 60;
+
 /// Longest rotation period accepted: 100 years, in seconds.
 pub const MAX_ROTATION_PERIOD_SECS: u64 = 100 * 365 * 86_400;
 
@@ -691,10 +696,14 @@ impl KeyService {
                 }
             },
         };
+        let after = self.reload(record.key_id).await?;
         if rotated {
             tracing::info!(key_id = %record.key_id, version, "key rotated");
+        } else {
+            // Disabled or scheduled for deletion since it was read: not rotated.
+            ensure_usable(&after)?;
         }
-        Ok((self.reload(record.key_id).await?, rotated))
+        Ok((after, rotated))
     }
 
     /// Destroys the HSM object of a rotation that did not happen.
@@ -724,10 +733,14 @@ impl KeyService {
                     .map(|v| v.created_at);
                 let period = i64::try_from(key.rotation_period_secs).unwrap_or(i64::MAX);
                 if primary_created.is_some_and(|created| now >= created.saturating_add(period)) {
-                    let (after_rotation, made_it) =
-                        self.rotate_from(key, key.primary_version).await?;
-                    if made_it {
-                        rotated.push((key.key_id, after_rotation.primary_version));
+                    match self.rotate_from(key, key.primary_version).await {
+                        Ok((after_rotation, true)) => {
+                            rotated.push((key.key_id, after_rotation.primary_version));
+                        }
+                        Ok((_, false)) => {}
+                        // Its state changed since the listing: nothing is due any more.
+                        Err(KmsError::KeyNotUsable { .. } | KmsError::KeyDestroyed) => {}
+                        Err(e) => return Err(e),
                     }
                 }
             }
@@ -766,10 +779,17 @@ impl KeyService {
     /// Cancels a pending deletion; the key becomes disabled.
     pub async fn cancel_key_deletion(&self, key: &str) -> Result<KeyRecord, KmsError> {
         let record = self.resolve(key).await?;
-        if !self.store.cancel_deletion(record.key_id).await? {
+        if !self
+            .store
+            .cancel_deletion(record.key_id, self.clock.now_unix())
+            .await?
+        {
             let current = self.reload(record.key_id).await?;
             return Err(match current.state {
                 KeyState::Destroyed => KmsError::KeyDestroyed,
+                KeyState::PendingDeletion => KmsError::Conflict {
+                    reason: "deletion is due: it can no longer be cancelled",
+                },
                 _ => KmsError::InvalidArgument {
                     field: "key",
                     reason: "not pending deletion",
@@ -780,12 +800,15 @@ impl KeyService {
         self.reload(record.key_id).await
     }
 
-    /// Destroys every key whose pending deletion is due on the service's clock: all its HSM
-    /// objects are destroyed and looked for again, then the key becomes a tombstone. Safe in
-    /// several processes at once (destruction is idempotent; the state change is conditional).
+    /// Destroys every key whose pending deletion has been due for [`DELETION_SKEW_SECS`] on the
+    /// service's clock: all its HSM objects are destroyed and looked for again, then the key
+    /// becomes a tombstone. Safe in several processes at once (destruction is idempotent; the
+    /// state change is conditional). Cancellation is refused from the due time on, and this
+    /// waits the margin past it, so a replica whose clock runs ahead by less than the margin
+    /// never destroys the objects of a key another replica has just brought back.
     /// Returns the keys this call marked destroyed.
     pub async fn destroy_due(&self) -> Result<Vec<Uuid>, KmsError> {
-        let now = self.clock.now_unix();
+        let now = self.clock.now_unix().saturating_sub(DELETION_SKEW_SECS);
         let mut destroyed = Vec::new();
         let mut after = 0;
         loop {

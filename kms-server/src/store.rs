@@ -200,7 +200,18 @@ impl Store {
             Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
             Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
         };
-        migrator.run(&pool).await.map_err(StoreError::Migrate)?;
+        // PostgreSQL migrations run under an advisory lock; SQLite's do not, so two processes
+        // opening one new file together may both try a migration. Each migration is one
+        // transaction: the loser's rolls back, and running again finds it applied.
+        let mut attempts = 0;
+        while let Err(e) = migrator.run(&pool).await {
+            attempts += 1;
+            if backend != Backend::Sqlite || attempts >= 5 {
+                return Err(StoreError::Migrate(e));
+            }
+            tracing::info!(error = %e, "migration raced another process; running it again");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         if backend == Backend::Sqlite {
             restrict_sqlite_files(&url);
         }
@@ -326,9 +337,10 @@ impl Store {
         Ok(Some(key))
     }
 
-    /// Adds version `from + 1` and makes it primary, if the primary is still `from` (a
-    /// conditional update: of two concurrent rotations exactly one succeeds). Returns whether
-    /// this call rotated.
+    /// Adds version `from + 1` and makes it primary, if the primary is still `from` and the key
+    /// is still enabled (a conditional update: of two concurrent rotations exactly one
+    /// succeeds, and none lands on a key disabled or scheduled for deletion meanwhile).
+    /// Returns whether this call rotated.
     pub async fn rotate(
         &self,
         key_id: Uuid,
@@ -337,7 +349,7 @@ impl Store {
     ) -> Result<bool, KmsError> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
         let updated = sqlx::query(
-            "UPDATE kms_keys SET primary_version = $1, revision = revision + 1 WHERE key_id = $2 AND primary_version = $3",
+            "UPDATE kms_keys SET primary_version = $1, revision = revision + 1 WHERE key_id = $2 AND primary_version = $3 AND state = 'enabled'",
         )
         .bind(i64::from(from) + 1)
         .bind(key_id.to_string())
@@ -474,13 +486,16 @@ impl Store {
         Ok(updated.rows_affected() == 1)
     }
 
-    /// Cancels a pending deletion: the key goes back to disabled. Returns whether it was pending.
-    pub async fn cancel_deletion(&self, key_id: Uuid) -> Result<bool, KmsError> {
+    /// Cancels a pending deletion that is not yet due at `now`: the key goes back to disabled.
+    /// Returns whether it was pending and not due. From the due time on, the scheduler may be
+    /// destroying the key's HSM objects, so a cancellation could leave a live key without them.
+    pub async fn cancel_deletion(&self, key_id: Uuid, now: i64) -> Result<bool, KmsError> {
         let updated = sqlx::query(
             "UPDATE kms_keys SET state = 'disabled', deletion_due_at = NULL, revision = revision + 1
-              WHERE key_id = $1 AND state = 'pending_deletion'",
+              WHERE key_id = $1 AND state = 'pending_deletion' AND deletion_due_at > $2",
         )
         .bind(key_id.to_string())
+        .bind(now)
         .execute(&self.pool)
         .await
         .map_err(db_error)?;

@@ -410,6 +410,19 @@ async fn scheduled_deletion_destroys_the_key(db: TestDb) {
         2
     );
     clock.advance(86_400);
+    // Due: no longer cancellable (the scheduler of another replica may be destroying its HSM
+    // objects), but not destroyed before the clock-skew margin has passed either.
+    assert_code(
+        officer.cancel_key_deletion("doomed").await,
+        tonic::Code::FailedPrecondition,
+        "deletion is due: it can no longer be cancelled",
+        "cancel once due",
+    );
+    assert!(
+        service.destroy_due().await.expect("check").is_empty(),
+        "within the skew margin"
+    );
+    clock.advance(kms_server::service::DELETION_SKEW_SECS);
     assert_eq!(
         service.destroy_due().await.expect("check"),
         vec![uuid::Uuid::parse_str(&key.key_id).expect("uuid")]
