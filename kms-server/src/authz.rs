@@ -714,6 +714,27 @@ struct Cache {
     windows: HashMap<String, Arc<Vec<Window>>>,
 }
 
+/// Installs `cache`, read by a reload that started at `started_ns`, unless a reload that
+/// started later has installed its view already. Reloads run concurrently (this process's own
+/// changes, notifications, the refresher): one that started earlier may finish later with an
+/// older view, e.g. from before a revocation, and must not replace the newer one. Returns
+/// whether `cache` was installed.
+fn install_latest(
+    slot: &RwLock<Cache>,
+    installed_ns: &std::sync::atomic::AtomicU64,
+    started_ns: u64,
+    cache: Cache,
+) -> bool {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut current = slot.write().unwrap_or_else(|p| p.into_inner());
+    if installed_ns.load(SeqCst) > started_ns {
+        return false;
+    }
+    *current = cache;
+    installed_ns.store(started_ns, SeqCst);
+    true
+}
+
 /// The authorization layer over the store.
 pub struct Authz {
     store: Store,
@@ -722,10 +743,11 @@ pub struct Authz {
     clock: Arc<dyn Clock>,
     params: AuthzParams,
     cache: RwLock<Cache>,
-    /// When this layer was made: the origin of `reloaded_ms`.
+    /// When this layer was made: the origin of `reloaded_ns`.
     epoch: std::time::Instant,
-    /// Milliseconds after `epoch` at which the last successful reload started.
-    reloaded_ms: std::sync::atomic::AtomicU64,
+    /// Nanoseconds after `epoch` at which the reload whose view is installed started (the
+    /// latest-started successful reload); written under the `cache` write lock.
+    reloaded_ns: std::sync::atomic::AtomicU64,
 }
 
 /// The oldest view of bindings, grants and windows a replica acts on: three refresh periods
@@ -754,7 +776,7 @@ impl Authz {
             params,
             cache: RwLock::default(),
             epoch: std::time::Instant::now(),
-            reloaded_ms: std::sync::atomic::AtomicU64::new(0),
+            reloaded_ns: std::sync::atomic::AtomicU64::new(0),
         };
         authz.bootstrap().await?;
         authz.reload().await?;
@@ -768,13 +790,15 @@ impl Authz {
 
     async fn bootstrap(&self) -> Result<(), KmsError> {
         let pool = self.store.pool();
-        let count: i64 = sqlx::query("SELECT COUNT(*) AS n FROM role_bindings")
-            .fetch_one(pool)
-            .await
-            .map_err(db_error)?
-            .try_get("n")
-            .map_err(db_error)?;
-        if count > 0 {
+        let bound = || async {
+            sqlx::query("SELECT COUNT(*) AS n FROM role_bindings")
+                .fetch_one(pool)
+                .await
+                .map_err(db_error)?
+                .try_get::<i64, _>("n")
+                .map_err(db_error)
+        };
+        if bound().await? > 0 {
             return Ok(());
         }
         let mut officers = self.params.bootstrap_officers.clone();
@@ -786,23 +810,35 @@ impl Authz {
                 reason: "at least two distinct principals are needed on first start",
             });
         }
-        let now = self.clock.now_unix();
-        let mut tx = pool.begin().await.map_err(db_error)?;
         for officer in &officers {
             validate_principal(officer)?;
-            sqlx::query(
-                "INSERT INTO role_bindings (principal, role, created_at, approval_id) \
-                 VALUES ($1, $2, $3, $4)",
-            )
-            .bind(officer.as_str())
-            .bind(SecurityOfficer.as_str())
-            .bind(now)
-            .bind("")
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
         }
-        tx.commit().await.map_err(db_error)?;
+        let now = self.clock.now_unix();
+        let inserted = async {
+            let mut tx = pool.begin().await?;
+            for officer in &officers {
+                sqlx::query(
+                    "INSERT INTO role_bindings (principal, role, created_at, approval_id) \
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .bind(officer.as_str())
+                .bind(SecurityOfficer.as_str())
+                .bind(now)
+                .bind("")
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await
+        }
+        .await;
+        match inserted {
+            Ok(()) => {}
+            // Replicas started together on an empty store: another one bound them first.
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() && bound().await? > 0 => {
+                return Ok(());
+            }
+            Err(e) => return Err(db_error(e)),
+        }
         tracing::warn!(
             count = officers.len(),
             "first start: bound the bootstrap security officers"
@@ -850,17 +886,15 @@ impl Authz {
                 .push(window);
         }
         cache.windows = windows.into_iter().map(|(p, w)| (p, Arc::new(w))).collect();
-        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = cache;
-        let started_ms = u64::try_from(started.as_millis()).unwrap_or(u64::MAX);
-        self.reloaded_ms
-            .fetch_max(started_ms, std::sync::atomic::Ordering::SeqCst);
+        let started_ns = u64::try_from(started.as_nanos()).unwrap_or(u64::MAX);
+        install_latest(&self.cache, &self.reloaded_ns, started_ns, cache);
         Ok(())
     }
 
     /// Whether the cached view was read from the store less than [`AUTHZ_MAX_AGE`] ago.
     pub fn is_current(&self) -> bool {
-        let reloaded = std::time::Duration::from_millis(
-            self.reloaded_ms.load(std::sync::atomic::Ordering::SeqCst),
+        let reloaded = std::time::Duration::from_nanos(
+            self.reloaded_ns.load(std::sync::atomic::Ordering::SeqCst),
         );
         self.epoch.elapsed().saturating_sub(reloaded) <= AUTHZ_MAX_AGE
     }
@@ -2079,6 +2113,25 @@ mod tests {
             approval_id: "a".into(),
             revoked_at: 0,
         }
+    }
+
+    /// Regression: a reload that started before a revocation but finished after the reload
+    /// that saw it put the revoked grant back into the cache.
+    #[test]
+    fn an_older_reload_never_replaces_a_newer_view() {
+        use std::sync::atomic::AtomicU64;
+        let view = |who: &str| Cache {
+            roles: HashMap::from([(who.to_string(), Arc::new(vec![Role::App]))]),
+            ..Cache::default()
+        };
+        let slot = RwLock::new(Cache::default());
+        let stamp = AtomicU64::new(0);
+        assert!(install_latest(&slot, &stamp, 20, view("newer")));
+        assert!(!install_latest(&slot, &stamp, 10, view("older")));
+        assert!(slot.read().unwrap().roles.contains_key("newer"));
+        assert!(install_latest(&slot, &stamp, 30, view("newest")));
+        assert!(slot.read().unwrap().roles.contains_key("newest"));
+        assert_eq!(stamp.load(std::sync::atomic::Ordering::SeqCst), 30);
     }
 
     fn ctx(pairs: &[(&str, &str)]) -> Context {
