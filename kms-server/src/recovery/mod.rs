@@ -1392,9 +1392,24 @@ impl Recovery {
             .await
             .map_err(hsm_error)?;
         if let Err(e) = self.insert_metadata(body, session_id).await {
-            tracing::error!(error = %e, "restored keys could not be recorded; removing them from the token");
-            let _ = self.hsm.destroy_key(refs, 0).await;
-            return Err(e);
+            // The commit may have landed although its answer was lost (the store restarting).
+            // The transaction also inserts the ceremony, and the store was empty: the ceremony
+            // row says whether it landed. Only a store that answers "not there" lets the
+            // restored objects be destroyed; one that cannot say keeps them.
+            match self.ceremony_count().await {
+                Ok(0) => {
+                    tracing::error!(error = %e, "restored keys could not be recorded; removing them from the token");
+                    let _ = self.hsm.destroy_key(refs, 0).await;
+                    return Err(e);
+                }
+                Ok(_) => {
+                    tracing::warn!(error = %e, "restore recorded although the store reported an error");
+                }
+                Err(_) => {
+                    tracing::error!(error = %e, "restore unconfirmed: the restored objects are kept in the token; list the keys once the store answers (none: empty the token and restore again)");
+                    return Err(e);
+                }
+            }
         }
         tracing::warn!(backup_id = %body.backup_id, keys = body.keys.len(), "restore complete");
         Ok(format!(
@@ -1474,6 +1489,15 @@ impl Recovery {
     }
 
     /// Refuses unless the store holds no key and no ceremony and the token no AES key.
+    async fn ceremony_count(&self) -> Result<i64, KmsError> {
+        sqlx::query("SELECT COUNT(*) AS n FROM recovery_ceremonies")
+            .fetch_one(self.store.pool())
+            .await
+            .map_err(db_error)?
+            .try_get::<i64, _>("n")
+            .map_err(db_error)
+    }
+
     async fn ensure_empty(&self) -> Result<(), KmsError> {
         let count = |sql: &'static str| async move {
             sqlx::query(sql)
@@ -1484,7 +1508,7 @@ impl Recovery {
                 .map_err(db_error)
         };
         if count("SELECT COUNT(*) AS n FROM kms_keys").await? != 0
-            || count("SELECT COUNT(*) AS n FROM recovery_ceremonies").await? != 0
+            || self.ceremony_count().await? != 0
         {
             return Err(conflict(
                 "restore needs an empty store: this one holds keys or a recovery domain",
