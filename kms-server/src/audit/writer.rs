@@ -194,11 +194,20 @@ impl Writer {
             let contended = self
                 .contended_until
                 .is_some_and(|until| tokio::time::Instant::now() < until);
-            let written = if contended {
-                self.append_locked(&mut batch).await
+            let attempt = if contended {
+                tokio::time::timeout(WRITE_TIMEOUT, self.append_locked(&mut batch)).await
             } else {
-                self.append(&mut batch).await
+                tokio::time::timeout(WRITE_TIMEOUT, self.append(&mut batch)).await
             };
+            let written = attempt.unwrap_or_else(|_| {
+                // The store stopped answering mid-write (a partition without a reset, a frozen
+                // host): the connection is closed rather than returned to the pool half-way
+                // through a statement, and the batch fails like any unreachable store's.
+                if let Some(conn) = self.conn.take() {
+                    drop(conn.detach());
+                }
+                Err(sqlx::Error::PoolTimedOut)
+            });
             match written {
                 Ok(head) => {
                     self.ports.store.set_reachable(true);
@@ -265,9 +274,13 @@ impl Writer {
     async fn append_locked(&mut self, batch: &mut [Pending]) -> Result<Head, sqlx::Error> {
         use sqlx::Connection as _;
         let backend = self.ports.store.backend();
-        let mut conn = match self.conn.take() {
-            Some(conn) => conn,
-            None => acquire(&self.ports.store).await?,
+        if self.conn.is_none() {
+            self.conn = Some(acquire(&self.ports.store).await?);
+        }
+        // Borrowed, not taken: if `flush` gives up waiting, it still holds the connection and
+        // closes it.
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(sqlx::Error::PoolClosed);
         };
         let chain_key = Arc::clone(&self.ports.chain_key);
         let result = async {
@@ -295,7 +308,6 @@ impl Writer {
             }
         }
         .await;
-        self.conn = Some(conn);
         result
     }
 
@@ -386,6 +398,11 @@ impl Writer {
         Ok(())
     }
 }
+
+/// The longest one append may take (statements and commit): longer than SQLite's 5 s busy
+/// timeout, far shorter than TCP's retransmission timeout, which a store that stopped
+/// answering without closing the connection would otherwise hold every waiting request to.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the writer waits for a connection: its batch's callers are waiting too, and a
 /// store that gives none in this time is treated as unreachable (requests then fail fast).
