@@ -214,7 +214,9 @@ impl PrivatePostgres {
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
-        registry().postgres.retain(|(_, data, _)| *data != self.data);
+        registry()
+            .postgres
+            .retain(|(_, data, _)| *data != self.data);
         let _ = self
             .tool("pg_ctl")
             .args(["stop", "-m", "immediate", "-w", "-D"])
