@@ -300,6 +300,48 @@ on_both_stores!(
     concurrent_rotations_stay_consistent
 );
 
+/// A rotation whose version the store refuses (a database error, not a lost connection: the
+/// store answers and certainly holds no such version) leaves no HSM object behind; once the
+/// store accepts versions again the next rotation makes exactly one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_the_store_refused_leaves_no_hsm_object() {
+    use sqlx::Connection as _;
+    let db = TestDb::new(StoreKind::Sqlite)
+        .await
+        .expect("db")
+        .expect("sqlite");
+    let server = TestServer::start(&db).await.expect("server");
+    let officer = officer(&server).await;
+    let key = server.create_key_for_app("").await.expect("key");
+    sqlx::any::install_default_drivers();
+    let mut sql = sqlx::AnyConnection::connect(&db.url).await.expect("sql");
+    sqlx::query(
+        "CREATE TRIGGER refuse_versions BEFORE INSERT ON kms_key_versions \
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+    )
+    .execute(&mut sql)
+    .await
+    .expect("trigger");
+    match officer.rotate_key(&key.key_id).await {
+        Err(sdk::Error::Rpc {
+            code: tonic::Code::Unavailable,
+            ..
+        }) => {}
+        other => panic!("rotation into a refusing store: {other:?}"),
+    }
+    assert_eq!(objects_labelled(&key.key_id, 2), 0, "abandoned version destroyed");
+    let described = officer.describe_key(&key.key_id).await.expect("describe");
+    assert_eq!(described.primary_version, 1);
+    sqlx::query("DROP TRIGGER refuse_versions")
+        .execute(&mut sql)
+        .await
+        .expect("drop trigger");
+    let rotated = officer.rotate_key(&key.key_id).await.expect("rotate");
+    assert_eq!(rotated.primary_version, 2);
+    assert_eq!(objects_labelled(&key.key_id, 2), 1);
+    server.stop().await.expect("stop");
+}
+
 /// Scheduled deletion on a moved clock: refused crypto while pending, cancellable, and after
 /// the waiting period every HSM object is destroyed (looked for again), the data becomes
 /// unreadable, and the key stays describable as a tombstone.
