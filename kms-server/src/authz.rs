@@ -1431,13 +1431,22 @@ impl Authz {
         Ok(approval)
     }
 
-    /// Runs an approved request. Store-only operations run in the same transaction as the
-    /// state change, so they happen exactly once or not at all; a key deletion runs through
-    /// the key service right after the state change, and a failure is recorded as `failed`.
+    /// Runs an approved request. Store-only operations (a key deletion among them) run in the
+    /// same transaction as the state change, so they happen exactly once or not at all;
+    /// recovery ceremonies run right after the state change, and a failure is recorded as
+    /// `failed`.
     async fn execute(&self, approval: &Approval) -> Result<(), KmsError> {
         let now = self.clock.now_unix();
-        let result = match &approval.proposal {
-            Proposal::Grant { .. } | Proposal::BreakGlass { .. } => Uuid::new_v4().to_string(),
+        let deletion_due = match &approval.proposal {
+            Proposal::KeyDeletion {
+                pending_window_days,
+                ..
+            } => Some(self.service.deletion_due_at(*pending_window_days)?),
+            _ => None,
+        };
+        let result = match (&approval.proposal, deletion_due) {
+            (Proposal::Grant { .. } | Proposal::BreakGlass { .. }, _) => Uuid::new_v4().to_string(),
+            (_, Some(due)) => format!("deletion due at {due}"),
             _ => String::new(),
         };
         let mut tx = self.store.pool().begin().await.map_err(db_error)?;
@@ -1603,8 +1612,17 @@ impl Authz {
             .execute(&mut *tx)
             .await
             .map(|_| ()),
-            Proposal::KeyDeletion { .. }
-            | Proposal::RecoveryInit { .. }
+            Proposal::KeyDeletion { key_id, .. } => {
+                // Its state was checked under the lock (`recheck_in`); no other change takes
+                // a key out of enabled/disabled meanwhile.
+                let due = deletion_due.unwrap_or_default();
+                match crate::store::schedule_deletion_in(&mut tx, *key_id, due).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(sqlx::Error::RowNotFound),
+                    Err(e) => Err(e),
+                }
+            }
+            Proposal::RecoveryInit { .. }
             | Proposal::RecoveryReshare { .. }
             | Proposal::RecoveryBackup {} => Ok(()),
         };
@@ -1615,21 +1633,16 @@ impl Authz {
             kind = approval.proposal.kind().as_str(),
             "approved request executed"
         );
+        if let Proposal::KeyDeletion { key_id, .. } = &approval.proposal {
+            tracing::warn!(%key_id, due_at = deletion_due, "key scheduled for deletion");
+            // Other replicas hear of it by notification or their digest check (within the
+            // cache bound); this one at once. If the store cannot be read now, the cache bound
+            // still holds.
+            if let Err(e) = self.service.refresh(*key_id).await {
+                tracing::warn!(%key_id, error = %e, "key cache not refreshed after scheduling its deletion");
+            }
+        }
         let deferred: Option<Result<String, KmsError>> = match &approval.proposal {
-            Proposal::KeyDeletion {
-                key_id,
-                pending_window_days,
-            } => Some(
-                self.service
-                    .schedule_key_deletion(&key_id.to_string(), *pending_window_days)
-                    .await
-                    .map(|record| {
-                        format!(
-                            "deletion due at {}",
-                            record.deletion_due_at.unwrap_or_default()
-                        )
-                    }),
-            ),
             Proposal::RecoveryInit { spec, .. } => {
                 Some(self.recovery.init(spec, &approval.approval_id).await)
             }
@@ -1959,8 +1972,25 @@ async fn recheck_in(tx: &mut Conn, proposal: &Proposal) -> Result<(), KmsError> 
             }
             Ok(())
         }
-        Proposal::KeyDeletion { .. }
-        | Proposal::BreakGlass { .. }
+        Proposal::KeyDeletion { key_id, .. } => {
+            let state: Option<String> = sqlx::query("SELECT state FROM kms_keys WHERE key_id = $1")
+                .bind(key_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?
+                .map(|row| row.try_get("state"))
+                .transpose()
+                .map_err(db_error)?;
+            match state.as_deref() {
+                Some("enabled" | "disabled") => Ok(()),
+                Some("pending_deletion") => Err(KmsError::KeyNotUsable {
+                    state: "pending deletion",
+                }),
+                Some(_) => Err(KmsError::KeyDestroyed),
+                None => Err(KmsError::KeyNotFound),
+            }
+        }
+        Proposal::BreakGlass { .. }
         | Proposal::RecoveryInit { .. }
         | Proposal::RecoveryReshare { .. }
         | Proposal::RecoveryBackup {} => Ok(()),

@@ -751,9 +751,10 @@ impl KeyService {
         }
     }
 
-    /// Schedules a key for destruction after `days` (0: 30; else 7 ..= 365) on the service's
-    /// clock. Until then the key behaves as disabled.
-    pub async fn schedule_key_deletion(&self, key: &str, days: u32) -> Result<KeyRecord, KmsError> {
+    /// When a deletion approved now with a waiting period of `days` (0: 30; else 7 ..= 365)
+    /// falls due, on the service's clock. Until then the key behaves as disabled; the
+    /// approval that decides it changes the key's state in its own transaction.
+    pub fn deletion_due_at(&self, days: u32) -> Result<i64, KmsError> {
         let days = match days {
             0 => 30,
             7..=365 => days,
@@ -764,16 +765,16 @@ impl KeyService {
                 })
             }
         };
-        let record = self.resolve(key).await?;
-        let due_at = self
+        Ok(self
             .clock
             .now_unix()
-            .saturating_add(i64::from(days) * 86_400);
-        if !self.store.schedule_deletion(record.key_id, due_at).await? {
-            return Err(state_refusal(&self.reload(record.key_id).await?));
-        }
-        tracing::warn!(key_id = %record.key_id, due_at, "key scheduled for deletion");
-        self.reload(record.key_id).await
+            .saturating_add(i64::from(days) * 86_400))
+    }
+
+    /// Reads a key from the store again into the cache, after a change made elsewhere (an
+    /// approval's transaction).
+    pub async fn refresh(&self, key_id: Uuid) -> Result<KeyRecord, KmsError> {
+        self.reload(key_id).await
     }
 
     /// Cancels a pending deletion; the key becomes disabled.

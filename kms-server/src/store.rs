@@ -471,21 +471,6 @@ impl Store {
         Ok(updated.rows_affected() == 1)
     }
 
-    /// Schedules an enabled or disabled key for destruction at `due_at`. Returns whether it
-    /// was in one of those states.
-    pub async fn schedule_deletion(&self, key_id: Uuid, due_at: i64) -> Result<bool, KmsError> {
-        let updated = sqlx::query(
-            "UPDATE kms_keys SET state = 'pending_deletion', deletion_due_at = $1, revision = revision + 1
-              WHERE key_id = $2 AND state IN ('enabled', 'disabled')",
-        )
-        .bind(due_at)
-        .bind(key_id.to_string())
-        .execute(&self.pool)
-        .await
-        .map_err(db_error)?;
-        Ok(updated.rows_affected() == 1)
-    }
-
     /// Cancels a pending deletion that is not yet due at `now`: the key goes back to disabled.
     /// Returns whether it was pending and not due. From the due time on, the scheduler may be
     /// destroying the key's HSM objects, so a cancellation could leave a live key without them.
@@ -701,6 +686,25 @@ fn key_from_row(row: &AnyRow) -> Result<KeyRecord, KmsError> {
 /// Maps a database error to the domain: unique violations on the alias are a conflict;
 /// everything about reaching the database is "unavailable"; the driver's message is logged
 /// (it carries no secrets: none are stored) but never returned to a caller.
+/// Schedules an enabled or disabled key for destruction at `due_at`, on `conn` (the
+/// transaction of the approval that decided it, so the two happen together or not at all).
+/// Returns whether the key was in one of those states.
+pub(crate) async fn schedule_deletion_in(
+    conn: &mut sqlx::AnyConnection,
+    key_id: Uuid,
+    due_at: i64,
+) -> Result<bool, sqlx::Error> {
+    let updated = sqlx::query(
+        "UPDATE kms_keys SET state = 'pending_deletion', deletion_due_at = $1, revision = revision + 1
+          WHERE key_id = $2 AND state IN ('enabled', 'disabled')",
+    )
+    .bind(due_at)
+    .bind(key_id.to_string())
+    .execute(conn)
+    .await?;
+    Ok(updated.rows_affected() == 1)
+}
+
 pub(crate) fn db_error(e: sqlx::Error) -> KmsError {
     if let sqlx::Error::Database(db) = &e {
         if db.is_unique_violation() {

@@ -329,7 +329,11 @@ async fn a_rotation_the_store_refused_leaves_no_hsm_object() {
         }) => {}
         other => panic!("rotation into a refusing store: {other:?}"),
     }
-    assert_eq!(objects_labelled(&key.key_id, 2), 0, "abandoned version destroyed");
+    assert_eq!(
+        objects_labelled(&key.key_id, 2),
+        0,
+        "abandoned version destroyed"
+    );
     let described = officer.describe_key(&key.key_id).await.expect("describe");
     assert_eq!(described.primary_version, 1);
     sqlx::query("DROP TRIGGER refuse_versions")
@@ -382,6 +386,10 @@ async fn scheduled_deletion_destroys_the_key(db: TestDb) {
         .schedule_key_deletion("doomed", 7)
         .await
         .expect("propose");
+    let duplicate = officer
+        .schedule_key_deletion("doomed", 30)
+        .await
+        .expect("a second proposal");
     assert_eq!(
         (proposal.kind.as_str(), proposal.state.as_str()),
         ("key-deletion", "pending")
@@ -403,9 +411,34 @@ async fn scheduled_deletion_destroys_the_key(db: TestDb) {
         .await
         .expect("approve");
     assert_eq!(approved.state, "executed", "{approved:?}");
+    assert_eq!(
+        approved.result,
+        format!("deletion due at {}", 1_800_000_000 + 7 * 86_400)
+    );
     let pending = officer.describe_key("doomed").await.expect("describe");
     assert_eq!(pending.state, "pending_deletion");
     assert_eq!(pending.deletion_due_at, Some(1_800_000_000 + 7 * 86_400));
+    // The second proposal can no longer run: it fails with the reason, the due date stays.
+    let second = server
+        .client_as("officer-2")
+        .await
+        .expect("approver")
+        .approve(&duplicate.approval_id)
+        .await
+        .expect("approve the second");
+    assert_eq!(
+        (second.state.as_str(), second.result.as_str()),
+        ("failed", "key is pending deletion"),
+        "{second:?}"
+    );
+    assert_eq!(
+        officer
+            .describe_key("doomed")
+            .await
+            .expect("describe")
+            .deletion_due_at,
+        Some(1_800_000_000 + 7 * 86_400)
+    );
     let refused = (tonic::Code::FailedPrecondition, "key is pending deletion");
     assert_code(
         client.decrypt(&blob, &context, None).await,
