@@ -54,6 +54,26 @@ impl Stats {
     }
 }
 
+/// The kms-server binary a load generator starts: `explicit`, else `kms-server` beside the
+/// running executable; an error naming how to build it if it is not there.
+pub fn server_bin(explicit: Option<&std::path::Path>) -> anyhow::Result<std::path::PathBuf> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_exe()
+            .context("current executable")?
+            .parent()
+            .context("executable without a directory")?
+            .join("kms-server"),
+    };
+    if !path.is_file() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p kms-server` or pass --server-bin",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// An empty latency histogram (µs, 3 significant digits).
 pub fn new_hist() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, HIST_MAX_US, 3).context("histogram")

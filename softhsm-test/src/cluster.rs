@@ -55,7 +55,13 @@ pub fn emergency_stop() {
 }
 
 fn pg_ctl(bin: &Path, run_as: Option<&str>) -> Command {
-    let path = bin.join("pg_ctl");
+    pg_tool(bin, "pg_ctl", run_as)
+}
+
+/// A PostgreSQL server tool from `bin`, run as `run_as` when given (initdb and the server
+/// refuse to run as root).
+fn pg_tool(bin: &Path, name: &str, run_as: Option<&str>) -> Command {
+    let path = bin.join(name);
     let mut command = match run_as {
         Some(user) => {
             let mut c = Command::new("runuser");
@@ -198,17 +204,7 @@ impl PrivatePostgres {
     }
 
     fn tool(&self, name: &str) -> Command {
-        let path = self.bin.join(name);
-        let mut command = match &self.run_as {
-            Some(user) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", user, "--"]).arg(path);
-                c
-            }
-            None => Command::new(path),
-        };
-        command.stdin(Stdio::null());
-        command
+        pg_tool(&self.bin, name, self.run_as.as_deref())
     }
 }
 

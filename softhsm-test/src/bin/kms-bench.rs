@@ -129,20 +129,7 @@ fn main() -> anyhow::Result<()> {
     if args.keys != 0 && (args.few_keys == 0 || args.few_keys > args.keys) {
         bail!("--few-keys must be between 1 and --keys");
     }
-    let server_bin = match &args.server_bin {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .context("current executable")?
-            .parent()
-            .context("executable without a directory")?
-            .join("kms-server"),
-    };
-    if !server_bin.is_file() {
-        bail!(
-            "{} not found: build it with `cargo build --release -p kms-server` or pass --server-bin",
-            server_bin.display()
-        );
-    }
+    let server_bin = softhsm_test::bench::server_bin(args.server_bin.as_deref())?;
 
     // The token (and SOFTHSM2_CONF for this process) first: the child inherits the same conf.
     let token_label = softhsm_test::token().label.clone();

@@ -87,20 +87,7 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let server_bin = match &args.server_bin {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .context("current executable")?
-            .parent()
-            .context("executable without a directory")?
-            .join("kms-server"),
-    };
-    if !server_bin.is_file() {
-        bail!(
-            "{} not found: build it with `cargo build --release -p kms-server` or pass --server-bin",
-            server_bin.display()
-        );
-    }
+    let server_bin = softhsm_test::bench::server_bin(args.server_bin.as_deref())?;
     // The token (and SOFTHSM2_CONF of this process) first: the replicas inherit its conf.
     let _ = softhsm_test::token();
     let limit = Duration::from_secs(args.max_total_seconds);
