@@ -748,6 +748,8 @@ pub struct Authz {
     /// Nanoseconds after `epoch` at which the reload whose view is installed started (the
     /// latest-started successful reload); written under the `cache` write lock.
     reloaded_ns: std::sync::atomic::AtomicU64,
+    /// Held by the one request that re-reads a stale view ([`Authz::reload_if_stale`]).
+    stale_reload: tokio::sync::Mutex<()>,
 }
 
 /// The oldest view of bindings, grants and windows a replica acts on: three refresh periods
@@ -777,6 +779,7 @@ impl Authz {
             cache: RwLock::default(),
             epoch: std::time::Instant::now(),
             reloaded_ns: std::sync::atomic::AtomicU64::new(0),
+            stale_reload: tokio::sync::Mutex::new(()),
         };
         authz.bootstrap().await?;
         authz.reload().await?;
@@ -889,6 +892,23 @@ impl Authz {
         let started_ns = u64::try_from(started.as_nanos()).unwrap_or(u64::MAX);
         install_latest(&self.cache, &self.reloaded_ns, started_ns, cache);
         Ok(())
+    }
+
+    /// Re-reads a view that is too old, at once rather than at the refresher's next tick
+    /// (after a store outage longer than [`AUTHZ_MAX_AGE`], service resumes as soon as the
+    /// store answers). One caller reloads; the others do not wait for it. Returns whether the
+    /// view is current afterwards.
+    pub async fn reload_if_stale(&self) -> bool {
+        let Ok(_only) = self.stale_reload.try_lock() else {
+            return false;
+        };
+        if self.is_current() {
+            return true;
+        }
+        match tokio::time::timeout(crate::store::ACQUIRE_TIMEOUT, self.reload()).await {
+            Ok(Ok(())) => self.is_current(),
+            _ => false,
+        }
     }
 
     /// Whether the cached view was read from the store less than [`AUTHZ_MAX_AGE`] ago.

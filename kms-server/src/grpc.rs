@@ -153,9 +153,9 @@ impl GrpcService {
             // be answered but UNAVAILABLE — at once, instead of after the pool's timeout.
             return Err(to_status(&KmsError::AuditUnavailable));
         }
-        if !self.authz.is_current() {
-            // Bindings and grants could not be re-read for too long: a revocation made
-            // through another replica might be missed, so nothing is allowed.
+        if !self.authz.is_current() && !self.authz.reload_if_stale().await {
+            // Bindings and grants could not be re-read for too long (and cannot now): a
+            // revocation made through another replica might be missed, so nothing is allowed.
             return Err(to_status(&KmsError::StoreUnavailable));
         }
         let request_id = Uuid::new_v4().to_string();

@@ -166,6 +166,8 @@ pub struct Store {
     /// set again when it answers: requests fail fast meanwhile instead of each waiting for
     /// the pool's connection timeout ([`Store::reachable`]).
     reachable: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// How many times `reachable` went from true to false ([`Store::outages`]).
+    outages: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Store {
@@ -220,6 +222,7 @@ impl Store {
             backend,
             url: url.into(),
             reachable: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            outages: std::sync::Arc::default(),
         })
     }
 
@@ -231,12 +234,22 @@ impl Store {
         self.reachable.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// How many times the database was found unreachable since the store was opened: a
+    /// connection kept across a change of this number has lived through an outage.
+    pub fn outages(&self) -> u64 {
+        self.outages.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Records whether the database answered; logs the transitions.
     pub fn set_reachable(&self, reachable: bool) {
         let was = self
             .reachable
             .swap(reachable, std::sync::atomic::Ordering::SeqCst);
         if was != reachable {
+            if !reachable {
+                self.outages
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             if reachable {
                 tracing::warn!("store reachable again");
             } else {

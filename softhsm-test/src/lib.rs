@@ -269,6 +269,17 @@ impl TestDb {
 }
 
 impl TestDb {
+    /// A database that exists already at `url` (e.g. on a [`cluster::PrivatePostgres`]),
+    /// left in place when this is dropped.
+    pub fn at(url: String, kind: StoreKind) -> Self {
+        TestDb {
+            url,
+            kind,
+            _dir: None,
+            pg: None,
+        }
+    }
+
     /// Drops a PostgreSQL test database now, terminating its connections (a store outage).
     pub async fn drop_now(&self) -> anyhow::Result<()> {
         let Some((admin, name)) = &self.pg else {

@@ -103,6 +103,8 @@ pub(super) struct Writer {
     head: Option<Option<Head>>,
     last_checkpoint: LastCheckpoint,
     conn: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
+    /// [`Store::outages`] when `conn` was taken.
+    conn_outages: u64,
     /// Until when batches are appended under the chain lock (another writer was seen).
     contended_until: Option<tokio::time::Instant>,
 }
@@ -122,6 +124,7 @@ impl Writer {
             // Without a checkpoint yet, the interval counts from start-up.
             last_checkpoint: last_checkpoint.unwrap_or(LastCheckpoint { seq: 0, time: now }),
             conn: None,
+            conn_outages: 0,
             contended_until: None,
         }
     }
@@ -190,6 +193,14 @@ impl Writer {
     /// Chains `batch` on the head and commits it in one transaction; answers every waiter.
     async fn flush(&mut self, mut batch: Vec<Pending>) {
         let stats = Arc::clone(&self.ports.stats);
+        if self.conn_outages != self.ports.store.outages() {
+            // The store was found unreachable since this connection was taken (an outage, a
+            // restart): it is most likely dead, and the first batch after the store returns
+            // would fail on it. Start from a fresh one. (Retrying a failed append instead
+            // could write a batch twice when its commit landed but the answer was lost.)
+            self.conn = None;
+            self.head = None;
+        }
         for _ in 0..=MAX_CONFLICT_RETRIES {
             let contended = self
                 .contended_until
@@ -275,6 +286,7 @@ impl Writer {
         use sqlx::Connection as _;
         let backend = self.ports.store.backend();
         if self.conn.is_none() {
+            self.conn_outages = self.ports.store.outages();
             self.conn = Some(acquire(&self.ports.store).await?);
         }
         // Borrowed, not taken: if `flush` gives up waiting, it still holds the connection and
@@ -315,6 +327,7 @@ impl Writer {
     /// stays warm and no batch waits for a free pool connection.
     async fn connection(&mut self) -> Result<&mut sqlx::AnyConnection, sqlx::Error> {
         if self.conn.is_none() {
+            self.conn_outages = self.ports.store.outages();
             self.conn = Some(acquire(&self.ports.store).await?);
         }
         match self.conn.as_mut() {
