@@ -980,3 +980,107 @@ async fn after_a_long_store_outage_service_resumes_at_once() {
     );
     server.stop().await.expect("stop");
 }
+
+/// The store connection over TLS, verified against the hospital's CA: PostgreSQL with
+/// `ssl = on` and a certificate from the test CA; the server connects with
+/// `sslmode=verify-full&sslrootcert=…`, every one of its sessions is encrypted, and a store
+/// whose certificate another CA issued is refused at start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_connection_is_tls_verified_against_a_private_ca() {
+    use sqlx::Connection as _;
+    let Some(pg) = softhsm_test::cluster::PrivatePostgres::start().expect("private postgres")
+    else {
+        eprintln!("skipped: no PostgreSQL server binaries");
+        return;
+    };
+    let pki = softhsm_test::TestPki::generate().expect("pki");
+    sqlx::any::install_default_drivers();
+    let mut admin = sqlx::AnyConnection::connect(&pg.url("postgres"))
+        .await
+        .expect("admin");
+    let data: String = sqlx::query("SHOW data_directory")
+        .fetch_one(&mut admin)
+        .await
+        .expect("data directory")
+        .get(0);
+    let data = std::path::Path::new(&data);
+    std::fs::copy(pki.dir().join("server.pem"), data.join("tls.crt")).expect("cert");
+    std::fs::copy(pki.dir().join("server.key"), data.join("tls.key")).expect("key");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(data.join("tls.key"), std::fs::Permissions::from_mode(0o600))
+            .expect("key mode");
+    }
+    // The data directory's owner runs the server (postgres when this runs as root).
+    let owner = std::process::Command::new("stat")
+        .args(["-c", "%U"])
+        .arg(data)
+        .output()
+        .expect("stat");
+    let owner = String::from_utf8_lossy(&owner.stdout).trim().to_string();
+    for file in ["tls.crt", "tls.key"] {
+        let status = std::process::Command::new("chown")
+            .arg(&owner)
+            .arg(data.join(file))
+            .status()
+            .expect("chown");
+        assert!(status.success(), "chown {file} to {owner}");
+    }
+    for setting in [
+        "ALTER SYSTEM SET ssl_cert_file = 'tls.crt'",
+        "ALTER SYSTEM SET ssl_key_file = 'tls.key'",
+        "ALTER SYSTEM SET ssl = 'on'",
+        "SELECT pg_reload_conf()",
+        "CREATE DATABASE over_tls",
+    ] {
+        sqlx::query(setting)
+            .execute(&mut admin)
+            .await
+            .unwrap_or_else(|e| panic!("{setting}: {e}"));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let url = |ca: &std::path::Path| {
+        format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            pg.url("over_tls"),
+            ca.display()
+        )
+    };
+
+    let db = TestDb::at(url(&pki.dir().join("ca.pem")), StoreKind::Postgres);
+    let server = TestServer::start(&db).await.expect("server over TLS");
+    let client = server.client().await.expect("app");
+    let key = server.create_key_for_app("").await.expect("key");
+    client
+        .generate_data_key(&key.key_id, &sdk::Context::new())
+        .await
+        .expect("data key");
+    let (encrypted, plain): (i64, i64) = {
+        let row = sqlx::query(
+            "SELECT COUNT(*) FILTER (WHERE s.ssl) AS encrypted, \
+             COUNT(*) FILTER (WHERE NOT s.ssl) AS plain \
+             FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid \
+             WHERE a.datname = 'over_tls'",
+        )
+        .fetch_one(&mut admin)
+        .await
+        .expect("sessions");
+        (row.get("encrypted"), row.get("plain"))
+    };
+    assert!(encrypted > 0, "the server's sessions are encrypted");
+    assert_eq!(plain, 0, "no session in clear");
+    server.stop().await.expect("stop");
+
+    let stranger = softhsm_test::TestPki::generate().expect("another CA");
+    let other = TestDb::at(url(&stranger.dir().join("ca.pem")), StoreKind::Postgres);
+    let refused = TestServer::start(&other)
+        .await
+        .err()
+        .expect("a store certificate from another CA is refused");
+    let message = format!("{refused:#}");
+    eprintln!("refused: {message}");
+    assert!(
+        message.contains("certificate") || message.contains("UnknownIssuer"),
+        "{message}"
+    );
+}
