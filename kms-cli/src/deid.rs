@@ -4,7 +4,8 @@
 //! MB/s, ETA); a final report (records, values per transform, rejects by file and line; never
 //! values) written as JSON next to the output and printed.
 
-use std::path::PathBuf;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context as _;
@@ -13,7 +14,58 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sdk::KmsClient;
 use serde_json::json;
 
-use crate::emit;
+use crate::{check_output_file, emit, file_kind};
+
+/// Refuses an output (or rejects) folder that is not a folder, or that holds anything but
+/// regular files and folders. The run renames its temporary files over the output names, and
+/// those names are only known to the engine (FHIR files get pseudonyms), so a device, FIFO,
+/// socket or symbolic link anywhere in the folder is refused, with or without `--force`,
+/// before anything is written; see [`check_output_file`]. Symbolic links to folders (the
+/// folder itself or one inside it) are followed. A missing folder is fine (it is created).
+fn check_output_folder(dir: &Path) -> anyhow::Result<()> {
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot check {}", dir.display())),
+    };
+    let is_dir = meta.is_dir()
+        || (meta.file_type().is_symlink() && std::fs::metadata(dir).is_ok_and(|m| m.is_dir()));
+    if !is_dir {
+        anyhow::bail!(
+            "{} is {}, not a folder: refusing to write the outputs there",
+            dir.display(),
+            file_kind(meta.file_type())
+        );
+    }
+    let mut seen = HashSet::new();
+    walk_output_folder(dir, &mut seen)
+        .with_context(|| format!("{} must hold only regular files and folders", dir.display()))
+}
+
+fn walk_output_folder(dir: &Path, seen: &mut HashSet<PathBuf>) -> anyhow::Result<()> {
+    // Each folder once, whatever links lead to it (and no loop through a link).
+    let canonical = dir
+        .canonicalize()
+        .with_context(|| format!("cannot read {}", dir.display()))?;
+    if !seen.insert(canonical) {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        let path = entry.path();
+        let kind = entry
+            .file_type()
+            .with_context(|| format!("cannot check {}", path.display()))?;
+        if kind.is_dir()
+            || (kind.is_symlink() && std::fs::metadata(&path).is_ok_and(|m| m.is_dir()))
+        {
+            walk_output_folder(&path, seen)?;
+        } else {
+            check_output_file(&path)?;
+        }
+    }
+    Ok(())
+}
 
 /// What `kms-cli deid` de-identifies, and how.
 #[derive(Debug, Args)]
@@ -53,6 +105,11 @@ pub async fn run(
     json: bool,
     args: DeidArgs,
 ) -> anyhow::Result<()> {
+    // Before the key is fetched and anything is written.
+    check_output_folder(&args.out_path)?;
+    if let Some(dir) = &args.reject_dir {
+        check_output_folder(dir)?;
+    }
     let mut policy = deid::Policy::load(&args.policy)?;
     if let Some(domain) = &args.domain {
         policy = policy.with_domain(domain.clone());
@@ -133,4 +190,51 @@ pub async fn run(
         text.push_str(&format!("report: {}", report_file.display()));
         text
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    fn mkfifo(path: &Path) {
+        let status = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .expect("run mkfifo");
+        assert!(status.success(), "mkfifo {}", path.display());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn output_folders_must_hold_only_regular_files_and_folders() {
+        let dir = tempfile::tempdir().expect("dir");
+        let out = dir.path().join("out");
+        check_output_folder(&out).expect("a missing folder is made by the run");
+        std::fs::create_dir_all(out.join("csv")).expect("mkdir");
+        std::fs::write(out.join("csv/patients.csv"), "old").expect("write");
+        std::fs::write(out.join("deid-report.json"), "{}").expect("write");
+        // A link to a folder is followed, loops included.
+        std::os::unix::fs::symlink(&out, out.join("csv/loop")).expect("symlink");
+        check_output_folder(&out).expect("regular files and folders");
+
+        let fifo = out.join("csv/encounters.csv");
+        mkfifo(&fifo);
+        let err = check_output_folder(&out).expect_err("a FIFO inside");
+        let message = format!("{err:#}");
+        assert!(
+            message.contains(&fifo.display().to_string()) && message.contains("is a FIFO"),
+            "{message}"
+        );
+        std::fs::remove_file(&fifo).expect("rm");
+        std::os::unix::fs::symlink(out.join("deid-report.json"), out.join("x.csv"))
+            .expect("symlink");
+        let err = check_output_folder(&out).expect_err("a link to a file");
+        assert!(format!("{err:#}").contains("is a symbolic link"), "{err:#}");
+
+        let not_a_folder = dir.path().join("pipe");
+        mkfifo(&not_a_folder);
+        let err = check_output_folder(&not_a_folder).expect_err("a FIFO as --out");
+        assert!(err.to_string().contains("not a folder"), "{err}");
+    }
 }

@@ -659,11 +659,14 @@ fn plan(
     if jobs.is_empty() {
         bail!("no files to process in {}", input.display());
     }
-    // Check every destination before any work (and any KMS call) is done.
+    // Check every destination before any work (and any KMS call) is done, and before any
+    // folder is made: a destination that is not a regular file is refused even with --force.
     for job in &jobs {
-        if !force && job.dst.exists() {
+        if check_output_file(&job.dst)? && !force {
             bail!("{} exists; pass --force to overwrite", job.dst.display());
         }
+    }
+    for job in &jobs {
         let folder = job
             .dst
             .parent()
@@ -677,6 +680,61 @@ fn plan(
         }
     }
     Ok(jobs)
+}
+
+/// Checks a path an output file is about to be written to. Outputs are written to a temporary
+/// file renamed over the path, which replaces whatever is there: so anything but a regular
+/// file is refused — a device, a FIFO, a socket, a folder, and a symbolic link whatever it
+/// points to (the rename would replace the link itself, not write through it; give the real
+/// path instead). Returns whether a regular file is there (replaced only with `--force`).
+/// Writes nothing. Folders above the path may be symbolic links.
+pub(crate) fn check_output_file(path: &Path) -> anyhow::Result<bool> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot check the output {}", path.display()))
+        }
+    };
+    if meta.file_type().is_file() {
+        return Ok(true);
+    }
+    bail!(
+        "{} is {}, not a regular file: refusing to write an output over it, with or without \
+         --force (outputs are written to a temporary file renamed into place, which would \
+         replace it); give the path of a regular file",
+        path.display(),
+        file_kind(meta.file_type())
+    )
+}
+
+/// What a file system entry is, for messages ("a FIFO").
+pub(crate) fn file_kind(kind: std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt as _;
+        if kind.is_char_device() {
+            return "a character device";
+        }
+        if kind.is_block_device() {
+            return "a block device";
+        }
+        if kind.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if kind.is_socket() {
+            return "a socket";
+        }
+    }
+    if kind.is_symlink() {
+        "a symbolic link"
+    } else if kind.is_dir() {
+        "a folder"
+    } else if kind.is_file() {
+        "a regular file"
+    } else {
+        "a special file"
+    }
 }
 
 fn collect(dir: &Path, files: &mut Vec<PathBuf>, skipped: &mut Vec<PathBuf>) -> anyhow::Result<()> {
@@ -730,6 +788,9 @@ where
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default(),
         );
+        // Checked again just before the write: the planning may be long past (a device or
+        // link made meanwhile is still refused).
+        check_output_file(&job.dst)?;
         let progress_bar = bar.clone();
         let base = done_before;
         let result = work(
@@ -895,6 +956,11 @@ async fn rewrap(
             let mut skipped = Vec::new();
             collect(path, &mut files, &mut skipped)?;
         } else {
+            // Rewritten in place by a rename: a named file must be a regular file (folders
+            // only yield regular files).
+            if path.to_string_lossy().ends_with(ENCRYPTED_SUFFIX) {
+                check_output_file(path)?;
+            }
             files.push(path.clone());
         }
     }
@@ -1015,4 +1081,144 @@ fn version_label(version: Option<u32>) -> String {
     version
         .map(|v| format!("v{v}"))
         .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A FIFO made by `mkfifo` (never a device: tests must not touch real ones).
+    #[cfg(unix)]
+    fn mkfifo(path: &Path) {
+        let status = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .expect("run mkfifo");
+        assert!(status.success(), "mkfifo {}", path.display());
+    }
+
+    #[cfg(unix)]
+    fn is_fifo(path: &Path) -> bool {
+        use std::os::unix::fs::FileTypeExt as _;
+        std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_fifo())
+    }
+
+    /// The names in `dir`, sorted.
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn check_output_file_accepts_only_missing_paths_and_regular_files() {
+        let dir = tempfile::tempdir().expect("dir");
+        let missing = dir.path().join("missing");
+        assert!(!check_output_file(&missing).expect("missing"));
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").expect("write");
+        assert!(check_output_file(&file).expect("regular file"));
+        let folder = dir.path().join("folder");
+        std::fs::create_dir(&folder).expect("mkdir");
+        let err = check_output_file(&folder).expect_err("folder");
+        assert!(
+            err.to_string().contains("is a folder, not a regular file"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&folder.display().to_string()),
+            "{err}"
+        );
+        #[cfg(unix)]
+        {
+            let fifo = dir.path().join("fifo");
+            mkfifo(&fifo);
+            let err = check_output_file(&fifo).expect_err("fifo");
+            assert!(err.to_string().contains("is a FIFO"), "{err}");
+            assert!(
+                err.to_string().contains(&fifo.display().to_string()),
+                "{err}"
+            );
+            // A link is refused whatever it points to, even to a regular file or nothing.
+            for (link, target) in [
+                ("to-file", &file),
+                ("to-fifo", &fifo),
+                ("dangling", &missing),
+            ] {
+                let link = dir.path().join(link);
+                std::os::unix::fs::symlink(target, &link).expect("symlink");
+                let err = check_output_file(&link).expect_err("symlink");
+                assert!(err.to_string().contains("is a symbolic link"), "{err}");
+            }
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn plan_refuses_a_fifo_or_folder_output_even_with_force_and_writes_nothing() {
+        let dir = tempfile::tempdir().expect("dir");
+        let input = dir.path().join("in.txt");
+        std::fs::write(&input, "plaintext").expect("write");
+        let fifo = dir.path().join("out.fifo");
+        mkfifo(&fifo);
+        for force in [false, true] {
+            let err = plan(&input, &fifo, Direction::Decrypt, force)
+                .err()
+                .expect("a FIFO output is refused");
+            assert!(err.to_string().contains("is a FIFO"), "{err}");
+            assert!(is_fifo(&fifo), "the FIFO is left alone");
+        }
+        // A regular file is replaced only with --force.
+        let existing = dir.path().join("existing");
+        std::fs::write(&existing, "old").expect("write");
+        assert!(plan(&input, &existing, Direction::Encrypt, false).is_err());
+        assert_eq!(
+            plan(&input, &existing, Direction::Encrypt, true)
+                .expect("forced")
+                .len(),
+            1
+        );
+
+        // A folder: every destination is checked before any output folder is made (here
+        // out/a, for the job before the refused one).
+        let tree = dir.path().join("tree");
+        std::fs::create_dir_all(tree.join("a")).expect("mkdir");
+        std::fs::write(tree.join("a/x.txt"), "x").expect("write");
+        std::fs::write(tree.join("b.txt"), "b").expect("write");
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).expect("mkdir");
+        std::fs::create_dir(out.join("b.txt.kms")).expect("a folder where a file goes");
+        let err = plan(&tree, &out, Direction::Encrypt, true)
+            .err()
+            .expect("a folder output is refused");
+        assert!(
+            err.to_string().contains("is a folder, not a regular file"),
+            "{err}"
+        );
+        assert_eq!(
+            names(&out),
+            ["b.txt.kms"],
+            "no folder made, nothing written"
+        );
+        std::fs::remove_dir(out.join("b.txt.kms")).expect("rmdir");
+        mkfifo(&out.join("b.txt.kms"));
+        assert!(plan(&tree, &out, Direction::Encrypt, true).is_err());
+        assert!(is_fifo(&out.join("b.txt.kms")));
+        assert_eq!(names(&out), ["b.txt.kms"]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn pki_init_with_force_refuses_a_fifo_among_its_files() {
+        let dir = tempfile::tempdir().expect("dir");
+        let fifo = dir.path().join("server.key");
+        mkfifo(&fifo);
+        let err = pki::init(dir.path(), pki::DEFAULT_TRUST_DOMAIN, true).expect_err("fifo");
+        assert!(err.to_string().contains("is a FIFO"), "{err}");
+        assert!(is_fifo(&fifo));
+        assert_eq!(names(dir.path()), ["server.key"], "nothing written");
+    }
 }

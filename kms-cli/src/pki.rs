@@ -224,12 +224,16 @@ fn name_of(common_name: Option<&str>) -> DistinguishedName {
     name
 }
 
-/// Replaces `path` with `bytes`; secrets are created with mode 0600 from the start.
+/// Replaces `path` with `bytes`; secrets are created with mode 0600 from the start. Only a
+/// regular file is replaced: a device, FIFO, socket, folder or symbolic link is refused
+/// ([`crate::check_output_file`]).
 fn write_file(path: &Path, bytes: &[u8], secret: bool) -> anyhow::Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("remove {}", path.display())),
+    if crate::check_output_file(path)? {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("remove {}", path.display())),
+        }
     }
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -280,6 +284,15 @@ pub fn init(dir: &Path, trust_domain: &str, force: bool) -> anyhow::Result<Writt
                 "{} is not empty: refusing to overwrite a PKI (pass --force to replace it)",
                 dir.display()
             );
+        }
+    }
+    // Every file name is checked before the first is written (--force replaces regular
+    // files only).
+    let mut names = vec!["ca".to_string(), "server".to_string()];
+    names.extend(DEV_IDENTITIES.iter().map(|(name, _)| name.to_string()));
+    for name in &names {
+        for ext in ["pem", "key"] {
+            crate::check_output_file(&dir.join(format!("{name}.{ext}")))?;
         }
     }
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;

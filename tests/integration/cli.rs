@@ -392,3 +392,180 @@ async fn folder_encryption_of_the_synthea_sample_round_trips() {
     assert!(format!("{err:#}").contains("invalid ciphertext"), "{err:#}");
     assert!(!single.exists());
 }
+
+/// A FIFO made by `mkfifo` in a test folder (never a real device).
+#[cfg(unix)]
+fn mkfifo(path: &std::path::Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("run mkfifo");
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+#[cfg(unix)]
+fn is_fifo(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt as _;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_fifo())
+}
+
+/// The names in a folder, sorted: a temporary file left behind shows here.
+fn names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// `decrypt --out /dev/null --force` used to replace /dev/null with a regular file holding the
+/// plaintext (a temporary file renamed over it). Outputs that are not regular files — here a
+/// FIFO, a folder and a symbolic link — are refused, with or without --force, before anything
+/// is written, by encrypt, decrypt (file and folder) and deid.
+#[cfg(unix)]
+#[tokio::test]
+async fn outputs_that_are_not_regular_files_are_refused_even_with_force() {
+    let (_db, server) = sqlite_server().await;
+    cli(&server, &["key", "create", "--alias", "pipes"])
+        .await
+        .expect("key");
+    server.grant_app("pipes").await.expect("grant");
+    let work = tempfile::tempdir().expect("dir");
+    let s = |p: &std::path::Path| p.to_string_lossy().to_string();
+    let plain = work.path().join("notes.txt");
+    std::fs::write(&plain, "patient notes").expect("write");
+    let sealed = work.path().join("notes.txt.kms");
+    let encrypt = |out: &std::path::Path| {
+        vec![
+            "encrypt".to_string(),
+            "--key".into(),
+            "pipes".into(),
+            "--in".into(),
+            s(&plain),
+            "--out".into(),
+            s(out),
+        ]
+    };
+    let decrypt = |input: &std::path::Path, out: &std::path::Path| {
+        vec![
+            "decrypt".to_string(),
+            "--in".into(),
+            s(input),
+            "--out".into(),
+            s(out),
+        ]
+    };
+    let run = |mut args: Vec<String>, force: bool| {
+        if force {
+            args.push("--force".into());
+        }
+        let server = &server;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            cli_as(server, "app-1", &args).await
+        }
+    };
+    run(encrypt(&sealed), false).await.expect("encrypt");
+
+    let out = work.path().join("out");
+    std::fs::create_dir(&out).expect("mkdir");
+    let fifo = out.join("fifo");
+    mkfifo(&fifo);
+    let target = out.join("target.txt");
+    std::fs::write(&target, "keep").expect("write");
+    let link = out.join("link");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+    let folder = out.join("folder");
+    std::fs::create_dir(&folder).expect("mkdir");
+    for (dst, what) in [
+        (&fifo, "is a FIFO"),
+        (&link, "is a symbolic link"),
+        (&folder, "is a folder"),
+    ] {
+        for force in [false, true] {
+            for args in [encrypt(dst), decrypt(&sealed, dst)] {
+                let err = run(args.clone(), force)
+                    .await
+                    .expect_err("not a regular file");
+                let message = format!("{err:#}");
+                assert!(
+                    message.contains(&dst.display().to_string()) && message.contains(what),
+                    "{args:?} --force={force}: {message}"
+                );
+            }
+        }
+    }
+    assert!(is_fifo(&fifo), "the FIFO is left alone");
+    assert!(std::fs::symlink_metadata(&link)
+        .expect("link")
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read_to_string(&target).expect("target"), "keep");
+    assert!(folder.is_dir() && names(&folder).is_empty());
+    assert_eq!(
+        names(&out),
+        ["fifo", "folder", "link", "target.txt"],
+        "no temporary file left behind"
+    );
+
+    // A folder run checks every destination before the first file is written.
+    let tree = work.path().join("tree");
+    std::fs::create_dir(&tree).expect("mkdir");
+    std::fs::write(tree.join("a.txt"), "a").expect("write");
+    std::fs::write(tree.join("b.txt"), "b").expect("write");
+    let enc = work.path().join("enc");
+    let encrypt_tree = vec![
+        "encrypt".to_string(),
+        "--key".into(),
+        "pipes".into(),
+        "--in".into(),
+        s(&tree),
+        "--out".into(),
+        s(&enc),
+    ];
+    run(encrypt_tree, false).await.expect("encrypt folder");
+    let dec = work.path().join("dec");
+    std::fs::create_dir(&dec).expect("mkdir");
+    mkfifo(&dec.join("b.txt"));
+    let err = run(decrypt(&enc, &dec), true)
+        .await
+        .expect_err("a FIFO among the outputs");
+    assert!(
+        format!("{err:#}").contains(&dec.join("b.txt").display().to_string()),
+        "{err:#}"
+    );
+    assert_eq!(names(&dec), ["b.txt"], "a.txt was not written");
+    assert!(is_fifo(&dec.join("b.txt")));
+
+    // deid: a FIFO in the output folder is refused before the domain key is asked for (app-1
+    // holds no domain-key grant: the key would be refused with PermissionDenied).
+    let deid_out = work.path().join("deid");
+    std::fs::create_dir(&deid_out).expect("mkdir");
+    mkfifo(&deid_out.join("patients.csv"));
+    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/synthea/csv");
+    for force in [false, true] {
+        let deid = vec![
+            "deid".to_string(),
+            "--policy".into(),
+            "hipaa-safe-harbor-synthea-csv".into(),
+            "--domain".into(),
+            "study-1".into(),
+            "--in".into(),
+            s(&sample),
+            "--out".into(),
+            s(&deid_out),
+            "--quiet".into(),
+        ];
+        let err = run(deid, force).await.expect_err("a FIFO in the output");
+        let message = format!("{err:#}");
+        assert!(
+            message.contains(&deid_out.join("patients.csv").display().to_string())
+                && message.contains("is a FIFO")
+                && !message.contains("PermissionDenied"),
+            "--force={force}: {message}"
+        );
+    }
+    assert_eq!(names(&deid_out), ["patients.csv"]);
+    assert!(is_fifo(&deid_out.join("patients.csv")));
+}
