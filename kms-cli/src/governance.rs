@@ -108,7 +108,8 @@ pub enum ApprovalCommand {
         /// Request id.
         approval_id: String,
     },
-    /// Approve; the last required approval runs the request.
+    /// Approve; the last required approval runs the request. Exits 1 when the request ran and
+    /// failed (state `failed`; the request is still printed).
     Approve {
         /// Request id.
         approval_id: String,
@@ -322,7 +323,22 @@ pub async fn approvals(
             show_approval(out, json, &client.approval(&approval_id).await?)
         }
         ApprovalCommand::Approve { approval_id } => {
-            show_approval(out, json, &client.approve(&approval_id).await?)
+            let a = client.approve(&approval_id).await?;
+            show_approval(out, json, &a)?;
+            // The vote counted, but the request ran and failed: the command failed (exit 1),
+            // its outcome shown above. `pending` (more approvals needed) and `executed` are 0.
+            if a.state == "failed" {
+                bail!(
+                    "approval {} failed: {}",
+                    a.approval_id,
+                    if a.result.is_empty() {
+                        "no reason given"
+                    } else {
+                        a.result.as_str()
+                    }
+                );
+            }
+            Ok(())
         }
         ApprovalCommand::Reject { approval_id } => {
             show_approval(out, json, &client.reject(&approval_id).await?)

@@ -253,3 +253,119 @@ async fn roles_quorums_break_glass_and_deletion_from_the_command_line() {
     let described = json_as(&server, "officer-1", &["key", "describe", "ehr"]).await;
     assert_eq!(described["state"], "pending_deletion");
 }
+
+/// Runs `kms-cli` as the binary does: what it printed, and its outcome (`Err` is exit code 1).
+async fn run_as(server: &TestServer, name: &str, args: &[&str]) -> (String, anyhow::Result<()>) {
+    let endpoint = server.endpoint();
+    let identity = server.identity(name);
+    let mut argv = vec!["kms-cli", "--endpoint", &endpoint, "--identity", &identity];
+    argv.extend_from_slice(args);
+    let mut out = Vec::new();
+    let outcome = kms_cli::run(Cli::try_parse_from(argv).expect("command line"), &mut out).await;
+    (String::from_utf8(out).expect("utf-8"), outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approve_fails_when_the_request_ran_and_failed_and_succeeds_when_pending() {
+    let (_db, server) = sqlite_server().await;
+    json_as(
+        &server,
+        "officer-1",
+        &["key", "create", "--alias", "doomed"],
+    )
+    .await;
+    let first = json_as(
+        &server,
+        "officer-1",
+        &["key", "schedule-deletion", "doomed", "--days", "7"],
+    )
+    .await;
+    let second = json_as(
+        &server,
+        "officer-1",
+        &["key", "schedule-deletion", "doomed", "--days", "30"],
+    )
+    .await;
+    let third = json_as(
+        &server,
+        "officer-1",
+        &["key", "schedule-deletion", "doomed", "--days", "8"],
+    )
+    .await;
+    let id = |a: &serde_json::Value| a["approval_id"].as_str().expect("id").to_string();
+    let (text, outcome) =
+        run_as(&server, "officer-2", &["approvals", "approve", &id(&first)]).await;
+    outcome.expect("executed: exit 0");
+    assert!(text.contains("state:     executed"), "{text}");
+
+    // The second deletion runs and fails (the key is already pending deletion): exit 1, and
+    // the request is still printed, in JSON and in text.
+    let (text, outcome) = run_as(
+        &server,
+        "officer-2",
+        &["--output", "json", "approvals", "approve", &id(&second)],
+    )
+    .await;
+    let err = outcome.expect_err("a failed request is a failed command");
+    assert!(
+        format!("{err:#}").contains("failed: key is pending deletion"),
+        "{err:#}"
+    );
+    let shown: serde_json::Value = serde_json::from_str(&text).expect("JSON still emitted");
+    assert_eq!(
+        (&shown["state"], &shown["result"]),
+        (
+            &serde_json::json!("failed"),
+            &serde_json::json!("key is pending deletion")
+        ),
+        "{shown}"
+    );
+    let (text, outcome) =
+        run_as(&server, "officer-2", &["approvals", "approve", &id(&third)]).await;
+    assert!(outcome.is_err(), "{text}");
+    assert!(
+        text.contains("state:     failed") && text.contains("key is pending deletion"),
+        "{text}"
+    );
+
+    // A vote that leaves the request pending (a quorum of two) is a success.
+    let officer3 = server
+        .add_principal("security-officer", "officer-3")
+        .await
+        .expect("officer 3");
+    let quorum = server
+        .client_as("officer-1")
+        .await
+        .expect("officer 1")
+        .propose_quorum("grant", 2, "security-officer")
+        .await
+        .expect("quorum proposed");
+    let done = server
+        .client_as("officer-2")
+        .await
+        .expect("officer 2")
+        .approve(&quorum.approval_id)
+        .await
+        .expect("quorum approved");
+    assert_eq!(done.state, "executed", "{done:?}");
+    json_as(&server, "officer-1", &["key", "create", "--alias", "lab"]).await;
+    let grant = json_as(
+        &server,
+        "officer-1",
+        &[
+            "grants",
+            "propose",
+            "--principal",
+            &server.principal("app-1"),
+            "--key",
+            "lab",
+            "--operation",
+            "encrypt",
+        ],
+    )
+    .await;
+    let voted = json_as(&server, "officer-2", &["approvals", "approve", &id(&grant)]).await;
+    assert_eq!(voted["state"], "pending", "{voted}");
+    let executed = officer3.approve(&id(&grant)).await.expect("second vote");
+    assert_eq!(executed.state, "executed", "{executed:?}");
+}
