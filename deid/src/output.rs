@@ -98,6 +98,21 @@ impl Staging {
     /// Renames every staged file into place and syncs the directories.
     pub(crate) fn commit(self) -> Result<(), DeidError> {
         let files = std::mem::take(&mut *self.files.lock().map_err(|_| DeidError::WorkerPanicked)?);
+        // A rename replaces a device, FIFO, socket or symbolic link instead of writing into
+        // it: refuse before renaming anything, and leave the staged files to be removed.
+        let odd = files.iter().find(|(_, dest)| {
+            fs::symlink_metadata(dest).is_ok_and(|meta| !meta.file_type().is_file())
+        });
+        if let Some((_, dest)) = odd {
+            let dest = dest.clone();
+            if let Ok(mut staged) = self.files.lock() {
+                *staged = files;
+            }
+            return Err(io("replace", &dest)(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file: not replaced",
+            )));
+        }
         let mut dirs: Vec<PathBuf> = Vec::new();
         let mut rest = files.into_iter();
         while let Some((tmp, dest)) = rest.next() {
@@ -135,5 +150,51 @@ impl Drop for Staging {
         for (tmp, _) in files {
             let _ = fs::remove_file(tmp);
         }
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    /// Regression: committing renamed staged outputs over whatever had their names — a FIFO
+    /// or a symbolic link was replaced. Now nothing is renamed, the odd entry stays, and the
+    /// staged files are removed.
+    #[test]
+    fn a_commit_never_replaces_what_is_not_a_regular_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let fifo = dir.path().join("patients.csv");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        let first = dir.path().join("allergies.csv");
+        let staging = Staging::default();
+        for dest in [&first, &fifo] {
+            let mut file = staging.create(dest).expect("stage");
+            file.write_all(b"a,b\n").expect("write");
+            file.finish().expect("finish");
+        }
+        let refused = staging.commit();
+        assert!(
+            matches!(&refused, Err(DeidError::Io { op: "replace", .. })),
+            "{refused:?}"
+        );
+        use std::os::unix::fs::FileTypeExt as _;
+        assert!(fs::symlink_metadata(&fifo)
+            .expect("fifo")
+            .file_type()
+            .is_fifo());
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .expect("list")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            vec!["patients.csv".to_string()],
+            "nothing renamed, nothing left"
+        );
     }
 }

@@ -346,6 +346,7 @@ fn write_atomically<T>(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    ensure_replaceable(dst)?;
     let temp = tempfile::Builder::new()
         .prefix(".kms-partial-")
         .tempfile_in(&folder)?;
@@ -356,9 +357,24 @@ fn write_atomically<T>(
         value
     };
     temp.as_file().sync_all()?;
+    // Again: the path may have changed while the body was written.
+    ensure_replaceable(dst)?;
     temp.persist(dst).map_err(|e| Error::Io(e.error))?;
     File::open(&folder)?.sync_all()?;
     Ok(value)
+}
+
+/// Refuses to rename over anything but a regular file (or nothing): a rename replaces a
+/// device, FIFO or socket node (`/dev/null` written as root became a file of plaintext) or
+/// a symbolic link instead of writing through it.
+fn ensure_replaceable(dst: &Path) -> Result<(), Error> {
+    match std::fs::symlink_metadata(dst) {
+        Ok(meta) if !meta.file_type().is_file() => Err(Error::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file: not replaced", dst.display()),
+        ))),
+        _ => Ok(()),
+    }
 }
 
 struct Progress<R, F> {
@@ -386,5 +402,54 @@ fn cancelled_to_error(e: Error) -> Error {
     match e {
         Error::Io(io) if io.to_string() == CANCELLED => Error::Cancelled,
         other => other,
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileTypeExt as _;
+
+    /// Regression: an output that is a FIFO (as a device node) or a symbolic link was
+    /// replaced by the rename; now it is refused and left as it was, with nothing staged left.
+    #[test]
+    fn only_regular_files_are_replaced() {
+        let dir = tempfile::tempdir().expect("dir");
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"kept").expect("target");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        for odd in [&fifo, &link] {
+            let refused = write_atomically(odd, |out| Ok(out.write_all(b"secret")?));
+            assert!(
+                matches!(&refused, Err(Error::Io(e)) if e.to_string().contains("not a regular file")),
+                "{odd:?}: {refused:?}"
+            );
+        }
+        assert!(std::fs::symlink_metadata(&fifo)
+            .expect("fifo")
+            .file_type()
+            .is_fifo());
+        assert!(std::fs::symlink_metadata(&link)
+            .expect("link")
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(&target).expect("target"), b"kept");
+        let plain = dir.path().join("plain");
+        write_atomically(&plain, |out| Ok(out.write_all(b"body")?)).expect("a new file");
+        write_atomically(&plain, |out| Ok(out.write_all(b"new")?)).expect("a regular file");
+        assert_eq!(std::fs::read(&plain).expect("plain"), b"new");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".kms-partial-"))
+            .collect();
+        assert!(left.is_empty(), "staged files left: {left:?}");
     }
 }
