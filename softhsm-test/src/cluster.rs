@@ -6,24 +6,38 @@
 //! The replicas are configured exactly as `scripts/lib.sh` configures a server, through `KMS_*`
 //! variables: the process's test token ([`crate::token`], the children share its
 //! `SOFTHSM2_CONF`), a development PKI ([`crate::TestPki`], made by `kms-cli pki init`'s code),
-//! officer-1 and officer-2 as bootstrap officers. Every child is killed when its handle drops.
+//! officer-1 and officer-2 as bootstrap officers. Every child is killed when its handle drops,
+//! and [`emergency_stop`] (a watchdog's or a signal handler's) stops every child and removes
+//! every temporary folder this process still has, even one being started at that moment.
 
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
 use crate::TestPki;
 
-/// What this process started and must stop even when it cannot unwind (a watchdog exit):
-/// replica process ids and private PostgreSQL instances (`pg_ctl` daemonizes them).
+/// What this process started and must stop even when it cannot unwind (a watchdog or a
+/// signal exit): replica process ids, private PostgreSQL instances (`pg_ctl` daemonizes them,
+/// in a session of their own, so neither a terminal's `SIGINT` nor this process's death reaches
+/// them) and temporary folders (the PostgreSQL data, the PKI with its CA key, logs).
+///
+/// Every process is started, and every folder made, while holding the registry's lock and
+/// registered before it is released; [`emergency_stop`] takes the same lock and refuses every
+/// later start ([`stopping`]). So a process is either seen by the stop or never started, even
+/// a replica being restarted at that moment.
 #[derive(Default)]
 struct Started {
     replicas: Vec<u32>,
     postgres: Vec<(PathBuf, PathBuf, Option<String>)>,
+    dirs: Vec<PathBuf>,
 }
+
+/// Set (for good) when [`emergency_stop`] begins.
+static STOPPING: AtomicBool = AtomicBool::new(false);
 
 fn registry() -> std::sync::MutexGuard<'static, Started> {
     static STARTED: std::sync::OnceLock<std::sync::Mutex<Started>> = std::sync::OnceLock::new();
@@ -33,24 +47,136 @@ fn registry() -> std::sync::MutexGuard<'static, Started> {
         .unwrap_or_else(|p| p.into_inner())
 }
 
-/// Kills every replica and stops every private PostgreSQL instance this process started and
-/// has not stopped yet: for a watchdog about to exit the process, where no destructor runs.
+/// The registry, unless an emergency stop has begun (then nothing may be started any more).
+fn registry_for_start() -> anyhow::Result<std::sync::MutexGuard<'static, Started>> {
+    let s = registry();
+    if stopping() {
+        bail!("stopping: nothing more is started");
+    }
+    Ok(s)
+}
+
+/// Whether [`emergency_stop`] has begun (the process is about to exit).
+pub fn stopping() -> bool {
+    STOPPING.load(Ordering::SeqCst)
+}
+
+/// Kills every replica, stops every private PostgreSQL instance and removes every registered
+/// temporary folder this process has not stopped or removed yet; refuses every later start.
+/// For a watchdog or a signal handler about to exit the process, where no destructor runs, and
+/// as a last sweep before a normal exit (a no-op when everything was dropped). Waits for a
+/// start in progress (held under the same lock) and then stops what it started.
 pub fn emergency_stop() {
+    STOPPING.store(true, Ordering::SeqCst);
     let mut s = registry();
-    for pid in s.replicas.drain(..) {
+    let pids: Vec<String> = s.replicas.drain(..).map(|p| p.to_string()).collect();
+    if !pids.is_empty() {
         let _ = Command::new("kill")
-            .args(["-9", &pid.to_string()])
+            .arg("-9")
+            .args(&pids)
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
     }
     for (bin, data, run_as) in s.postgres.drain(..) {
-        let _ = pg_ctl(&bin, run_as.as_deref())
-            .args(["stop", "-m", "immediate", "-w", "-D"])
-            .arg(&data)
+        stop_immediately(&bin, &data, run_as.as_deref());
+    }
+    for dir in s.dirs.drain(..) {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// `pg_ctl stop -m immediate` (at most 20 s); if that fails, `SIGKILL` to the postmaster named
+/// in the pid file, when that process is still a `postgres` of this data folder.
+fn stop_immediately(bin: &Path, data: &Path, run_as: Option<&str>) {
+    let stopped = pg_ctl(bin, run_as)
+        .args(["stop", "-m", "immediate", "-w", "-t", "20", "-D"])
+        .arg(data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if stopped {
+        return;
+    }
+    let Some(pid) = std::fs::read_to_string(data.join("postmaster.pid"))
+        .ok()
+        .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+    else {
+        return;
+    };
+    let ours = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let data = data.as_os_str().as_encoded_bytes();
+        args.first().is_some_and(|a| a.ends_with(b"postgres")) && args.contains(&data)
+    });
+    if ours {
+        let _ = Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+    }
+}
+
+/// Registers `dir` for removal by [`emergency_stop`] (e.g. a folder made by other code).
+pub fn track_dir(dir: &Path) {
+    registry().dirs.push(dir.to_path_buf());
+}
+
+/// Removes `dir` now and unregisters it (both under the registry's lock, so an emergency stop
+/// either removes it itself or finds it gone).
+pub fn remove_tracked_dir(dir: &Path) {
+    let mut s = registry();
+    let _ = std::fs::remove_dir_all(dir);
+    s.dirs.retain(|d| d != dir);
+}
+
+/// A temporary folder that [`emergency_stop`] removes too; removed when dropped, unless kept.
+pub struct TempDir {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+}
+
+/// Makes a temporary folder named `<prefix>*` (in the system's temporary folder), registered
+/// for [`emergency_stop`].
+pub fn temp_dir(prefix: &str) -> anyhow::Result<TempDir> {
+    let mut s = registry_for_start()?;
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+    let path = dir.path().to_path_buf();
+    s.dirs.push(path.clone());
+    Ok(TempDir {
+        dir: Some(dir),
+        path,
+    })
+}
+
+impl TempDir {
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Keeps the folder (for a failure's logs): unregistered, not removed.
+    pub fn keep(mut self) -> PathBuf {
+        let mut s = registry();
+        s.dirs.retain(|d| *d != self.path);
+        if let Some(dir) = self.dir.take() {
+            let _ = dir.keep();
+        }
+        self.path.clone()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            let mut s = registry();
+            let _ = dir.close();
+            s.dirs.retain(|d| *d != self.path);
+        }
     }
 }
 
@@ -83,7 +209,7 @@ pub struct PrivatePostgres {
     log: PathBuf,
     port: u16,
     run_as: Option<String>,
-    _dir: tempfile::TempDir,
+    _dir: TempDir,
 }
 
 impl PrivatePostgres {
@@ -105,7 +231,7 @@ impl PrivatePostgres {
         } else {
             None
         };
-        let dir = tempfile::Builder::new().prefix("kms-pg-").tempdir()?;
+        let dir = temp_dir("kms-pg-")?;
         let data = dir.path().join("data");
         let log = dir.path().join("postgres.log");
         if let Some(user) = &run_as {
@@ -125,6 +251,12 @@ impl PrivatePostgres {
             run_as,
             _dir: dir,
         };
+        // Registered before initdb: from here on an emergency stop stops it (`pg_ctl stop` on a
+        // folder without a running server does nothing) and removes the folder.
+        registry_for_start()?
+            .postgres
+            .push((pg.bin.clone(), pg.data.clone(), pg.run_as.clone()));
+        let initdb = registry_for_start()?;
         pg.tool("initdb")
             .args([
                 "-U",
@@ -143,10 +275,8 @@ impl PrivatePostgres {
             .success()
             .then_some(())
             .context("initdb failed")?;
+        drop(initdb);
         pg.start_server()?;
-        registry()
-            .postgres
-            .push((pg.bin.clone(), pg.data.clone(), pg.run_as.clone()));
         Ok(Some(pg))
     }
 
@@ -181,8 +311,10 @@ impl PrivatePostgres {
         .context("pg_ctl stop")
     }
 
-    /// Starts the server again and waits until it accepts connections.
+    /// Starts the server again and waits until it accepts connections (refused once an
+    /// emergency stop has begun; an emergency stop waits for a start in progress).
     pub fn start_server(&self) -> anyhow::Result<()> {
+        let _started = registry_for_start()?;
         let options = format!(
             "-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={} \
              -c max_connections=200 -c fsync=on -c synchronous_commit=on",
@@ -210,16 +342,10 @@ impl PrivatePostgres {
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
-        registry()
-            .postgres
-            .retain(|(_, data, _)| *data != self.data);
-        let _ = self
-            .tool("pg_ctl")
-            .args(["stop", "-m", "immediate", "-w", "-D"])
-            .arg(&self.data)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        // Stopped, then unregistered, under the lock: an emergency stop meanwhile waits.
+        let mut s = registry();
+        stop_immediately(&self.bin, &self.data, self.run_as.as_deref());
+        s.postgres.retain(|(_, data, _)| *data != self.data);
     }
 }
 
@@ -317,11 +443,21 @@ impl Replica {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Whether the process is running.
+    /// Whether the process is running (one that exited is reaped and unregistered, so that
+    /// an emergency stop never signals a reused process id).
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
+        let Some(child) = self.child.as_mut() else {
+            return false;
+        };
+        let mut s = registry();
+        match child.try_wait() {
+            Ok(None) => true,
+            Ok(Some(_)) => {
+                let pid = child.id();
+                s.replicas.retain(|p| *p != pid);
+                false
+            }
+            Err(_) => false,
         }
     }
 
@@ -329,9 +465,10 @@ impl Replica {
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let pid = child.id();
+            let mut s = registry();
             let _ = child.kill();
             let _ = child.wait();
-            registry().replicas.retain(|p| *p != pid);
+            s.replicas.retain(|p| *p != pid);
         }
     }
 
@@ -364,8 +501,14 @@ impl Cluster {
             bail!("{} is not a file", options.server_bin.display());
         }
         std::fs::create_dir_all(&options.dir)?;
+        let pki = {
+            let mut s = registry_for_start()?;
+            let pki = TestPki::generate()?;
+            s.dirs.push(pki.dir().to_path_buf());
+            pki
+        };
         let mut cluster = Cluster {
-            pki: TestPki::generate()?,
+            pki,
             options,
             replicas: Vec::new(),
         };
@@ -425,13 +568,12 @@ impl Cluster {
         for (k, v) in &o.extra_env {
             command.env(k, v);
         }
-        let child = command
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
+            .stderr(log);
+        let child = spawn_registered(&mut command)
             .with_context(|| format!("start {}", o.server_bin.display()))?;
-        registry().replicas.push(child.id());
         replica.child = Some(child);
         let endpoint = replica.endpoint();
         let officer = self.pki.client_tls("officer-1")?;
@@ -495,6 +637,25 @@ impl Cluster {
         }
         out
     }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for r in &mut self.replicas {
+            r.kill();
+        }
+        // The PKI folder (with its CA key) goes under the registry's lock, not after it.
+        remove_tracked_dir(self.pki.dir());
+    }
+}
+
+/// Spawns `command` and registers its process id for [`emergency_stop`], both under the
+/// registry's lock (refused once a stop has begun).
+fn spawn_registered(command: &mut Command) -> anyhow::Result<Child> {
+    let mut s = registry_for_start()?;
+    let child = command.spawn()?;
+    s.replicas.push(child.id());
+    Ok(child)
 }
 
 /// The last `n` lines of `text`.

@@ -335,7 +335,8 @@ pub async fn run(options: &Options) -> anyhow::Result<Option<Report>> {
     };
     say(&format!("private PostgreSQL on 127.0.0.1:{}", pg.port()));
     pg.create_database("kms").await?;
-    let dir = tempfile::Builder::new().prefix("kms-scaleout-").tempdir()?;
+    // Registered for an emergency stop (watchdog, signal) like the cluster's other folders.
+    let dir = crate::cluster::temp_dir("kms-scaleout-")?;
     let mut cluster = Cluster::start(
         ClusterOptions {
             server_bin: options.server_bin.clone(),
@@ -370,7 +371,10 @@ pub async fn run(options: &Options) -> anyhow::Result<Option<Report>> {
         }
         Some(report)
     });
-    if outcome.is_err() {
+    if outcome.is_err() && crate::cluster::stopping() {
+        // A watchdog or signal stop killed the run (and removes its folders): nothing to report.
+        drop(cluster);
+    } else if outcome.is_err() {
         eprintln!("{}", cluster.errors(20));
         eprintln!("--- postgres ---\n{}", crate::cluster::tail(&pg.log(), 15));
         drop(cluster);

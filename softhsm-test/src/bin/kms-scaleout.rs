@@ -12,8 +12,11 @@
 //!   PKCS#11 loop on the same token), and the time a key change made through one replica
 //!   takes to reach the others. Rounds alternate the set-ups; medians are reported.
 //!
-//! Everything is bounded: fixed phase lengths, a timeout on every call, a watchdog on the
-//! whole run; child processes (replicas, PostgreSQL) are stopped on every exit path.
+//! Everything is bounded: every flag is checked before anything starts, fixed phase lengths, a
+//! timeout on every call, a watchdog on the whole run. Child processes (replicas, PostgreSQL)
+//! are stopped and the temporary folders (PostgreSQL data, PKI, SoftHSM2 token, logs) removed
+//! on every exit path: a normal end, a failure, the watchdog, `SIGINT`, `SIGTERM` and `SIGHUP`
+//! (which exit with 128 + the signal number; the watchdog with 3).
 
 #![forbid(unsafe_code)]
 
@@ -23,6 +26,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use clap::builder::RangedU64ValueParser;
 use clap::{Parser, Subcommand};
 use sdk::KmsClient;
 use softhsm_test::bench::{run_rpc, HsmTarget, HsmWork, Stats, CALL_TIMEOUT};
@@ -35,8 +39,9 @@ struct Args {
     /// The kms-server binary (default: `kms-server` beside this executable).
     #[arg(long, global = true)]
     server_bin: Option<PathBuf>,
-    /// Hard limit on the whole run, in seconds: everything is stopped after it.
-    #[arg(long, global = true, default_value_t = 900)]
+    /// Hard limit on the whole run, in seconds (1..=86400): everything is stopped after it.
+    #[arg(long, global = true, default_value_t = 900,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
     max_total_seconds: u64,
     #[command(subcommand)]
     command: Cmd,
@@ -46,60 +51,137 @@ struct Args {
 enum Cmd {
     /// The scale-out scenario with its faults and checks.
     Demo {
-        /// Seconds of load (the faults happen at fixed fractions of it; at least 20).
-        #[arg(long, default_value_t = 40)]
+        /// Seconds of load, 20..=600 (the faults happen at fixed fractions of it).
+        #[arg(long, default_value_t = 40,
+              value_parser = clap::value_parser!(u64).range(DEMO_SECONDS))]
         seconds: u64,
-        /// Concurrent clients.
-        #[arg(long, default_value_t = 12)]
+        /// Concurrent clients, 1..=64.
+        #[arg(long, default_value_t = 12,
+              value_parser = RangedU64ValueParser::<usize>::new().range(DEMO_WORKERS))]
         workers: usize,
-        /// Most operations in all.
-        #[arg(long, default_value_t = 20_000)]
+        /// Most operations in all, 1..=10000000.
+        #[arg(long, default_value_t = 20_000,
+              value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
         max_ops: u64,
     },
     /// Throughput and latency through 1, 2 and 3 replicas on PostgreSQL against one on SQLite.
     Bench {
-        /// Replica counts to measure on PostgreSQL.
-        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
-        replicas: Vec<usize>,
-        /// Concurrent callers (tokio tasks; and OS threads for the direct PKCS#11 loop).
-        #[arg(long, default_value_t = 64)]
+        /// Replica counts to measure on PostgreSQL: distinct, each 1..=8, comma-separated.
+        #[arg(long, default_value = "1,2,3", value_parser = parse_replicas)]
+        replicas: ReplicaCounts,
+        /// Concurrent callers, 1..=1024 (tokio tasks; and OS threads for the direct PKCS#11
+        /// loop).
+        #[arg(long, default_value_t = 64,
+              value_parser = RangedU64ValueParser::<usize>::new().range(1..=1024))]
         concurrency: usize,
-        /// HTTP/2 connections per replica, shared round-robin by the callers.
-        #[arg(long, default_value_t = 2)]
+        /// HTTP/2 connections per replica, 1..=64, shared round-robin by the callers.
+        #[arg(long, default_value_t = 2,
+              value_parser = RangedU64ValueParser::<usize>::new().range(1..=64))]
         connections: usize,
-        /// Measured seconds per phase.
-        #[arg(long, default_value_t = 5.0)]
+        /// Measured seconds per phase: more than 0, at most 600.
+        #[arg(long, default_value_t = 5.0, value_parser = parse_phase_seconds)]
         seconds: f64,
-        /// Warm-up seconds before each phase.
-        #[arg(long, default_value_t = 1.0)]
+        /// Warm-up seconds before each phase, 0..=60.
+        #[arg(long, default_value_t = 1.0, value_parser = parse_warmup_seconds)]
         warmup: f64,
-        /// Rounds (each measures every set-up once, in turn).
-        #[arg(long, default_value_t = 2)]
+        /// Rounds, 1..=50 (each measures every set-up once, in turn).
+        #[arg(long, default_value_t = 2,
+              value_parser = RangedU64ValueParser::<usize>::new().range(1..=50))]
         rounds: usize,
-        /// HSM session pool per replica.
-        #[arg(long, default_value_t = 8)]
+        /// HSM session pool per replica, 1..=256.
+        #[arg(long, default_value_t = 8,
+              value_parser = RangedU64ValueParser::<usize>::new().range(1..=256))]
         pool: usize,
-        /// Key changes timed for the coherence figure, per round.
-        #[arg(long, default_value_t = 10)]
+        /// Key changes timed for the coherence figure, per round, 0..=1000.
+        #[arg(long, default_value_t = 10,
+              value_parser = RangedU64ValueParser::<usize>::new().range(0..=1000))]
         changes: usize,
     },
 }
 
+/// `demo --seconds` (also checked by `scripts/scaleout-demo.sh` before it builds).
+const DEMO_SECONDS: std::ops::RangeInclusive<u64> = 20..=600;
+/// `demo --workers` (also checked by `scripts/scaleout-demo.sh` before it builds).
+const DEMO_WORKERS: std::ops::RangeInclusive<u64> = 1..=64;
+
+/// Distinct replica counts, each 1..=8.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ReplicaCounts(Vec<usize>);
+
+fn parse_replicas(s: &str) -> Result<ReplicaCounts, String> {
+    let mut counts = Vec::new();
+    for part in s.split(',') {
+        let n: usize = part
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{part}` is not a replica count (1..=8)"))?;
+        if !(1..=8).contains(&n) {
+            return Err(format!("{n} replicas: each count must be 1..=8"));
+        }
+        if counts.contains(&n) {
+            return Err(format!("{n} is given twice: the counts must be distinct"));
+        }
+        counts.push(n);
+    }
+    Ok(ReplicaCounts(counts))
+}
+
+/// Seconds as a finite number in `min..=max` (`min` itself excluded unless `min_included`).
+fn parse_seconds(s: &str, min: f64, min_included: bool, max: f64) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    let above_min = if min_included { v >= min } else { v > min };
+    if !v.is_finite() || !above_min || v > max {
+        let low = if min_included {
+            "at least"
+        } else {
+            "more than"
+        };
+        return Err(format!("{s} s: must be {low} {min} and at most {max}"));
+    }
+    Ok(v)
+}
+
+fn parse_phase_seconds(s: &str) -> Result<f64, String> {
+    parse_seconds(s, 0.0, false, 600.0)
+}
+
+fn parse_warmup_seconds(s: &str) -> Result<f64, String> {
+    parse_seconds(s, 0.0, true, 60.0)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Before anything is started: from here on a signal stops and removes everything.
+    stop_on_signals().context("install the signal handlers")?;
     let server_bin = softhsm_test::bench::server_bin(args.server_bin.as_deref())?;
     // The token (and SOFTHSM2_CONF of this process) first: the replicas inherit its conf.
     let _ = softhsm_test::token();
+    // softhsm-test keeps its token folder for the life of the process: this run removes it
+    // (at the end, or in an emergency stop).
+    if let Some(dir) = softhsm_test::softhsm_conf().parent() {
+        let ours = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("kms-softhsm-"));
+        if ours {
+            softhsm_test::cluster::track_dir(dir);
+        }
+    }
     let limit = Duration::from_secs(args.max_total_seconds);
-    std::thread::spawn(move || {
-        std::thread::sleep(limit);
-        eprintln!(
-            "kms-scaleout: watchdog: run exceeded {} s; stopping everything",
-            limit.as_secs()
-        );
-        softhsm_test::cluster::emergency_stop();
-        std::process::exit(3);
-    });
+    std::thread::Builder::new()
+        .name("watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(limit);
+            eprintln!(
+                "kms-scaleout: watchdog: run exceeded {} s; stopping everything",
+                limit.as_secs()
+            );
+            stop_and_exit(3);
+        })
+        .context("start the watchdog")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -113,17 +195,55 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { .. } => rt.block_on(bench(server_bin, &args.command)),
     };
     drop(rt);
-    // softhsm-test keeps its token folder for the life of the process; this run is over.
-    if let Some(dir) = softhsm_test::softhsm_conf().parent() {
-        let ours = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("kms-softhsm-"));
-        if ours {
-            let _ = std::fs::remove_dir_all(dir);
+    if softhsm_test::cluster::stopping() {
+        // A watchdog or signal stop is under way (and may have made this run fail): it exits
+        // the process with its own status once everything is stopped.
+        loop {
+            std::thread::park();
         }
     }
+    // Whatever is still registered (the token folder; anything a failure left) goes now.
+    softhsm_test::cluster::emergency_stop();
     outcome
+}
+
+/// Stops every child, removes every temporary folder and exits with `code`.
+fn stop_and_exit(code: i32) -> ! {
+    softhsm_test::cluster::emergency_stop();
+    std::process::exit(code)
+}
+
+/// On the first `SIGINT`, `SIGTERM` or `SIGHUP`: [`stop_and_exit`] with 128 + the signal
+/// number. On a thread of its own with its own runtime, so it acts whatever the run is doing.
+fn stop_on_signals() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut int, mut term, mut hup) = {
+        let _entered = rt.enter();
+        (
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
+        )
+    };
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let (name, code) = rt.block_on(async {
+                tokio::select! {
+                    _ = int.recv() => ("SIGINT", 130),
+                    _ = term.recv() => ("SIGTERM", 143),
+                    _ = hup.recv() => ("SIGHUP", 129),
+                }
+            });
+            eprintln!(
+                "kms-scaleout: {name}: stopping every replica and PostgreSQL, removing the temporary folders"
+            );
+            stop_and_exit(code);
+        })?;
+    Ok(())
 }
 
 async fn demo(
@@ -198,17 +318,19 @@ async fn bench(server_bin: PathBuf, command: &Cmd) -> anyhow::Result<()> {
     else {
         bail!("not the bench command");
     };
-    if replicas.is_empty() || replicas.contains(&0) || *concurrency == 0 || *connections == 0 {
-        bail!("--replicas, --concurrency and --connections need positive numbers");
+    // The flags' ranges are clap's; these only keep a caller of this function honest.
+    let replicas = &replicas.0;
+    if replicas.is_empty() || *rounds == 0 || *pool == 0 || *concurrency == 0 || *connections == 0 {
+        bail!(
+            "--replicas, --rounds, --pool, --concurrency and --connections need positive numbers"
+        );
     }
-    let warmup = Duration::from_secs_f64(*warmup);
-    let measure = Duration::from_secs_f64(*seconds);
+    let warmup = Duration::try_from_secs_f64(*warmup).context("--warmup")?;
+    let measure = Duration::try_from_secs_f64(*seconds).context("--seconds")?;
     let pg = PrivatePostgres::start()?.context(
         "the benchmark needs PostgreSQL server binaries (initdb, pg_ctl): install postgresql",
     )?;
-    let dir = tempfile::Builder::new()
-        .prefix("kms-scaleout-bench-")
-        .tempdir()?;
+    let dir = softhsm_test::cluster::temp_dir("kms-scaleout-bench-")?;
     let mut setups = vec![Setup::Sqlite];
     setups.extend(replicas.iter().map(|&n| Setup::Postgres(n)));
     let load_before = loadavg();
@@ -519,4 +641,143 @@ fn report(
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("kms-scaleout").chain(args.iter().copied()))
+    }
+
+    fn refused(args: &[&str]) {
+        assert!(parse(args).is_err(), "accepted: {args:?}");
+    }
+
+    #[test]
+    fn demo_defaults_and_bounds() {
+        let Ok(Args {
+            command:
+                Cmd::Demo {
+                    seconds,
+                    workers,
+                    max_ops,
+                },
+            max_total_seconds,
+            ..
+        }) = parse(&["demo"])
+        else {
+            panic!("demo defaults refused");
+        };
+        assert_eq!(
+            (seconds, workers, max_ops, max_total_seconds),
+            (40, 12, 20_000, 900)
+        );
+        for ok in [
+            &["demo", "--seconds", "20", "--workers", "1"][..],
+            &["demo", "--seconds", "600", "--workers", "64"],
+            &["--max-total-seconds", "8", "demo", "--seconds", "20"],
+        ] {
+            assert!(parse(ok).is_ok(), "refused: {ok:?}");
+        }
+        for seconds in ["abc", "1.5", "-5", "19", "0", "601", "100000", ""] {
+            refused(&["demo", "--seconds", seconds]);
+        }
+        for workers in ["0", "65", "-1", "2.5", "x"] {
+            refused(&["demo", "--workers", workers]);
+        }
+        refused(&["demo", "--max-ops", "0"]);
+        refused(&["--max-total-seconds", "0", "demo"]);
+    }
+
+    fn bench(args: &[&str]) -> Result<Cmd, clap::Error> {
+        parse(&[&["bench"][..], args].concat()).map(|a| a.command)
+    }
+
+    #[test]
+    fn bench_defaults() {
+        let Ok(Cmd::Bench {
+            replicas,
+            concurrency,
+            connections,
+            seconds,
+            warmup,
+            rounds,
+            pool,
+            changes,
+        }) = bench(&[])
+        else {
+            panic!("bench defaults refused");
+        };
+        assert_eq!(replicas, ReplicaCounts(vec![1, 2, 3]));
+        assert_eq!(
+            (concurrency, connections, rounds, pool, changes),
+            (64, 2, 2, 8, 10)
+        );
+        assert_eq!((seconds, warmup), (5.0, 1.0));
+    }
+
+    #[test]
+    fn bench_seconds_and_warmup_are_finite_and_bounded() {
+        for ok in ["0.5", "600", "1e2"] {
+            assert!(bench(&["--seconds", ok]).is_ok(), "refused --seconds {ok}");
+        }
+        for bad in ["nan", "NaN", "inf", "-inf", "1e30", "-1", "0", "600.5", "x"] {
+            assert!(
+                bench(&["--seconds", bad]).is_err(),
+                "accepted --seconds {bad}"
+            );
+        }
+        for ok in ["0", "60", "0.25"] {
+            assert!(bench(&["--warmup", ok]).is_ok(), "refused --warmup {ok}");
+        }
+        for bad in ["inf", "nan", "-0.1", "61", "1e30"] {
+            assert!(
+                bench(&["--warmup", bad]).is_err(),
+                "accepted --warmup {bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn bench_replicas_are_distinct_and_bounded() {
+        match bench(&["--replicas", "3,1"]) {
+            Ok(Cmd::Bench { replicas, .. }) => assert_eq!(replicas, ReplicaCounts(vec![3, 1])),
+            other => panic!("--replicas 3,1: {other:?}"),
+        }
+        for bad in ["1,2,99", "0", "1,1", "2,3,2", "", "1,,2", "a", "9"] {
+            assert!(
+                bench(&["--replicas", bad]).is_err(),
+                "accepted --replicas {bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn bench_counts_are_bounded() {
+        for (flag, bad) in [
+            ("--rounds", "0"),
+            ("--rounds", "51"),
+            ("--pool", "0"),
+            ("--pool", "257"),
+            ("--changes", "1001"),
+            ("--changes", "-1"),
+            ("--concurrency", "0"),
+            ("--concurrency", "1025"),
+            ("--connections", "0"),
+            ("--connections", "65"),
+        ] {
+            assert!(bench(&[flag, bad]).is_err(), "accepted {flag} {bad}");
+        }
+        for (flag, ok) in [
+            ("--rounds", "1"),
+            ("--pool", "1"),
+            ("--changes", "0"),
+            ("--concurrency", "1024"),
+            ("--connections", "64"),
+        ] {
+            assert!(bench(&[flag, ok]).is_ok(), "refused {flag} {ok}");
+        }
+    }
 }
