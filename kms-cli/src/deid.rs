@@ -195,15 +195,8 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-
     #[cfg(unix)]
-    fn mkfifo(path: &Path) {
-        let status = std::process::Command::new("mkfifo")
-            .arg(path)
-            .status()
-            .expect("run mkfifo");
-        assert!(status.success(), "mkfifo {}", path.display());
-    }
+    use crate::tests::mkfifo;
 
     #[cfg(unix)]
     #[test]

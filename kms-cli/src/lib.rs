@@ -1084,12 +1084,12 @@ fn version_label(version: Option<u32>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A FIFO made by `mkfifo` (never a device: tests must not touch real ones).
     #[cfg(unix)]
-    fn mkfifo(path: &Path) {
+    pub(crate) fn mkfifo(path: &Path) {
         let status = std::process::Command::new("mkfifo")
             .arg(path)
             .status()
