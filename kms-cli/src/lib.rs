@@ -788,9 +788,6 @@ where
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default(),
         );
-        // Checked again just before the write: the planning may be long past (a device or
-        // link made meanwhile is still refused).
-        check_output_file(&job.dst)?;
         let progress_bar = bar.clone();
         let base = done_before;
         let result = work(

@@ -1185,12 +1185,8 @@ impl Authz {
                 key_id,
                 pending_window_days,
             } => {
-                if !matches!(pending_window_days, 0 | 7..=365) {
-                    return Err(KmsError::InvalidArgument {
-                        field: "pending_window_days",
-                        reason: "0 (30 days) or 7-365",
-                    });
-                }
+                // The window is validated where the due date is computed.
+                self.service.deletion_due_at(*pending_window_days)?;
                 let record = self
                     .service
                     .describe_key(&crate::service::Unrestricted, &key_id.to_string())
@@ -1658,7 +1654,7 @@ impl Authz {
             // Other replicas hear of it by notification or their digest check (within the
             // cache bound); this one at once. If the store cannot be read now, the cache bound
             // still holds.
-            if let Err(e) = self.service.refresh(*key_id).await {
+            if let Err(e) = self.service.reload(*key_id).await {
                 tracing::warn!(%key_id, error = %e, "key cache not refreshed after scheduling its deletion");
             }
         }

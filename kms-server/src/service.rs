@@ -771,12 +771,6 @@ impl KeyService {
             .saturating_add(i64::from(days) * 86_400))
     }
 
-    /// Reads a key from the store again into the cache, after a change made elsewhere (an
-    /// approval's transaction).
-    pub async fn refresh(&self, key_id: Uuid) -> Result<KeyRecord, KmsError> {
-        self.reload(key_id).await
-    }
-
     /// Cancels a pending deletion; the key becomes disabled.
     pub async fn cancel_key_deletion(&self, key: &str) -> Result<KeyRecord, KmsError> {
         let record = self.resolve(key).await?;
@@ -972,8 +966,9 @@ impl KeyService {
         self.reload(record.key_id).await
     }
 
-    /// Reads a key from the store again and refreshes the cache.
-    async fn reload(&self, key_id: Uuid) -> Result<KeyRecord, KmsError> {
+    /// Reads a key from the store again and refreshes the cache (also after a change made in
+    /// an approval's transaction).
+    pub(crate) async fn reload(&self, key_id: Uuid) -> Result<KeyRecord, KmsError> {
         let record = self
             .store
             .key_by_id(key_id)

@@ -285,16 +285,10 @@ impl Writer {
     async fn append_locked(&mut self, batch: &mut [Pending]) -> Result<Head, sqlx::Error> {
         use sqlx::Connection as _;
         let backend = self.ports.store.backend();
-        if self.conn.is_none() {
-            self.conn_outages = self.ports.store.outages();
-            self.conn = Some(acquire(&self.ports.store).await?);
-        }
+        let chain_key = Arc::clone(&self.ports.chain_key);
         // Borrowed, not taken: if `flush` gives up waiting, it still holds the connection and
         // closes it.
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(sqlx::Error::PoolClosed);
-        };
-        let chain_key = Arc::clone(&self.ports.chain_key);
+        let conn = self.connection().await?;
         let result = async {
             let mut tx = conn.begin().await?;
             let appended = async {
